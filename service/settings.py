@@ -1,0 +1,34 @@
+"""Service settings, read from SGD_* environment variables and validated at start-up."""
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the defaults work out of the box."""
+
+    model_config = SettingsConfigDict(env_prefix="SGD_", frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    max_samples: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    max_epochs: int = Field(default=1_000_000, ge=1, le=1_000_000_000)
+    max_abs_value: float = Field(default=1e9, gt=0, le=1e150)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_predict_batch: int = Field(default=10_000, ge=1)
+    max_queued_jobs: int = Field(default=16, ge=1)
+    keep_jobs: int = Field(default=20, ge=1)
+    history_max_points: int = Field(default=10_000, ge=2, le=1_000_000)
+
+    api_token: SecretStr | None = None
+
+    torch_threads: int = Field(default=1, ge=1, le=256)
+    # The fit is background work: a positive niceness lets the scheduler favour /predict.
+    worker_nice: int = Field(default=10, ge=0, le=19)
+    # After SIGTERM, /readyz answers 503 for this long before the server stops listening,
+    # so a load balancer can take the replica out of rotation first.
+    drain_seconds: float = Field(default=1.0, ge=0, le=60)
