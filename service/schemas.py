@@ -1,0 +1,191 @@
+"""Request and response models: the edge validation, and the immutable values the store keeps."""
+
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.errors import InvalidInput, PredictionOutOfRange
+from service.settings import Settings
+
+# Strict: true, "3" and null are not numbers; NaN/Infinity (and 1e400, which parses as inf) neither.
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+MAX_SEED = 2**63 - 1
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class FitRequest(_Input):
+    """Training data and hyper-parameters; the defaults reproduce the tutorial."""
+
+    x: list[Finite] = Field(min_length=1, description="hours studied", examples=[[1, 2, 3]])
+    y: list[Finite] = Field(min_length=1, description="exam scores", examples=[[2, 4, 6]])
+    epochs: int = Field(default=100, ge=1, description="number of updates (one batch each)")
+    learning_rate: Finite = Field(default=0.01, gt=0, le=1e6)
+    init_w: Finite = Field(default=1.0, description="w before the first update (b starts at 0)")
+    batch_size: int | None = Field(
+        default=1, ge=1, description="samples drawn (with replacement) per epoch; null = all"
+    )
+    fit_intercept: bool = Field(default=False, description="learn y = w*x + b instead of w*x")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="random if omitted")
+
+    def check_limits(self, settings: Settings) -> None:
+        """Bounds that depend on the settings; raises InvalidInput naming every offending field."""
+        errors: list[dict[str, Any]] = []
+
+        def bad(field: str, message: str) -> None:
+            errors.append({"field": field, "message": message, "code": "limit"})
+
+        n, limit = len(self.x), settings.max_abs_value
+        if len(self.y) != n:
+            bad("y", f"x has {n} values but y has {len(self.y)}: send one score per hour value")
+        if n > settings.max_samples:
+            bad("x", f"{n} samples is more than SGD_MAX_SAMPLES={settings.max_samples}")
+        for name, values in (("x", self.x), ("y", self.y)):
+            if values and max(map(abs, values)) > limit:
+                bad(name, f"every |value| must be at most SGD_MAX_ABS_VALUE={limit:g}")
+        if not any(self.x):
+            bad("x", "all x are zero, so w cannot be learned: send at least one non-zero x")
+        if self.epochs > settings.max_epochs:
+            bad("epochs", f"at most SGD_MAX_EPOCHS={settings.max_epochs}")
+        if self.batch_size is not None and self.batch_size > settings.max_samples:
+            bad("batch_size", f"at most SGD_MAX_SAMPLES={settings.max_samples}, or null for all")
+        if abs(self.init_w) > limit:
+            bad("init_w", f"|init_w| must be at most SGD_MAX_ABS_VALUE={limit:g}")
+        if errors:
+            fields = ", ".join(sorted({e["field"] for e in errors}))
+            raise InvalidInput(f"fix these fields and retry: {fields}", errors)
+
+
+class PredictRequest(_Input):
+    hours: list[Finite] = Field(min_length=1, examples=[[1, 2, 4]])
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self not in (JobStatus.queued, JobStatus.running)
+
+
+class JobParams(_Output):
+    """Hyper-parameters as resolved: the seed is always the one actually used."""
+
+    epochs: int
+    learning_rate: float
+    init_w: float
+    batch_size: int | None
+    fit_intercept: bool
+    seed: int
+
+
+class Progress(_Output):
+    epoch: int = Field(description="epochs completed")
+    epochs: int
+
+
+class ValidationIssue(_Output):
+    field: str
+    message: str
+    code: str
+
+
+class Problem(_Output):
+    """An RFC 9457 problem; extra members (errors, epoch) depend on the type."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[ValidationIssue] | None = None
+
+
+class JobResult(_Output):
+    model_version: int
+    w: float
+    b: float
+    final_loss: float = Field(description="batch loss of the last epoch")
+    mse: float = Field(description="mean squared error on the whole data set")
+
+
+class Job(_Output):
+    id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    params: JobParams
+    n_samples: int
+    progress: Progress
+    result: JobResult | None = None
+    error: Problem | None = None
+
+
+class JobList(_Output):
+    jobs: list[Job]
+
+
+class Model(_Output):
+    """One immutable, published model version."""
+
+    version: int
+    w: float
+    b: float
+    job_id: str
+    trained_at: datetime
+    params: JobParams
+
+    def predict(self, hours: float) -> float:
+        return self.w * hours + self.b
+
+
+class Prediction(_Output):
+    hours: float
+    score: float
+    model_version: int
+
+
+class Predictions(_Output):
+    scores: list[float]
+    model_version: int
+
+
+class History(_Output):
+    """Column arrays of a job's history; `stride` > 1 when thinned, `next_since` when paged."""
+
+    job_id: str
+    status: JobStatus
+    total_epochs: int = Field(description="epochs recorded so far")
+    since: int
+    stride: int
+    count: int
+    next_since: int | None = Field(description="pass as ?since= for the next page")
+    epoch: list[int]
+    w: list[float]
+    b: list[float] | None = None
+    loss: list[float]
+
+
+class Health(_Output):
+    status: str
+
+
+def finite_or_raise(value: float, what: str) -> float:
+    """Guard for computed numbers: never put NaN or Infinity in a response."""
+    if not math.isfinite(value):
+        raise PredictionOutOfRange(f"{what} overflows a float; ask for smaller hours")
+    return value

@@ -1,0 +1,274 @@
+"""The one owner of mutable state: published model versions, jobs and their histories.
+
+Readers get immutable snapshots: a job is a frozen model replaced on every transition, and the
+served model is one attribute swapped by one assignment, so /predict never takes the lock.
+"""
+
+import threading
+import uuid
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
+from service.schemas import (
+    History,
+    Job,
+    JobParams,
+    JobResult,
+    JobStatus,
+    Model,
+    Problem,
+    Progress,
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _History:
+    """Per-epoch columns in typed arrays: 8 bytes per value, 16-24 bytes per epoch."""
+
+    w: array = field(default_factory=lambda: array("d"))  # type: ignore[type-arg]
+    loss: array = field(default_factory=lambda: array("d"))  # type: ignore[type-arg]
+    b: array | None = None  # type: ignore[type-arg]
+
+    def nbytes(self) -> int:
+        cols = [self.w, self.loss] + ([self.b] if self.b is not None else [])
+        return sum(c.itemsize * len(c) for c in cols)
+
+
+class Store(Protocol):
+    """What the API and the runner need from state; a shared (Redis) store would implement it."""
+
+    @property
+    def model(self) -> Model | None: ...
+
+    def create_job(
+        self, params: JobParams, n_samples: int, idempotency: tuple[str, str] | None = None
+    ) -> tuple[Job, bool]: ...
+
+    def get_job(self, job_id: str) -> Job: ...
+
+    def list_jobs(self, limit: int) -> list[Job]: ...
+
+    def start_job(self, job_id: str) -> Job | None: ...
+
+    def append_history(
+        self,
+        job_id: str,
+        w: Sequence[float],
+        b: Sequence[float] | None,
+        loss: Sequence[float],
+    ) -> None: ...
+
+    def succeed_job(
+        self, job_id: str, w: float, b: float, final_loss: float, mse: float
+    ) -> Model: ...
+
+    def end_job(
+        self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None
+    ) -> Job: ...
+
+    def history(
+        self, job_id: str | None, since: int, limit: int | None, max_points: int
+    ) -> History: ...
+
+
+class MemoryStore:
+    """In-process state guarded by one lock; the default store."""
+
+    def __init__(self, keep_jobs: int) -> None:
+        self._keep_jobs = keep_jobs
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}  # insertion order is creation order
+        self._histories: dict[str, _History] = {}
+        self._idempotency: dict[str, tuple[str, str]] = {}  # key -> (body fingerprint, job id)
+        self._latest_started: str | None = None
+        self._model: Model | None = None
+
+    @property
+    def model(self) -> Model | None:
+        """The served model: one attribute read, never a lock."""
+        return self._model
+
+    def create_job(
+        self, params: JobParams, n_samples: int, idempotency: tuple[str, str] | None = None
+    ) -> tuple[Job, bool]:
+        """A new queued job, or (for a repeated Idempotency-Key and body) the original one."""
+        with self._lock:
+            if idempotency is not None:
+                key, fingerprint = idempotency
+                seen = self._idempotency.get(key)
+                if seen is not None:
+                    if seen[0] != fingerprint:
+                        raise IdempotencyKeyReused(
+                            f"Idempotency-Key {key!r} was used with another body; "
+                            "use a new key for a new fit"
+                        )
+                    return self._jobs[seen[1]], False
+            job = Job(
+                id=uuid.uuid4().hex,
+                status=JobStatus.queued,
+                created_at=now(),
+                params=params,
+                n_samples=n_samples,
+                progress=Progress(epoch=0, epochs=params.epochs),
+            )
+            self._jobs[job.id] = job
+            if idempotency is not None:
+                self._idempotency[idempotency[0]] = (idempotency[1], job.id)
+            return job, True
+
+    def discard_job(self, job_id: str) -> None:
+        """Forget a job that was never queued (the queue was full)."""
+        with self._lock:
+            self._jobs.pop(job_id, None)
+            self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] != job_id}
+
+    def get_job(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones") from None
+
+    def list_jobs(self, limit: int) -> list[Job]:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return jobs[::-1][:limit]
+
+    def start_job(self, job_id: str) -> Job | None:
+        """Mark a queued job running; None if it was cancelled (or evicted) meanwhile."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status is not JobStatus.queued:
+                return None
+            job = self._replace(job, status=JobStatus.running, started_at=now())
+            self._histories[job_id] = _History(b=array("d") if job.params.fit_intercept else None)
+            self._latest_started = job_id
+            return job
+
+    def append_history(
+        self,
+        job_id: str,
+        w: Sequence[float],
+        b: Sequence[float] | None,
+        loss: Sequence[float],
+    ) -> None:
+        """Record consecutive epochs of a running job."""
+        with self._lock:
+            hist = self._histories[job_id]
+            hist.w.extend(w)
+            hist.loss.extend(loss)
+            if hist.b is not None and b is not None:
+                hist.b.extend(b)
+            job = self._jobs[job_id]
+            self._replace(job, progress=Progress(epoch=len(hist.w), epochs=job.params.epochs))
+
+    def succeed_job(self, job_id: str, w: float, b: float, final_loss: float, mse: float) -> Model:
+        """End a job successfully and publish its model as the next version, atomically."""
+        with self._lock:
+            job = self._jobs[job_id]
+            version = (self._model.version if self._model else 0) + 1
+            ended = now()
+            model = Model(
+                version=version, w=w, b=b, job_id=job_id, trained_at=ended, params=job.params
+            )
+            result = JobResult(model_version=version, w=w, b=b, final_loss=final_loss, mse=mse)
+            self._replace(job, status=JobStatus.succeeded, finished_at=ended, result=result)
+            self._model = model  # the one assignment that publishes the new version
+            self._evict()
+            return model
+
+    def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
+        """End a job as failed or cancelled; nothing it produced is served."""
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.status.ended:
+                raise JobAlreadyEnded(f"job {job_id} already ended as {job.status}")
+            problem = Problem.model_validate(error) if error is not None else None
+            job = self._replace(job, status=status, finished_at=now(), error=problem)
+            self._evict()
+            return job
+
+    def history(
+        self, job_id: str | None, since: int, limit: int | None, max_points: int
+    ) -> History:
+        """A page of a job's history (the latest started job by default), thinned evenly."""
+        with self._lock:
+            job_id = job_id or self._latest_started
+            if job_id is None:
+                raise HistoryNotFound("no job has started yet: POST /fit first")
+            job = self.get_job(job_id)
+            hist = self._histories.get(job_id)
+            if hist is None:
+                raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
+            total = len(hist.w)
+            start = min(since, total)
+            end = total if limit is None else min(total, start + limit)
+            picks = _thin(start, end, max_points)
+            w = [hist.w[i] for i in picks]
+            loss = [hist.loss[i] for i in picks]
+            b = None if hist.b is None else [hist.b[i] for i in picks]
+        more = end < total or not job.status.ended
+        return History(
+            job_id=job_id,
+            status=job.status,
+            total_epochs=total,
+            since=start,
+            stride=picks.step,
+            count=len(picks),
+            next_since=end if more else None,
+            epoch=list(picks),
+            w=w,
+            b=b,
+            loss=loss,
+        )
+
+    def history_bytes(self, job_id: str) -> int:
+        with self._lock:
+            hist = self._histories.get(job_id)
+            return 0 if hist is None else hist.nbytes()
+
+    def _replace(self, job: Job, **changes: Any) -> Job:
+        job = job.model_copy(update=changes)
+        self._jobs[job.id] = job
+        return job
+
+    def _evict(self) -> None:
+        """Forget the oldest ended jobs beyond keep_jobs, never the one behind the served model."""
+        ended = [j.id for j in self._jobs.values() if j.status.ended]
+        served = self._model.job_id if self._model else None
+        for job_id in ended[: max(0, len(ended) - self._keep_jobs)]:
+            if job_id == served:
+                continue
+            del self._jobs[job_id]
+            self._histories.pop(job_id, None)
+        live = set(self._jobs)
+        self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
+
+
+class _Picks(Sequence[int]):
+    """Indices start, start+step, ... below end, plus end-1: first and last always kept."""
+
+    def __init__(self, start: int, end: int, step: int) -> None:
+        self.step = step
+        self._idx = list(range(start, end, step))
+        if self._idx and self._idx[-1] != end - 1:
+            self._idx.append(end - 1)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._idx[i]
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+
+def _thin(start: int, end: int, max_points: int) -> _Picks:
+    count = end - start
+    step = 1 if count <= max_points else -(-(count - 1) // (max_points - 1))
+    return _Picks(start, end, step)
