@@ -1,0 +1,218 @@
+"""HTTP routes: thin, typed, async; state comes in through small dependencies; never torch."""
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+from array import array
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+
+from service.errors import PROBLEM_JSON, InvalidInput, ModelNotReady, NotReady, Unauthorized
+from service.jobs import JobRunner
+from service.schemas import (
+    MAX_SEED,
+    FitRequest,
+    Health,
+    History,
+    Job,
+    JobList,
+    JobParams,
+    Model,
+    Prediction,
+    Predictions,
+    PredictRequest,
+    Problem,
+    finite_or_raise,
+)
+from service.settings import Settings
+from service.store import MemoryStore
+
+CANCEL_WAIT_SECONDS = 10.0
+MAX_LISTED_JOBS = 100
+MAX_HISTORY_POINTS = 1_000_000
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem+json answers a route can give."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        code: {"model": Problem, "content": {PROBLEM_JSON: {"schema": schema}}} for code in codes
+    }
+
+
+def get_store(request: Request) -> MemoryStore:
+    store: MemoryStore = request.state.store
+    return store
+
+
+def get_runner(request: Request) -> JobRunner:
+    runner: JobRunner = request.state.runner
+    return runner
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.state.settings
+    return settings
+
+
+StoreDep = Annotated[MemoryStore, Depends(get_store)]
+RunnerDep = Annotated[JobRunner, Depends(get_runner)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def require_token(
+    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """When SGD_API_TOKEN is set, writes need `Authorization: Bearer <token>`."""
+    if settings.api_token is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    expected = settings.api_token.get_secret_value().encode()
+    # Starlette decodes headers as latin-1; re-encoding gives the bytes that were sent.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode("latin-1"), expected):
+        raise Unauthorized("send the header 'Authorization: Bearer <SGD_API_TOKEN>'")
+
+
+AuthDep = Depends(require_token)
+router = APIRouter()
+
+
+@router.post(
+    "/fit",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[AuthDep],
+    responses=problems(401, 413, 422, 429, 503),
+)
+async def fit(
+    body: FitRequest,
+    response: Response,
+    store: StoreDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Job:
+    """Start a fit as a background job; poll the job at its Location."""
+    body.check_limits(settings)
+    idem = None
+    if idempotency_key is not None:
+        idem = (idempotency_key, hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+    params = JobParams(
+        epochs=body.epochs,
+        learning_rate=body.learning_rate,
+        init_w=body.init_w,
+        batch_size=body.batch_size,
+        fit_intercept=body.fit_intercept,
+        seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
+    )
+    job, created = store.create_job(params, len(body.x), idem)
+    if created:
+        try:
+            runner.submit(job, array("d", body.x).tobytes(), array("d", body.y).tobytes())
+        except Exception:
+            store.discard_job(job.id)
+            raise
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+@router.get("/jobs", responses=problems(422))
+async def list_jobs(
+    store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20
+) -> JobList:
+    """Recent jobs, newest first."""
+    return JobList(jobs=store.list_jobs(limit))
+
+
+@router.get("/jobs/{job_id}", responses=problems(404))
+async def get_job(job_id: str, store: StoreDep) -> Job:
+    """One job: status, progress, result or error."""
+    return store.get_job(job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", dependencies=[AuthDep], responses=problems(401, 404, 409))
+async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> Job:
+    """Cancel a queued or running job; answers once it has stopped."""
+    job = runner.cancel(job_id)
+    deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS
+    while not job.status.ended and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+        job = store.get_job(job_id)
+    return job
+
+
+def _served(store: MemoryStore) -> Model:
+    model = store.model
+    if model is None:
+        raise ModelNotReady("no fit has succeeded yet: POST /fit, then retry when it succeeds")
+    return model
+
+
+def _check_hours(hours: list[float], settings: Settings) -> None:
+    limit = settings.max_abs_value
+    if max(map(abs, hours)) > limit:
+        raise InvalidInput(
+            f"every |hours| must be at most SGD_MAX_ABS_VALUE={limit:g}",
+            [{"field": "hours", "message": f"|hours| at most {limit:g}", "code": "limit"}],
+        )
+
+
+@router.get("/predict", responses=problems(422, 503))
+async def predict(
+    hours: Annotated[float, Query(allow_inf_nan=False, examples=[4])],
+    store: StoreDep,
+    settings: SettingsDep,
+) -> Prediction:
+    """The served model's score for one number of hours."""
+    model = _served(store)
+    _check_hours([hours], settings)
+    score = finite_or_raise(model.predict(hours), "the score")
+    return Prediction(hours=hours, score=score, model_version=model.version)
+
+
+@router.post("/predict", responses=problems(413, 422, 503))
+async def predict_many(body: PredictRequest, store: StoreDep, settings: SettingsDep) -> Predictions:
+    """Scores for many hours, all from one model version."""
+    model = _served(store)  # one read: every score comes from the same version
+    if len(body.hours) > settings.max_predict_batch:
+        raise InvalidInput(
+            f"at most {settings.max_predict_batch} hours per request; split the request",
+            [{"field": "hours", "message": "too many values", "code": "limit"}],
+        )
+    _check_hours(body.hours, settings)
+    scores = [finite_or_raise(model.predict(h), "a score") for h in body.hours]
+    return Predictions(scores=scores, model_version=model.version)
+
+
+@router.get("/model", responses=problems(503))
+async def get_model(store: StoreDep) -> Model:
+    """The model being served."""
+    return _served(store)
+
+
+@router.get("/history", responses=problems(404, 422))
+async def history(
+    store: StoreDep,
+    settings: SettingsDep,
+    job_id: str | None = None,
+    since: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int | None, Query(ge=1)] = None,
+    max_points: Annotated[int | None, Query(ge=2, le=MAX_HISTORY_POINTS)] = None,
+) -> History:
+    """Loss and w per epoch of the latest job (or ?job_id=), paged and thinned."""
+    return store.history(job_id, since, limit, max_points or settings.history_max_points)
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """Liveness: the process answers."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses=problems(503))
+async def readyz(runner: RunnerDep) -> Health:
+    """Readiness: the job runner can take fits (a missing model does not matter)."""
+    if not runner.ready:
+        raise NotReady("the job runner is starting or draining; retry shortly")
+    return Health(status="ready")
