@@ -1,0 +1,133 @@
+"""Shared fixtures: settings, the app through its factory, and a real uvicorn server process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.main import create_app
+from service.settings import Settings
+
+TUTORIAL = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
+TIMEOUT = 10.0  # seconds, for every single request a test makes
+
+
+def wait_job(client: httpx.Client, job_id: str, deadline: float = 60.0) -> dict[str, Any]:
+    """Poll a job until it ends; fails the test at the deadline (never a bare sleep)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}", timeout=TIMEOUT).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not end within {deadline}s")
+
+
+def wait_until(check: Callable[[], bool], deadline: float = 30.0, what: str = "condition") -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not reached within {deadline}s")
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[TestClient]:
+    """One app (and one worker process) shared by the read-mostly API tests."""
+    settings = Settings(max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000)
+    with TestClient(create_app(settings)) as c:
+        wait_until(lambda: c.get("/readyz").status_code == 200, what="readiness")
+        yield c
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., TestClient]]:
+    """A fresh app with its own settings: for tests that need an empty store or other limits."""
+    opened: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        c = TestClient(create_app(Settings(**overrides)))
+        c.__enter__()
+        opened.append(c)
+        wait_until(lambda: c.get("/readyz").status_code == 200, what="readiness")
+        return c
+
+    yield make
+    for c in opened:
+        c.__exit__(None, None, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A real `python -m service` process on a free port."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=TIMEOUT)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_server(log_dir: str, **env: str) -> Server:
+    """Start `python -m service` with SGD_* overrides; its output goes to a file (a pipe fills)."""
+    port = free_port()
+    full_env = {**os.environ, "SGD_PORT": str(port), "SGD_HOST": "127.0.0.1", **env}
+    log_path = os.path.join(log_dir, f"server-{port}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    srv = Server(proc, url, log_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {srv.log()}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, deadline=60.0, what="server readiness")
+    return srv
+
+
+@pytest.fixture
+def server(tmp_path: Any) -> Iterator[Server]:
+    """A real server for end-to-end tests; killed if a test leaves it running."""
+    srv = start_server(str(tmp_path), SGD_MAX_EPOCHS="2000000")
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait(10)
