@@ -267,6 +267,7 @@ def _worker_main(conn: Connection, cancel: Event, threads: int, nice: int) -> No
 
     torch.set_num_threads(threads)
     info = {"pid": os.getpid(), "torch": torch.__version__, "threads": threads, "nice": nice}
+    info.update(training.prepare())  # one-off engine set-up is paid here, once per process
     conn.send(("ready", {**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
     while True:
         try:

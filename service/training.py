@@ -74,6 +74,11 @@ def mse(x: torch.Tensor, y: torch.Tensor, w: float, b: float) -> float:
     return float(torch.mean((x * w + b - y) ** 2))
 
 
+def prepare() -> dict[str, str | float]:
+    """One-off, per-process engine set-up; returns what it did, for the start-up log."""
+    return {"engine": "eager"}
+
+
 def train(x: torch.Tensor, y: torch.Tensor, params: FitParams) -> Iterator[Chunk]:
     """Run the fit block by block; yields each block's history, raises Diverged on NaN/Inf."""
     n = x.numel()
