@@ -7,8 +7,7 @@ from typing import TypedDict
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service import __version__
-from service.api import router
+from service import __version__, api, views
 from service.errors import install_handlers
 from service.jobs import JobRunner
 from service.middleware import BodyLimit
@@ -44,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    app.include_router(router)
+    app.include_router(api.router)
+    app.include_router(views.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
