@@ -24,9 +24,11 @@ def test_publishing_makes_a_new_immutable_version() -> None:
     assert store.model is None
     first = run(store, w=2.0)
     model1 = store.model
-    assert model1 is not None and (model1.version, model1.w, model1.job_id) == (1, 2.0, first)
+    assert model1 is not None
+    assert (model1.version, model1.w, model1.job_id) == (1, 2.0, first)
     run(store, w=3.0)
-    assert store.model is not None and (store.model.version, store.model.w) == (2, 3.0)
+    assert store.model is not None
+    assert (store.model.version, store.model.w) == (2, 3.0)
     assert (model1.version, model1.w) == (1, 2.0)  # the old snapshot never changes
     assert store.get_job(first).result is not None
     assert store.get_job(first).result.model_version == 1  # type: ignore[union-attr]
@@ -35,7 +37,8 @@ def test_publishing_makes_a_new_immutable_version() -> None:
 def test_transitions() -> None:
     store = MemoryStore(keep_jobs=10)
     job, created = store.create_job(PARAMS, 3)
-    assert created and job.status is JobStatus.queued
+    assert created
+    assert job.status is JobStatus.queued
     assert store.end_job(job.id, JobStatus.cancelled).status is JobStatus.cancelled
     assert store.start_job(job.id) is None  # a cancelled job never starts
     with pytest.raises(JobAlreadyEnded):
@@ -50,7 +53,8 @@ def test_failed_job_keeps_its_problem_and_publishes_nothing() -> None:
     store.start_job(job.id)
     problem = {"type": "diverged", "title": "t", "status": 422, "detail": "d", "epoch": 7}
     ended = store.end_job(job.id, JobStatus.failed, problem)
-    assert ended.error is not None and ended.error.type == "diverged"
+    assert ended.error is not None
+    assert ended.error.type == "diverged"
     assert ended.error.model_dump()["epoch"] == 7
     assert store.model is None
 
@@ -59,7 +63,9 @@ def test_idempotency_key_returns_the_original_or_refuses_another_body() -> None:
     store = MemoryStore(keep_jobs=10)
     job, created = store.create_job(PARAMS, 3, ("k1", "body-a"))
     again, created_again = store.create_job(PARAMS, 3, ("k1", "body-a"))
-    assert created and not created_again and again.id == job.id
+    assert created
+    assert not created_again
+    assert again.id == job.id
     with pytest.raises(IdempotencyKeyReused):
         store.create_job(PARAMS, 3, ("k1", "body-b"))
     assert len(store.list_jobs(100)) == 1
@@ -77,11 +83,13 @@ def test_eviction_is_oldest_first_and_spares_the_served_model() -> None:
         ids.append(job.id)
     kept = {j.id for j in store.list_jobs(100)}
     assert served in kept
-    assert ids[0] not in kept and ids[-1] in kept
+    assert ids[0] not in kept
+    assert ids[-1] in kept
     assert len(kept) == 3  # two newest ended jobs plus the served model's
     # an evicted job's idempotency key is forgotten with it
     fresh, created = store.create_job(PARAMS, 3, ("key-0", "other"))
-    assert created and fresh.id != ids[0]
+    assert created
+    assert fresh.id != ids[0]
 
 
 def test_history_pages_and_thins() -> None:
@@ -92,11 +100,15 @@ def test_history_pages_and_thins() -> None:
     store.start_job(job.id)
     store.append_history(job.id, [float(i) for i in range(1000)], None, [1.0] * 1000)
     page = store.history(None, since=100, limit=50, max_points=10_000)
-    assert page.epoch == list(range(100, 150)) and page.w == [float(i) for i in range(100, 150)]
-    assert page.next_since == 150 and page.stride == 1
+    assert page.epoch == list(range(100, 150))
+    assert page.w == [float(i) for i in range(100, 150)]
+    assert page.next_since == 150
+    assert page.stride == 1
     thin = store.history(job.id, since=0, limit=None, max_points=10)
     assert thin.count == len(thin.epoch) <= 10
-    assert thin.epoch[0] == 0 and thin.epoch[-1] == 999 and thin.stride > 1
+    assert thin.epoch[0] == 0
+    assert thin.epoch[-1] == 999
+    assert thin.stride > 1
     assert thin.w == [float(e) for e in thin.epoch]
     assert thin.next_since == 1000  # still running: more may come
 
@@ -104,6 +116,7 @@ def test_history_pages_and_thins() -> None:
 @pytest.mark.parametrize(("count", "max_points"), [(1, 2), (10, 10), (11, 10), (1000, 7), (999, 2)])
 def test_thinning_keeps_first_and_last_within_the_budget(count: int, max_points: int) -> None:
     picks = list(_thin(0, count, max_points))
-    assert picks[0] == 0 and picks[-1] == count - 1
+    assert picks[0] == 0
+    assert picks[-1] == count - 1
     assert len(picks) <= max_points
     assert picks == sorted(set(picks))
