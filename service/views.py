@@ -1,5 +1,246 @@
 """Routes for people watching a fit: the history plot, live events and the web page."""
 
-from fastapi import APIRouter
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from functools import cache
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from service.api import StoreDep, problems
+from service.errors import InvalidInput, ServiceError
+from service.schemas import History, Job, Progress
+from service.store import MemoryStore
+
+# A plot never needs more points than a figure has pixels across; fewer keeps it fast.
+PLOT_POINTS = 2_000
+IMAGE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
+
+# The event stream polls the store (the worker writes into it about every 50 ms): one event per
+# poll at most bounds the rate at about 20 per second, whatever the fit's speed.
+EVENT_INTERVAL = 0.05
+# Progress events carry the epochs of a fixed grid (every `stride`-th epoch, at most this many
+# points per job, plus the last one), so a resumed stream continues exactly where it stopped.
+EVENT_POINTS = 1_000
+KEEPALIVE_SECONDS = 2.5
+RETRY_MS = 1_000
+END_ID = "end"
+
+ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 router = APIRouter()
+
+
+class AssetNotFound(ServiceError):
+    type = "not-found"
+    title = "Not found"
+    status = 404
+
+
+class ProgressEvent(BaseModel):
+    """The data of a `progress` event: new grid epochs as columns, like GET /history."""
+
+    model_config = ConfigDict(frozen=True)
+    epoch: list[int]
+    w: list[float]
+    b: list[float] | None = None
+    loss: list[float]
+    progress: Progress
+
+
+# -- the plot ------------------------------------------------------------------------------
+
+
+@router.get(
+    "/history/plot",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The figure: loss, then w (and b), per epoch",
+            "content": {"image/png": {}, "image/svg+xml": {}},
+        },
+        **problems(404, 422),
+    },
+)
+async def history_plot(
+    store: StoreDep,
+    job_id: str | None = None,
+    image_format: Annotated[Literal["png", "svg"], Query(alias="format")] = "png",
+) -> Response:
+    """The tutorial's figure of the latest job (or ?job_id=): loss and w per epoch."""
+    history = store.history(job_id, 0, None, PLOT_POINTS)
+    image = await run_in_threadpool(render_history, history, image_format)
+    return Response(
+        image, media_type=IMAGE_TYPES[image_format], headers={"Cache-Control": "no-store"}
+    )
+
+
+def render_history(history: History, image_format: str) -> bytes:
+    """Draw loss, then the parameters, over a shared epoch axis; matplotlib loads only here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # an object per call: no pyplot global state
+
+    fig = Figure(figsize=(7, 5.5), dpi=100, layout="constrained")
+    loss_ax, param_ax = fig.subplots(2, 1, sharex=True)
+    model = "y = w·x + b" if history.b is not None else "y = w·x"
+    fig.suptitle(f"SGD fit of {model}: job {history.job_id[:8]} ({history.status.value})")
+
+    loss_ax.plot(history.epoch, history.loss, color="tab:red", linewidth=1.2)
+    loss_ax.set_title("Loss per epoch")
+    loss_ax.set_ylabel("loss (batch MSE)")
+
+    param_ax.plot(history.epoch, history.w, color="tab:blue", linewidth=1.2, label="w")
+    if history.b is not None:
+        param_ax.plot(history.epoch, history.b, color="tab:green", linewidth=1.2, label="b")
+    param_ax.legend(loc="best")
+    param_ax.set_title("Parameters per epoch (before each update)")
+    param_ax.set_ylabel("value")
+    thinned = f"; one point every {history.stride} shown" if history.stride > 1 else ""
+    param_ax.set_xlabel(f"epoch ({history.total_epochs:,} epochs{thinned})")
+    if not history.epoch:
+        loss_ax.text(0.5, 0.5, "no epochs recorded yet", ha="center", transform=loss_ax.transAxes)
+    for ax in (loss_ax, param_ax):
+        ax.grid(alpha=0.3)
+
+    out = io.BytesIO()
+    fig.savefig(out, format=image_format)
+    return out.getvalue()
+
+
+# -- live events ---------------------------------------------------------------------------
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": (
+                "Server-Sent Events: `progress` events, then one `end` event (the job); "
+                "a `problem` event instead if the job is evicted meanwhile"
+            ),
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "Last-Event-ID says the client already has the end event"},
+        **problems(404, 422),
+    },
+)
+async def job_events(
+    job_id: str,
+    store: StoreDep,
+    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+) -> Response:
+    """Stream a job's progress as Server-Sent Events until it ends; resumes at Last-Event-ID."""
+    job = store.get_job(job_id)
+    if last_event_id == END_ID:
+        return Response(status_code=204)  # tells an EventSource to stop reconnecting
+    resume = _resume_epoch(last_event_id)
+    return StreamingResponse(
+        _event_stream(store, job, resume),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _resume_epoch(last_event_id: str | None) -> int:
+    """A progress event's id is the epoch after its last point: where a resumed stream starts."""
+    if last_event_id is None:
+        return 0
+    if not (last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) <= 18):
+        raise InvalidInput(
+            f"Last-Event-ID must be an id this stream sent (a number, or {END_ID!r})",
+            [{"field": "Last-Event-ID", "message": "not an event id", "code": "event_id"}],
+        )
+    return int(last_event_id)
+
+
+def _sse(event: str, data: str, event_id: str) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
+
+
+async def _event_stream(store: MemoryStore, job: Job, resume: int) -> AsyncIterator[str]:
+    """Poll the store: at most one progress event per poll, then the end event."""
+    stride = max(1, -(-job.params.epochs // EVENT_POINTS))
+    loop = asyncio.get_running_loop()
+    next_epoch = resume
+    quiet_since = loop.time()
+    yield f"retry: {RETRY_MS}\n\n"
+    while True:
+        try:
+            # The job first: once it has ended, its history is complete.
+            job = store.get_job(job.id)
+            points = _grid_points(store, job, stride, next_epoch)
+        except ServiceError as exc:  # evicted while streaming: say so, then stop
+            yield _sse("problem", json.dumps(exc.problem()), END_ID)
+            return
+        if points is not None:
+            next_epoch = points.epoch[-1] + 1
+            yield _sse("progress", points.model_dump_json(), str(next_epoch))
+            quiet_since = loop.time()
+        if job.status.ended:
+            yield _sse("end", job.model_dump_json(), END_ID)
+            return
+        if loop.time() - quiet_since > KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"  # keeps proxies and read timeouts from closing a quiet stream
+            quiet_since = loop.time()
+        await asyncio.sleep(EVENT_INTERVAL)
+
+
+def _grid_points(store: MemoryStore, job: Job, stride: int, start: int) -> ProgressEvent | None:
+    """The grid epochs recorded at or after `start` (and the final epoch once the job ended)."""
+    total = job.progress.epoch
+    first = -(-start // stride) * stride
+    cols: dict[str, Any] = {"epoch": [], "w": [], "b": None, "loss": []}
+    if first < total:
+        count = (total - 1 - first) // stride + 1
+        last = first + (count - 1) * stride
+        # A range that ends on a grid point, thinned to `count` points, has exactly our stride.
+        _extend(cols, store.history(job.id, first, last - first + 1, max(count, 2)))
+    final = total - 1
+    if job.status.ended and final >= start and final % stride:
+        _extend(cols, store.history(job.id, final, 1, 2))
+    if not cols["epoch"]:
+        return None
+    return ProgressEvent(**cols, progress=job.progress)
+
+
+def _extend(cols: dict[str, Any], history: History) -> None:
+    cols["epoch"] += history.epoch
+    cols["w"] += history.w
+    cols["loss"] += history.loss
+    if history.b is not None:
+        cols["b"] = (cols["b"] or []) + history.b
+
+
+# -- the page ------------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse, responses={200: {"content": {"text/html": {}}}})
+async def page() -> HTMLResponse:
+    """A web page: submit data, watch the fit live, ask for a prediction."""
+    return HTMLResponse(_asset("index.html"), headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/static/{name}",
+    response_class=Response,
+    responses={200: {"content": {t.split(";")[0]: {} for t in ASSETS.values()}}, **problems(404)},
+)
+async def static_asset(name: str) -> Response:
+    """The page's script and style sheet (served here: the page loads nothing from elsewhere)."""
+    if name not in ASSETS:
+        raise AssetNotFound(f"no asset {name!r}; the page uses {', '.join(sorted(ASSETS))}")
+    return Response(_asset(name), media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+
+@cache
+def _asset(name: str) -> str:
+    return (resources.files("service") / "static" / name).read_text(encoding="utf-8")
