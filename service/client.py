@@ -1,0 +1,487 @@
+"""A typed client for sgd-service over an httpx client the caller provides (sync and async).
+
+The caller owns the transport: base URL, timeouts, the `Authorization` header when the service
+has SGD_API_TOKEN set. Every error answer is raised as a `ProblemError` carrying the problem.
+
+    with httpx.Client(base_url="http://127.0.0.1:8000", timeout=10) as http:
+        sgd = SGDClient(http)
+        job = sgd.wait(sgd.fit([1, 2, 3], [2, 4, 6]).id, timeout=60)
+        print(sgd.predict(4))
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from service.schemas import History, Job, Model, Prediction, Predictions, Problem
+from service.views import ProgressEvent
+
+T = TypeVar("T")
+R = TypeVar("R")
+Event = ProgressEvent | Job  # what `events` yields: progress, then the ended job
+ImageFormat = Literal["png", "svg"]
+
+RECONNECTS = 3  # an event stream that drops is resumed (Last-Event-ID) this many times in a row
+RECONNECT_DELAY = 0.5
+POLL_MIN, POLL_MAX = 0.05, 0.5  # wait(): polls start fast and back off
+
+
+class FitOptions(TypedDict, total=False):
+    """POST /fit's optional fields; batch_size None means every sample each epoch."""
+
+    epochs: int
+    learning_rate: float
+    init_w: float
+    batch_size: int | None
+    fit_intercept: bool
+    seed: int
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """Base of every error this client raises."""
+
+
+class TransportFailed(ClientError):
+    """The service could not be reached, or the connection broke."""
+
+
+class UnexpectedResponse(ClientError):
+    """An answer that is not the service's (e.g. a proxy's HTML error page)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"unexpected HTTP {status} answer: {text[:200]!r}")
+        self.status = status
+
+
+class WaitTimeout(ClientError):
+    """wait() reached its deadline before the job ended; `job` is its last state."""
+
+    def __init__(self, job: Job, timeout: float) -> None:
+        super().__init__(f"job {job.id} is still {job.status.value} after {timeout:g}s")
+        self.job = job
+
+
+class ProblemError(ClientError):
+    """The service answered with a problem (RFC 9457): `problem` holds every member of it."""
+
+    def __init__(self, problem: Problem, headers: httpx.Headers) -> None:
+        super().__init__(f"{problem.status} {problem.type}: {problem.detail}")
+        self.problem = problem
+        self.status = problem.status
+        self.type = problem.type
+        self.detail = problem.detail
+        self.headers = headers
+
+
+class UnauthorizedError(ProblemError):
+    """401: the service wants `Authorization: Bearer <token>` on the httpx client."""
+
+
+class NotFoundError(ProblemError):
+    """404: no such job, no history yet, or no such route."""
+
+
+class ConflictError(ProblemError):
+    """409: e.g. cancelling a job that has already ended."""
+
+
+class InvalidRequestError(ProblemError):
+    """422: the problem's `errors` name each offending field."""
+
+
+class QueueFullError(ProblemError):
+    """429: retry after `retry_after` seconds."""
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.headers.get("Retry-After")
+        return float(value) if value and value.isdigit() else None
+
+
+class UnavailableError(ProblemError):
+    """503: the service is starting or draining."""
+
+
+class ModelNotReadyError(UnavailableError):
+    """503 model-not-ready: no fit has succeeded yet."""
+
+
+_BY_STATUS: dict[int, type[ProblemError]] = {
+    401: UnauthorizedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: InvalidRequestError,
+    429: QueueFullError,
+    503: UnavailableError,
+}
+_BY_TYPE: dict[str, type[ProblemError]] = {"model-not-ready": ModelNotReadyError}
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        problem = Problem.model_validate_json(response.content)
+    except ValidationError:
+        raise UnexpectedResponse(response.status_code, response.text) from None
+    cls = _BY_TYPE.get(problem.type) or _BY_STATUS.get(problem.status, ProblemError)
+    raise cls(problem, response.headers)
+
+
+def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
+    def parse(response: httpx.Response) -> Any:
+        try:
+            return cls.model_validate_json(response.content)
+        except ValidationError:
+            raise UnexpectedResponse(response.status_code, response.text) from None
+
+    return parse
+
+
+# -- one request, described once for both clients --------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    method: str
+    url: str
+    parse: Callable[[httpx.Response], T]
+    params: dict[str, Any] | None = None
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def result(self, response: httpx.Response) -> T:
+        _raise_for(response)
+        return self.parse(response)
+
+
+def _fit_call(
+    x: Sequence[float], y: Sequence[float], idempotency_key: str | None, options: FitOptions
+) -> _Call[Job]:
+    # Only what the caller set is sent: the service's defaults are the tutorial's.
+    body = {"x": list(x), "y": list(y), **options}
+    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+    return _Call("POST", "/fit", _model(Job), body=body, headers=headers)
+
+
+def _job_call(job_id: str) -> _Call[Job]:
+    return _Call("GET", f"/jobs/{job_id}", _model(Job))
+
+
+def _cancel_call(job_id: str) -> _Call[Job]:
+    return _Call("POST", f"/jobs/{job_id}/cancel", _model(Job))
+
+
+def _predict_call(hours: float) -> _Call[Prediction]:
+    return _Call("GET", "/predict", _model(Prediction), params={"hours": hours})
+
+
+def _predict_many_call(hours: Sequence[float]) -> _Call[Predictions]:
+    return _Call("POST", "/predict", _model(Predictions), body={"hours": list(hours)})
+
+
+def _model_call() -> _Call[Model]:
+    return _Call("GET", "/model", _model(Model))
+
+
+def _history_call(
+    job_id: str | None, since: int, limit: int | None, max_points: int | None
+) -> _Call[History]:
+    params = {"job_id": job_id, "since": since, "limit": limit, "max_points": max_points}
+    kept = {k: v for k, v in params.items() if v is not None}
+    return _Call("GET", "/history", _model(History), params=kept)
+
+
+def _plot_call(job_id: str | None, image_format: ImageFormat) -> _Call[bytes]:
+    params = {"format": image_format} | ({} if job_id is None else {"job_id": job_id})
+    return _Call("GET", "/history/plot", lambda r: r.content, params=params)
+
+
+# -- Server-Sent Events ----------------------------------------------------------------------
+
+
+@dataclass
+class _SSEDecoder:
+    """The event-stream format, line by line: data/event/id fields, comments, blank = dispatch."""
+
+    last_id: str | None = None
+    _event: str = "message"
+    _data: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if not line:
+            if not self._data:
+                self._event = "message"
+                return None
+            event, data = self._event, "\n".join(self._data)
+            self._event, self._data = "message", []
+            return event, data
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        return None
+
+
+def _decode_event(event: str, data: str, headers: httpx.Headers) -> Event | None:
+    if event == "progress":
+        return ProgressEvent.model_validate_json(data)
+    if event == "end":
+        return Job.model_validate_json(data)
+    if event == "problem":
+        raise _problem_error(data, headers)
+    return None  # an event type this client does not know yet
+
+
+def _problem_error(data: str, headers: httpx.Headers) -> ProblemError:
+    problem = Problem.model_validate(json.loads(data))
+    return _BY_STATUS.get(problem.status, ProblemError)(problem, headers)
+
+
+def _events_headers(last_id: str | None) -> dict[str, str]:
+    headers = {"Accept": "text/event-stream"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    return headers
+
+
+def _check_stream(response: httpx.Response, body: bytes) -> bool:
+    """True if the stream has events to read; False for 204 (the client has them all)."""
+    if response.status_code == 204:
+        return False
+    if not response.is_success:
+        _raise_for(httpx.Response(response.status_code, headers=response.headers, content=body))
+    return True
+
+
+# -- the clients ---------------------------------------------------------------------------
+
+
+class SGDClient:
+    """sgd-service over a caller's `httpx.Client` (a FastAPI TestClient works too)."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def _send(self, call: _Call[R]) -> R:
+        try:
+            response = self.http.request(
+                call.method, call.url, params=call.params, json=call.body, headers=call.headers
+            )
+        except httpx.TransportError as exc:
+            raise TransportFailed(f"{call.method} {call.url}: {exc!r}") from exc
+        return call.result(response)
+
+    def fit(
+        self,
+        x: Sequence[float],
+        y: Sequence[float],
+        *,
+        idempotency_key: str | None = None,
+        **options: Unpack[FitOptions],
+    ) -> Job:
+        """Start a fit; parameters left out take the service's defaults (the tutorial's)."""
+        return self._send(_fit_call(x, y, idempotency_key, options))
+
+    def job(self, job_id: str) -> Job:
+        """A job as it is now."""
+        return self._send(_job_call(job_id))
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job."""
+        return self._send(_cancel_call(job_id))
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> Job:
+        """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline."""
+        deadline = time.monotonic() + timeout
+        delay = POLL_MIN
+        while True:
+            job = self.job(job_id)
+            if job.status.ended:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(job, timeout)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, POLL_MAX)
+
+    def predict(self, hours: float) -> float:
+        """The served model's score for `hours`."""
+        return self._send(_predict_call(hours)).score
+
+    def predict_many(self, hours: Sequence[float]) -> list[float]:
+        """Scores for many hours, all from one model version."""
+        return self._send(_predict_many_call(hours)).scores
+
+    def model(self) -> Model:
+        """The model being served."""
+        return self._send(_model_call())
+
+    def history(
+        self,
+        job_id: str | None = None,
+        *,
+        since: int = 0,
+        limit: int | None = None,
+        max_points: int | None = None,
+    ) -> History:
+        """A job's history (the latest job by default), paged and thinned."""
+        return self._send(_history_call(job_id, since, limit, max_points))
+
+    def plot(self, job_id: str | None = None, image_format: ImageFormat = "png") -> bytes:
+        """The history figure as PNG or SVG bytes."""
+        return self._send(_plot_call(job_id, image_format))
+
+    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
+        """Progress events, then the ended Job; a dropped stream is resumed where it stopped."""
+        decoder = _SSEDecoder(last_id=last_event_id)
+        failures = 0
+        while True:
+            try:
+                with self.http.stream(
+                    "GET", f"/jobs/{job_id}/events", headers=_events_headers(decoder.last_id)
+                ) as response:
+                    body = b"" if response.is_success else response.read()
+                    if not _check_stream(response, body):
+                        return
+                    for line in response.iter_lines():
+                        decoded = decoder.feed(line)
+                        if decoded is None:
+                            continue
+                        failures = 0
+                        event = _decode_event(*decoded, response.headers)
+                        if event is not None:
+                            yield event
+                        if isinstance(event, Job):
+                            return
+                error: Exception = EOFError("the stream closed before the end event")
+            except httpx.TransportError as exc:
+                error = exc
+            failures += 1
+            if failures > RECONNECTS:
+                raise TransportFailed(f"the event stream of job {job_id}: {error!r}") from error
+            time.sleep(RECONNECT_DELAY)
+
+
+class AsyncSGDClient:
+    """The same client over a caller's `httpx.AsyncClient`."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def _send(self, call: _Call[R]) -> R:
+        try:
+            response = await self.http.request(
+                call.method, call.url, params=call.params, json=call.body, headers=call.headers
+            )
+        except httpx.TransportError as exc:
+            raise TransportFailed(f"{call.method} {call.url}: {exc!r}") from exc
+        return call.result(response)
+
+    async def fit(
+        self,
+        x: Sequence[float],
+        y: Sequence[float],
+        *,
+        idempotency_key: str | None = None,
+        **options: Unpack[FitOptions],
+    ) -> Job:
+        """Start a fit; parameters left out take the service's defaults (the tutorial's)."""
+        return await self._send(_fit_call(x, y, idempotency_key, options))
+
+    async def job(self, job_id: str) -> Job:
+        """A job as it is now."""
+        return await self._send(_job_call(job_id))
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job."""
+        return await self._send(_cancel_call(job_id))
+
+    async def wait(self, job_id: str, timeout: float = 60.0) -> Job:  # noqa: ASYNC109 (as sync)
+        """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = POLL_MIN
+        while True:
+            job = await self.job(job_id)
+            if job.status.ended:
+                return job
+            left = deadline - loop.time()
+            if left <= 0:
+                raise WaitTimeout(job, timeout)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, POLL_MAX)
+
+    async def predict(self, hours: float) -> float:
+        """The served model's score for `hours`."""
+        return (await self._send(_predict_call(hours))).score
+
+    async def predict_many(self, hours: Sequence[float]) -> list[float]:
+        """Scores for many hours, all from one model version."""
+        return (await self._send(_predict_many_call(hours))).scores
+
+    async def model(self) -> Model:
+        """The model being served."""
+        return await self._send(_model_call())
+
+    async def history(
+        self,
+        job_id: str | None = None,
+        *,
+        since: int = 0,
+        limit: int | None = None,
+        max_points: int | None = None,
+    ) -> History:
+        """A job's history (the latest job by default), paged and thinned."""
+        return await self._send(_history_call(job_id, since, limit, max_points))
+
+    async def plot(self, job_id: str | None = None, image_format: ImageFormat = "png") -> bytes:
+        """The history figure as PNG or SVG bytes."""
+        return await self._send(_plot_call(job_id, image_format))
+
+    async def events(
+        self, job_id: str, *, last_event_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        """Progress events, then the ended Job; a dropped stream is resumed where it stopped."""
+        decoder = _SSEDecoder(last_id=last_event_id)
+        failures = 0
+        while True:
+            try:
+                async with self.http.stream(
+                    "GET", f"/jobs/{job_id}/events", headers=_events_headers(decoder.last_id)
+                ) as response:
+                    body = b"" if response.is_success else await response.aread()
+                    if not _check_stream(response, body):
+                        return
+                    async for line in response.aiter_lines():
+                        decoded = decoder.feed(line)
+                        if decoded is None:
+                            continue
+                        failures = 0
+                        event = _decode_event(*decoded, response.headers)
+                        if event is not None:
+                            yield event
+                        if isinstance(event, Job):
+                            return
+                error: Exception = EOFError("the stream closed before the end event")
+            except httpx.TransportError as exc:
+                error = exc
+            failures += 1
+            if failures > RECONNECTS:
+                raise TransportFailed(f"the event stream of job {job_id}: {error!r}") from error
+            await asyncio.sleep(RECONNECT_DELAY)
