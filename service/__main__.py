@@ -1,14 +1,20 @@
-"""`python -m service` / `sgd-service serve`: run the service under uvicorn with its settings."""
+"""`python -m service` / `sgd-service`: serve (the default), or fit, predict and history against
+a running service (--url, default $SGD_URL or http://127.0.0.1:8000)."""
 
 import argparse
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from service.client import ClientError, FitOptions, ImageFormat, ProblemError, SGDClient
 from service.main import create_app
 from service.settings import Settings
 
@@ -62,13 +68,117 @@ def serve(settings: Settings) -> None:
     DrainingServer(config, app, settings.drain_seconds).run()
 
 
+# -- client commands: talk to a running service ---------------------------------------------
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+CLIENT_TIMEOUT = 30.0
+
+
+def add_client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """The fit, predict and history subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=os.environ.get("SGD_URL", DEFAULT_URL),
+        help="the service (default: $SGD_URL or %(default)s); $SGD_API_TOKEN is sent if set",
+    )
+    fit = sub.add_parser("fit", parents=[common], help="start a fit; prints the job as JSON")
+    fit.add_argument("--x", type=float, nargs="+", required=True, help="hours studied")
+    fit.add_argument("--y", type=float, nargs="+", required=True, help="exam scores")
+    fit.add_argument("--epochs", type=int)
+    fit.add_argument("--learning-rate", type=float)
+    fit.add_argument("--init-w", type=float)
+    fit.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=argparse.SUPPRESS,
+        help="samples per epoch, or 'all' (full-batch)",
+    )
+    fit.add_argument("--fit-intercept", action="store_true", default=None, help="learn b too")
+    fit.add_argument("--seed", type=int)
+    fit.add_argument("--wait", action="store_true", help="wait for the job to end")
+    fit.add_argument("--timeout", type=float, default=600.0, help="for --wait (seconds)")
+    predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
+    predict.add_argument("hours", type=float, nargs="+")
+    history = sub.add_parser(
+        "history", parents=[common], help="print a job's history as JSON, or --plot it"
+    )
+    history.add_argument("--job-id", help="default: the latest job")
+    history.add_argument("--max-points", type=int, help="thin to about this many epochs")
+    history.add_argument("--plot", type=Path, help="write the figure here (.png or .svg)")
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run fit/predict/history; the exit status is 0 on success, 1 otherwise."""
+    token = os.environ.get("SGD_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=args.url, timeout=CLIENT_TIMEOUT, headers=headers) as http:
+        sgd = SGDClient(http)
+        try:
+            return COMMANDS[args.command](sgd, args)
+        except ProblemError as exc:
+            print(f"error: {exc.problem.title}: {exc.detail}", file=sys.stderr)
+            for issue in exc.problem.errors or []:
+                print(f"  {issue.field}: {issue.message}", file=sys.stderr)
+        except ClientError as exc:
+            print(f"error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _fit(sgd: SGDClient, args: argparse.Namespace) -> int:
+    options: FitOptions = {}
+    for name in ("epochs", "learning_rate", "init_w", "fit_intercept", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if hasattr(args, "batch_size"):
+        options["batch_size"] = args.batch_size
+    job = sgd.fit(args.x, args.y, **options)
+    if args.wait:
+        job = sgd.wait(job.id, timeout=args.timeout)
+    print(job.model_dump_json(indent=2))
+    return 0 if not args.wait or job.status == "succeeded" else 1
+
+
+def _batch_size(text: str) -> int | None:
+    if text == "all":
+        return None  # every sample each epoch: full-batch gradient descent
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a number of samples or 'all', not {text!r}")
+    return int(text)
+
+
+def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
+    hours: list[float] = args.hours
+    scores = [sgd.predict(hours[0])] if len(hours) == 1 else sgd.predict_many(hours)
+    for score in scores:
+        print(score)
+    return 0
+
+
+def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
+    if args.plot is None:
+        print(sgd.history(args.job_id, max_points=args.max_points).model_dump_json(indent=2))
+        return 0
+    image_format: ImageFormat = "svg" if args.plot.suffix.lower() == ".svg" else "png"
+    args.plot.write_bytes(sgd.plot(args.job_id, image_format))
+    print(f"wrote {args.plot} ({image_format})")
+    return 0
+
+
+COMMANDS = {"fit": _fit, "predict": _predict, "history": _history}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The `sgd-service` command."""
     parser = argparse.ArgumentParser(prog="sgd-service", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the service (the default); configured by SGD_* env")
-    parser.parse_args(argv)
-    serve(Settings())
+    add_client_commands(sub)
+    args = parser.parse_args(argv)
+    if args.command in (None, "serve"):
+        serve(Settings())
+        return
+    sys.exit(run_client_command(args))
 
 
 if __name__ == "__main__":
