@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.routing import Route
+from starlette.routing import Match
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -159,14 +159,26 @@ def _field(loc: Sequence[int | str]) -> str:
     return out or "body"
 
 
+def _issue(error: Any) -> dict[str, str]:
+    """One offending field, named as a caller writes it: x[3], body, learning_rate."""
+    if error["type"] == "json_invalid":  # loc is ("body", character offset)
+        reason = error.get("ctx", {}).get("error", "")
+        return {"field": "body", "message": f"not valid JSON: {reason}", "code": "json_invalid"}
+    return {"field": _field(error["loc"]), "message": error["msg"], "code": error["type"]}
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(request: Request) -> str:
     # Starlette names only the first route that matched the path; callers need all of them.
-    path = request.url.path
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.path_regex.match(path) and route.methods:
-            methods |= route.methods
-    return ", ".join(sorted(methods))
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(r.matches({**request.scope, "method": method})[0] is Match.FULL for r in routes)
+    ]
+    return ", ".join(allowed)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -178,10 +190,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = [
-            {"field": _field(e["loc"]), "message": e["msg"], "code": e["type"]}
-            for e in exc.errors()
-        ]
+        errors = [_issue(e) for e in exc.errors()]
         fields = ", ".join(sorted({e["field"] for e in errors}))
         detail = f"fix these fields and retry: {fields}"
         return problem_response(InvalidInput(detail, errors).problem())

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
 
     max_samples: int = Field(default=1_000_000, ge=1, le=100_000_000)
     max_epochs: int = Field(default=1_000_000, ge=1, le=1_000_000_000)
-    max_abs_value: float = Field(default=1e9, gt=0, le=1e150)
+    max_abs_value: float = Field(default=1e9, gt=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_predict_batch: int = Field(default=10_000, ge=1)
     max_queued_jobs: int = Field(default=16, ge=1)

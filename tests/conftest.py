@@ -25,7 +25,7 @@ def wait_job(client: httpx.Client, job_id: str, deadline: float = 60.0) -> dict[
     """Poll a job until it ends; fails the test at the deadline (never a bare sleep)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        job: dict[str, Any] = client.get(f"/jobs/{job_id}", timeout=TIMEOUT).json()
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(0.02)

@@ -31,7 +31,7 @@ def test_publishing_makes_a_new_immutable_version() -> None:
     assert (store.model.version, store.model.w) == (2, 3.0)
     assert (model1.version, model1.w) == (1, 2.0)  # the old snapshot never changes
     assert store.get_job(first).result is not None
-    assert store.get_job(first).result.model_version == 1  # type: ignore[union-attr]
+    assert store.get_job(first).result.model_version == 1
 
 
 def test_transitions() -> None:
@@ -75,7 +75,7 @@ def test_eviction_is_oldest_first_and_spares_the_served_model() -> None:
     store = MemoryStore(keep_jobs=2)
     served = run(store)
     # a failed job ends later than the served model's: the served one is older but kept
-    ids = []
+    ids: list[str] = []
     for _ in range(3):
         job, _ = store.create_job(PARAMS, 3, (f"key-{len(ids)}", "b"))
         store.start_job(job.id)
