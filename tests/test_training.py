@@ -1,0 +1,195 @@
+"""The fit engine alone: the scan against the eager reference, the tutorial, seeds, divergence."""
+
+import itertools
+import math
+from array import array
+
+import pytest
+import torch
+from sklearn.datasets import load_diabetes
+
+from service import training
+from service.errors import Diverged
+from service.training import Chunk, FitParams, history, rel_diff, train
+
+TUTORIAL_X = training.as_tensor([1.0, 2.0, 3.0])
+TUTORIAL_Y = training.as_tensor([2.0, 4.0, 6.0])
+ALL_MODES = [
+    pytest.param(batch_size, intercept, id=f"batch={batch_size}-intercept={intercept}")
+    for batch_size in (1, 7, None)
+    for intercept in (False, True)
+]
+
+
+def noisy_line(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    return x, 1.5 * x - 0.7 + 0.3 * torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def run(
+    x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: training.Engine = "scan"
+) -> list[Chunk]:
+    return list(train(x, y, params, engine))
+
+
+def diverged_run(
+    x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: training.Engine
+) -> tuple[list[Chunk], Diverged]:
+    chunks: list[Chunk] = []
+    with pytest.raises(Diverged) as caught:
+        chunks.extend(train(x, y, params, engine))
+    return chunks, caught.value
+
+
+@pytest.mark.parametrize(("batch_size", "intercept"), ALL_MODES)
+def test_scan_follows_the_eager_trajectory(batch_size: int | None, intercept: bool) -> None:
+    x, y = noisy_line(50)
+    # several blocks of either engine, and a last block that is shorter
+    params = FitParams(5000, 0.02, -1.0, batch_size, intercept, seed=7)
+    fast, ref = run(x, y, params), run(x, y, params, "eager")
+    fast_cols, ref_cols = history(fast), history(ref)
+    assert len(fast_cols[0]) == len(ref_cols[0]) == 5000
+    for fast_col, ref_col in zip(fast_cols, ref_cols, strict=True):
+        assert rel_diff(fast_col, ref_col) < 1e-9
+    assert math.isclose(fast[-1].w_after, ref[-1].w_after, rel_tol=1e-9)
+    assert math.isclose(fast[-1].b_after, ref[-1].b_after, rel_tol=1e-9, abs_tol=1e-12)
+    assert (fast[-1].b is None) is (not intercept)
+    # the fit has moved: equal trajectories are not two copies of the starting point
+    assert abs(ref[-1].w_after - 1.5) < 0.2
+
+
+@pytest.mark.parametrize("engine", training.ENGINES)
+def test_tutorial_fit_converges_to_two(engine: training.Engine) -> None:
+    chunks = run(TUTORIAL_X, TUTORIAL_Y, FitParams(), engine)
+    w, _, loss = history(chunks)
+    assert len(w) == len(loss) == 100
+    assert w[0] == 1.0
+    assert w[-1] != w[0]
+    assert abs(chunks[-1].w_after - 2.0) < 1e-3
+    assert chunks[-1].b_after == 0.0
+    assert chunks[-1].b is None
+    assert loss[-1] < loss[0]
+    assert all(isinstance(c.w, array) and c.w.typecode == "d" for c in chunks)
+
+
+def test_chunks_tile_the_epochs_in_order() -> None:
+    chunks = run(TUTORIAL_X, TUTORIAL_Y, FitParams(epochs=10_000))
+    starts = [c.first_epoch for c in chunks]
+    assert starts == [0, 4096, 8192]
+    assert sum(len(c) for c in chunks) == 10_000
+    for before, after in itertools.pairwise(chunks):
+        # the next block starts where the previous one's last update left w
+        assert after.w[0] == before.w_after
+
+
+def test_a_long_fit_yields_its_first_chunk_without_running_the_rest() -> None:
+    first = next(iter(train(TUTORIAL_X, TUTORIAL_Y, FitParams(epochs=10**9))))
+    assert len(first) == training.MAX_BLOCK_EPOCHS
+
+
+@pytest.mark.parametrize("engine", training.ENGINES)
+def test_same_seed_is_bit_identical_and_another_seed_differs(engine: training.Engine) -> None:
+    x, y = noisy_line(30)
+    params = FitParams(epochs=3000, batch_size=2, fit_intercept=True, seed=123)
+    first, again = history(run(x, y, params, engine)), history(run(x, y, params, engine))
+    other = history(run(x, y, FitParams(3000, 0.01, 1.0, 2, True, seed=124), engine))
+    assert first == again
+    assert first[0] != other[0]
+
+
+@pytest.mark.parametrize(("batch_size", "intercept"), ALL_MODES)
+def test_divergence_names_the_same_epoch_as_the_reference(
+    batch_size: int | None, intercept: bool
+) -> None:
+    params = FitParams(5000, 10.0, 1.0, batch_size, intercept, seed=3)
+    fast, fast_error = diverged_run(TUTORIAL_X, TUTORIAL_Y, params, "scan")
+    ref, ref_error = diverged_run(TUTORIAL_X, TUTORIAL_Y, params, "eager")
+    assert fast_error.epoch == ref_error.epoch
+    fast_cols, ref_cols = history(fast), history(ref)
+    assert len(fast_cols[0]) == fast_error.epoch  # every epoch before it, and none after
+    for fast_col, ref_col in zip(fast_cols, ref_cols, strict=True):
+        assert all(map(math.isfinite, fast_col))
+        assert rel_diff(fast_col, ref_col) < 1e-9
+
+
+def test_tutorial_divergence_with_lr_10() -> None:
+    chunks, error = diverged_run(TUTORIAL_X, TUTORIAL_Y, FitParams(learning_rate=10.0), "scan")
+    w, _, loss = history(chunks)
+    assert 0 < error.epoch < 100
+    assert len(w) == len(loss) == error.epoch
+    assert all(map(math.isfinite, [*w, *loss]))
+    assert max(map(abs, w)) > 1e10  # it was on its way out, not stopped early for nothing
+    assert error.problem()["epoch"] == error.epoch
+    assert "learning_rate" in error.detail
+
+
+@pytest.mark.parametrize("engine", training.ENGINES)
+def test_an_update_that_overflows_keeps_the_history_before_it(engine: training.Engine) -> None:
+    # A huge learning rate makes the first update overflow while the first loss is finite.
+    params = FitParams(epochs=10, learning_rate=1e308, batch_size=None)
+    chunks, error = diverged_run(TUTORIAL_X, TUTORIAL_Y, params, engine)
+    assert error.epoch == 1
+    assert history(chunks) == (array("d", [1.0]), array("d", [0.0]), array("d", [14 / 3]))
+    # when that update is the last of the block, its epoch is named and the model dropped
+    chunks, error = diverged_run(TUTORIAL_X, TUTORIAL_Y, FitParams(1, 1e308, 1.0, None), engine)
+    assert error.epoch == 0
+    assert [len(c) for c in chunks] == [1]
+    assert not math.isfinite(chunks[0].w_after)
+
+
+def test_full_batch_on_diabetes_bmi_lands_on_least_squares() -> None:
+    features, target = load_diabetes(return_X_y=True)
+    x = torch.tensor(features[:, 2], dtype=torch.float64)  # bmi, scaled as the package ships it
+    y = torch.tensor(target, dtype=torch.float64)
+    design = torch.stack([x, torch.ones_like(x)], dim=1)
+    w_ls, b_ls = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
+    params = FitParams(epochs=20_000, learning_rate=0.5, init_w=0.0, batch_size=None)
+    params = FitParams(**{**params.__dict__, "fit_intercept": True})
+    last = run(x, y, params)[-1]
+    assert abs(last.w_after - w_ls) <= 0.01 * abs(w_ls)
+    assert abs(last.b_after - b_ls) <= 0.01 * abs(b_ls)
+    loss_ls = training.mse(x, y, w_ls, b_ls)
+    assert training.mse(x, y, last.w_after, last.b_after) <= 1.0001 * loss_ls
+
+
+def test_full_batch_loss_is_the_mse_at_the_recorded_parameters() -> None:
+    x, y = noisy_line(200, seed=5)
+    chunks = run(x, y, FitParams(300, 0.1, 3.0, None, True))
+    w, b, loss = history(chunks)
+    for e in (0, 1, 150, 299):
+        assert math.isclose(loss[e], training.mse(x, y, w[e], b[e]), rel_tol=1e-12)
+
+
+def test_the_scan_uses_autograd_gradients_that_are_affine_in_theta() -> None:
+    x, y = noisy_line(40, seed=2)
+    h_ww, h_wb, h_bb, g_w, g_b = training._derivatives(True)(x, y)
+    theta = torch.tensor([0.8, -2.5], dtype=torch.float64, requires_grad=True)
+    for i in (0, 17, 39):
+        loss = (theta[0] * x[i] + theta[1] - y[i]) ** 2
+        (grad,) = torch.autograd.grad(loss, theta)
+        affine_w = h_ww[i] * 0.8 + h_wb[i] * -2.5 + g_w[i]
+        affine_b = h_wb[i] * 0.8 + h_bb[i] * -2.5 + g_b[i]
+        assert torch.allclose(grad, torch.stack([affine_w, affine_b]), rtol=1e-12)
+
+
+def test_prepare_reports_its_set_up_and_a_passing_self_check() -> None:
+    info = training.prepare()
+    assert info["engine"] == "scan"
+    assert isinstance(info["trace_seconds"], float)
+    assert isinstance(info["self_check_rel_diff"], float)
+    assert info["self_check_rel_diff"] < 1e-9
+
+
+def test_unknown_engine_is_refused() -> None:
+    with pytest.raises(ValueError, match="engine"):
+        run(TUTORIAL_X, TUTORIAL_Y, FitParams(), "jit")  # type: ignore[arg-type]
+
+
+def test_a_large_data_set_derives_per_block_like_a_small_one() -> None:
+    # Above BLOCK_SAMPLES the per-sample terms are derived per block instead of once up front.
+    x, y = noisy_line(training.BLOCK_SAMPLES + 10, seed=4)
+    params = FitParams(3000, 0.05, 0.0, 1, True, seed=9)
+    fast, ref = history(run(x, y, params)), history(run(x, y, params, "eager"))
+    for fast_col, ref_col in zip(fast, ref, strict=True):
+        assert rel_diff(fast_col, ref_col) < 1e-9
