@@ -19,6 +19,13 @@ from service.settings import Settings
 
 TUTORIAL = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
 TIMEOUT = 10.0  # seconds, for every single request a test makes
+SLOW_BATCH = 100_000
+
+
+def slow_fit(n: int = 200_000, epochs: int = 2_000_000) -> dict[str, Any]:
+    """A fit that runs for minutes on any engine: every epoch draws SLOW_BATCH samples."""
+    x = [float(i % 10 + 1) for i in range(n)]
+    return {"x": x, "y": [2.0 * v for v in x], "epochs": epochs, "batch_size": SLOW_BATCH}
 
 
 def wait_job(client: httpx.Client, job_id: str, deadline: float = 60.0) -> dict[str, Any]:
@@ -119,7 +126,12 @@ def start_server(log_dir: str, **env: str) -> Server:
         except httpx.TransportError:
             return False
 
-    wait_until(ready, deadline=60.0, what="server readiness")
+    try:
+        wait_until(ready, deadline=90.0, what="server readiness")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
     return srv
 
 

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 # The in-process TestClient takes no request timeout; pytest-timeout bounds every test.
-from tests.conftest import TUTORIAL, wait_job, wait_until
+from tests.conftest import TUTORIAL, slow_fit, wait_job, wait_until
 
 PROBLEM = "application/problem+json"
 Factory = Callable[..., TestClient]
@@ -154,8 +154,7 @@ def test_divergence_fails_the_job_and_serves_nothing(client: TestClient) -> None
 
 def test_big_limits_are_accepted(client: TestClient) -> None:
     n = 1_000_000
-    body = {"x": [1.0] * n, "y": [2.0] * n, "epochs": 1_000_000, "batch_size": None}
-    r = client.post("/fit", json=body)
+    r = client.post("/fit", json=slow_fit(n, epochs=1_000_000))
     assert r.status_code == 202
     job = r.json()
     assert job["n_samples"] == n
@@ -167,9 +166,7 @@ def test_big_limits_are_accepted(client: TestClient) -> None:
 
 
 def test_cancel_a_running_job(client: TestClient) -> None:
-    n = 200_000
-    body = {"x": [1.0] * n, "y": [2.0] * n, "epochs": 2_000_000, "batch_size": None}
-    job = client.post("/fit", json=body).json()
+    job = client.post("/fit", json=slow_fit()).json()
     wait_until(
         lambda: client.get(f"/jobs/{job['id']}").json()["progress"]["epoch"] > 0, what="progress"
     )
@@ -193,9 +190,7 @@ def test_jobs_are_listed_newest_first_and_bounded(client: TestClient) -> None:
 
 def test_queue_full_is_429_with_retry_after(make_client: Factory) -> None:
     client = make_client(max_queued_jobs=1)
-    n = 200_000
-    slow = {"x": [1.0] * n, "y": [2.0] * n, "epochs": 1_000_000, "batch_size": None}
-    running = client.post("/fit", json=slow).json()
+    running = client.post("/fit", json=slow_fit()).json()
     wait_until(lambda: client.get(f"/jobs/{running['id']}").json()["status"] == "running")
     queued = client.post("/fit", json=TUTORIAL).json()
     before = state(client)

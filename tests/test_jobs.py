@@ -13,7 +13,7 @@ from service.jobs import JobRunner
 from service.schemas import Job, JobParams, JobStatus
 from service.settings import Settings
 from service.store import MemoryStore
-from tests.conftest import wait_until
+from tests.conftest import SLOW_BATCH, wait_until
 
 X = array("d", [1.0, 2.0, 3.0]).tobytes()
 Y = array("d", [2.0, 4.0, 6.0]).tobytes()
@@ -29,8 +29,8 @@ def params(**changes: object) -> JobParams:
     return base.model_copy(update=changes)
 
 
-# full-batch epochs over 200,000 samples: minutes of work, whatever the engine
-SLOW = params(epochs=1_000_000, batch_size=None, learning_rate=0.001)
+# batches of 100,000 of 200,000 samples: minutes of work, whatever the engine
+SLOW = params(epochs=1_000_000, batch_size=SLOW_BATCH, learning_rate=0.001)
 
 
 @pytest.fixture

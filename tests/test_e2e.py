@@ -1,0 +1,94 @@
+"""End to end: a real `python -m service` process on a free port, driven over HTTP."""
+
+import threading
+from typing import Any
+
+import httpx
+
+from tests.conftest import TUTORIAL, Server, slow_fit, wait_job, wait_until
+
+
+def test_fit_poll_predict_history(server: Server) -> None:
+    with server.client() as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        r = http.post("/fit", json=TUTORIAL)
+        assert r.status_code == 202
+        job = wait_job(http, r.json()["id"])
+        assert job["status"] == "succeeded"
+        pred = http.get("/predict", params={"hours": 4}).json()
+        assert abs(pred["score"] - 8) < 0.01
+        hist = http.get("/history").json()
+        assert hist["total_epochs"] == 100
+        assert hist["w"][0] == 1.0
+        bad = http.post("/fit", json={"x": [1, 2], "y": [1]})
+        assert bad.status_code == 422
+        assert bad.headers["content-type"] == "application/problem+json"
+        assert http.get("/predict", params={"hours": 4}).json() == pred
+
+
+def test_cancel_over_http(server: Server) -> None:
+    with server.client() as http:
+        job = http.post("/fit", json=slow_fit()).json()
+        wait_until(lambda: http.get(f"/jobs/{job['id']}").json()["progress"]["epoch"] > 0)
+        r = http.post(f"/jobs/{job['id']}/cancel")
+        assert r.json()["status"] == "cancelled"
+        assert http.post(f"/jobs/{job['id']}/cancel").status_code == 409
+
+
+def test_every_prediction_comes_from_one_published_version(server: Server) -> None:
+    """Predictions race with fits that finish; each answer must match exactly one version."""
+    stop = threading.Event()
+    singles: list[dict[str, Any]] = []
+    batches: list[dict[str, Any]] = []
+    failures: list[str] = []
+
+    def predict_forever() -> None:
+        with server.client() as http:
+            while not stop.is_set():
+                one = http.get("/predict", params={"hours": 4})
+                many = http.post("/predict", json={"hours": [1, 2, 4]})
+                for r, out in ((one, singles), (many, batches)):
+                    if r.status_code == 200:
+                        out.append(r.json())
+                    elif r.status_code != 503:  # 503: no model yet
+                        failures.append(r.text)
+
+    threads = [threading.Thread(target=predict_forever) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        with server.client() as http:
+            for k in range(1, 9):
+                body = {"x": [1.0, 2.0, 3.0], "y": [k * 1.0, k * 2.0, k * 3.0]}
+                r = http.post("/fit", json={**body, "batch_size": None, "epochs": 400})
+                wait_job(http, r.json()["id"])
+            jobs = http.get("/jobs", params={"limit": 100}).json()["jobs"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    versions = {
+        j["result"]["model_version"]: (j["result"]["w"], j["result"]["b"])
+        for j in jobs
+        if j["result"]
+    }
+    assert len(versions) == 8
+    assert not failures
+    assert len(singles) > 50
+    for p in singles:
+        w, b = versions[p["model_version"]]
+        assert p["score"] == w * 4.0 + b
+    for p in batches:
+        w, b = versions[p["model_version"]]
+        assert p["scores"] == [w * h + b for h in (1.0, 2.0, 4.0)]
+    seen = {p["model_version"] for p in singles}
+    assert len(seen) > 1  # the race really happened
+
+
+def test_server_answers_problem_json_to_garbage(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        r = http.post("/fit", content=b"\xff\xfe garbage", headers={"content-type": "text/plain"})
+        assert r.status_code == 422
+        assert r.headers["content-type"] == "application/problem+json"
+        r = http.get("/predict", params={"hours": "NaN"})
+        assert r.status_code == 422
