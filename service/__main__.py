@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from service.client import ClientError, FitOptions, ImageFormat, ProblemError, SGDClient
 from service.main import create_app
+from service.observability import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("sgd_service")
@@ -54,15 +55,15 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> None:
     """Run one uvicorn worker: the model lives in this process."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's JSON lines
+        access_log=False,  # RequestObserver writes one structured line per request
         timeout_graceful_shutdown=10,
     )
     DrainingServer(config, app, settings.drain_seconds).run()

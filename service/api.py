@@ -8,6 +8,8 @@ from array import array
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import PROBLEM_JSON, InvalidInput, ModelNotReady, NotReady, Unauthorized
 from service.jobs import JobRunner
@@ -202,6 +204,13 @@ async def history(
 ) -> History:
     """Loss and w per epoch of the latest job (or ?job_id=), paged and thinned."""
     return store.history(job_id, since, limit, max_points or settings.history_max_points)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus metrics: requests, latencies, jobs, fits, queue depth, the model version."""
+    registry = request.state.metrics.registry
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

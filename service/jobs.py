@@ -13,6 +13,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event
@@ -40,8 +41,14 @@ class _Pending:
 class JobRunner:
     """Owns the queue and the worker process; the store owns the state they produce."""
 
-    def __init__(self, store: MemoryStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: MemoryStore,
+        settings: Settings,
+        on_end: Callable[[Job], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_end = on_end
         self._settings = settings
         self._ctx = mp.get_context("spawn")  # never fork a process that has threads
         self._cancel = self._ctx.Event()
@@ -87,6 +94,7 @@ class JobRunner:
                 self._cancel.set()
         for p in pending:
             self._end_quietly(p.job_id, JobStatus.cancelled)
+            self._ended(self._store.get_job(p.job_id))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Drain, wait for the running fit to stop, then end the worker."""
@@ -126,7 +134,9 @@ class JobRunner:
                 self._cancel.set()
                 return job
             self._queue = deque(p for p in self._queue if p.job_id != job_id)
-        return self._store.end_job(job_id, JobStatus.cancelled)
+        job = self._store.end_job(job_id, JobStatus.cancelled)
+        self._ended(job)
+        return job
 
     # -- the dispatcher thread -------------------------------------------------------------
 
@@ -145,7 +155,7 @@ class JobRunner:
                     continue
                 self._current = job.id
                 self._cancel.clear()
-            log.info("job %s running (%d samples)", job.id, job.n_samples)
+            _log_job(job)
             try:
                 self._run(job, pending)
             except WorkerCrashed as exc:
@@ -159,7 +169,7 @@ class JobRunner:
             finally:
                 with self._cond:
                     self._current = None
-            log.info("job %s %s", job.id, self._store.get_job(job.id).status.value)
+            self._ended(self._store.get_job(job.id))
 
     def _await_worker(self) -> bool:
         """Wait for the worker's hello (torch imported, engine warm); False if stopping."""
@@ -201,8 +211,7 @@ class JobRunner:
                     )
                 elif msg[0] == "done":
                     _, w, b, final_loss, mse = msg
-                    model = self._store.succeed_job(job.id, w, b, final_loss, mse)
-                    log.info("job %s published model version %d", job.id, model.version)
+                    self._store.succeed_job(job.id, w, b, final_loss, mse)
                     return
                 else:
                     status = JobStatus.cancelled if msg[0] == "cancelled" else JobStatus.failed
@@ -216,6 +225,11 @@ class JobRunner:
     ) -> None:
         with contextlib.suppress(ServiceError):  # already ended or evicted: nothing left to do
             self._store.end_job(job_id, status, problem)
+
+    def _ended(self, job: Job) -> None:
+        _log_job(job)
+        if self._on_end is not None:
+            self._on_end(job)
 
     # -- the worker process ----------------------------------------------------------------
 
@@ -247,6 +261,16 @@ class JobRunner:
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
+
+
+def _log_job(job: Job) -> None:
+    fields: dict[str, Any] = {"job_id": job.id, "status": job.status.value}
+    fields.update(epoch=job.progress.epoch, epochs=job.progress.epochs, n_samples=job.n_samples)
+    if job.error is not None:
+        fields["error"] = job.error.type
+    if job.result is not None:
+        fields["model_version"] = job.result.model_version
+    log.info("job %s", job.status.value, extra={"fields": fields})
 
 
 def _floats(raw: bytes) -> "array[float]":

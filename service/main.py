@@ -1,5 +1,6 @@
 """The app factory: create_app(settings) wires routes and handlers; its lifespan owns the state."""
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
@@ -11,28 +12,36 @@ from service import __version__, api, views
 from service.errors import install_handlers
 from service.jobs import JobRunner
 from service.middleware import BodyLimit
+from service.observability import Metrics, RequestObserver
 from service.settings import Settings
 from service.store import MemoryStore
+
+log = logging.getLogger("sgd_service")
 
 
 class State(TypedDict):
     store: MemoryStore
     runner: JobRunner
     settings: Settings
+    metrics: Metrics
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; nothing starts until the app's lifespan does."""
     settings = settings or Settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        if settings.api_token is None:
+            log.warning("SGD_API_TOKEN is not set: anyone who reaches the service can start fits")
         store = MemoryStore(keep_jobs=settings.keep_jobs)
-        runner = JobRunner(store, settings)
+        runner = JobRunner(store, settings, on_end=metrics.job_ended)
+        metrics.watch(store, runner)
         await run_in_threadpool(runner.start)
         app.state.runner = runner  # for the SIGTERM handler, which runs outside any request
         try:
-            yield {"store": store, "runner": runner, "settings": settings}
+            yield {"store": store, "runner": runner, "settings": settings, "metrics": metrics}
         finally:
             await run_in_threadpool(runner.stop)
 
@@ -46,4 +55,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(views.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer
     return app

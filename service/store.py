@@ -7,6 +7,7 @@ served model is one attribute swapped by one assignment, so /predict never takes
 import threading
 import uuid
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -55,6 +56,8 @@ class Store(Protocol):
     def get_job(self, job_id: str) -> Job: ...
 
     def list_jobs(self, limit: int) -> list[Job]: ...
+
+    def job_counts(self) -> dict[JobStatus, int]: ...
 
     def start_job(self, job_id: str) -> Job | None: ...
 
@@ -140,6 +143,11 @@ class MemoryStore:
         with self._lock:
             jobs = list(self._jobs.values())
         return jobs[::-1][:limit]
+
+    def job_counts(self) -> dict[JobStatus, int]:
+        """How many kept jobs are in each state (for metrics)."""
+        with self._lock:
+            return Counter(j.status for j in self._jobs.values())
 
     def start_job(self, job_id: str) -> Job | None:
         """Mark a queued job running; None if it was cancelled (or evicted) meanwhile."""
