@@ -86,9 +86,13 @@ def render_history(history: History, image_format: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text stays text: smaller, searchable
     from matplotlib.figure import Figure  # an object per call: no pyplot global state
+    from matplotlib.ticker import StrMethodFormatter
 
-    fig = Figure(figsize=(7, 5.5), dpi=100, layout="constrained")
+    fig = Figure(figsize=(7, 5.5), dpi=100)
+    # Fixed margins: a layout engine would measure every tick label and double the drawing time.
+    fig.subplots_adjust(left=0.11, right=0.97, top=0.89, bottom=0.1, hspace=0.28)
     loss_ax, param_ax = fig.subplots(2, 1, sharex=True)
     model = "y = w·x + b" if history.b is not None else "y = w·x"
     fig.suptitle(f"SGD fit of {model}: job {history.job_id[:8]} ({history.status.value})")
@@ -105,6 +109,7 @@ def render_history(history: History, image_format: str) -> bytes:
     param_ax.set_ylabel("value")
     thinned = f"; one point every {history.stride} shown" if history.stride > 1 else ""
     param_ax.set_xlabel(f"epoch ({history.total_epochs:,} epochs{thinned})")
+    param_ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))  # 1,000,000, not 1e6
     if not history.epoch:
         loss_ax.text(0.5, 0.5, "no epochs recorded yet", ha="center", transform=loss_ax.transAxes)
     for ax in (loss_ax, param_ax):
