@@ -127,13 +127,15 @@ async def list_jobs(
     return JobList(jobs=store.list_jobs(limit))
 
 
-@router.get("/jobs/{job_id}", responses=problems(404))
+@router.get("/jobs/{job_id}", responses=problems(404, 422))
 async def get_job(job_id: str, store: StoreDep) -> Job:
     """One job: status, progress, result or error."""
     return store.get_job(job_id)
 
 
-@router.post("/jobs/{job_id}/cancel", dependencies=[AuthDep], responses=problems(401, 404, 409))
+@router.post(
+    "/jobs/{job_id}/cancel", dependencies=[AuthDep], responses=problems(401, 404, 409, 422)
+)
 async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> Job:
     """Cancel a queued or running job; answers once it has stopped."""
     job = runner.cancel(job_id)

@@ -3,7 +3,7 @@
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -13,6 +13,7 @@ from service.errors import install_handlers
 from service.jobs import JobRunner
 from service.middleware import BodyLimit
 from service.observability import Metrics, RequestObserver
+from service.schemas import document_limits
 from service.settings import Settings
 from service.store import MemoryStore
 
@@ -56,4 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(views.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

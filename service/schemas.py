@@ -27,7 +27,9 @@ class FitRequest(_Input):
     """Training data and hyper-parameters; the defaults reproduce the tutorial."""
 
     x: list[Finite] = Field(min_length=1, description="hours studied", examples=[[1, 2, 3]])
-    y: list[Finite] = Field(min_length=1, description="exam scores", examples=[[2, 4, 6]])
+    y: list[Finite] = Field(
+        min_length=1, description="exam scores, one per x", examples=[[2, 4, 6]]
+    )
     epochs: int = Field(default=100, ge=1, description="number of updates (one batch each)")
     learning_rate: Finite = Field(default=0.01, gt=0, le=1e6)
     init_w: Finite = Field(default=1.0, description="w before the first update (b starts at 0)")
@@ -189,3 +191,25 @@ def finite_or_raise(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise PredictionOutOfRange(f"{what} overflows a float; ask for smaller hours")
     return value
+
+
+def document_limits(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Write the configured limits into the OpenAPI document, so that it tells callers the truth."""
+    limit = settings.max_abs_value
+    bounded = {"minimum": -limit, "maximum": limit}
+    schemas = spec["components"]["schemas"]
+    fit = schemas["FitRequest"]["properties"]
+    for name in ("x", "y"):
+        fit[name]["maxItems"] = settings.max_samples
+        fit[name]["items"].update(bounded)
+    fit["x"]["contains"] = {"not": {"const": 0}}  # at least one non-zero x
+    fit["epochs"]["maximum"] = settings.max_epochs
+    fit["init_w"].update(bounded)
+    fit["batch_size"]["anyOf"][0]["maximum"] = settings.max_samples
+    hours = schemas["PredictRequest"]["properties"]["hours"]
+    hours["maxItems"] = settings.max_predict_batch
+    hours["items"].update(bounded)
+    for param in spec["paths"]["/predict"]["get"]["parameters"]:
+        if param["name"] == "hours":
+            param["schema"].update(bounded)
+    return spec
