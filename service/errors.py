@@ -197,6 +197,10 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        if exc.status_code == 400:  # FastAPI's answer to a body that is not even text
+            issue = {"field": "body", "message": "not UTF-8 JSON", "code": "json_invalid"}
+            invalid = InvalidInput("the body must be a JSON object encoded as UTF-8", [issue])
+            return problem_response(invalid.problem())
         type_, title = _HTTP_TYPES.get(exc.status_code, ("http-error", "HTTP error"))
         headers = dict(exc.headers or {})
         detail = str(exc.detail)

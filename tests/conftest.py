@@ -53,7 +53,7 @@ def client() -> Iterator[TestClient]:
     """One app (and one worker process) shared by the read-mostly API tests."""
     settings = Settings(max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000)
     with TestClient(create_app(settings)) as c:
-        wait_until(lambda: c.get("/readyz").status_code == 200, what="readiness")
+        wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
         yield c
 
 
@@ -66,7 +66,7 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
         c = TestClient(create_app(Settings(**overrides)))
         c.__enter__()
         opened.append(c)
-        wait_until(lambda: c.get("/readyz").status_code == 200, what="readiness")
+        wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
         return c
 
     yield make
