@@ -1,0 +1,161 @@
+"""The command line: fit, predict and history against a real server (`--url`)."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.__main__ import main
+from tests.conftest import TIMEOUT, Server, free_port, start_server
+
+TUTORIAL_ARGS = ["--x", "1", "2", "3", "--y", "2", "4", "6"]
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(str(tmp_path_factory.mktemp("cli")))
+    yield srv
+    srv.stop()
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `sgd-service ARGS` in this process: exit status, stdout, stderr."""
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out, err = capsys.readouterr()
+    code = done.value.code
+    assert isinstance(code, int)
+    return code, out, err
+
+
+def test_fit_wait_predict_and_history(
+    live_server: Server, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url = ["--url", live_server.url]
+    code, out, err = run(["fit", *url, *TUTORIAL_ARGS, "--seed", "7", "--wait"], capsys)
+    assert (code, err) == (0, "")
+    job = json.loads(out)
+    assert job["status"] == "succeeded"
+    assert job["params"]["seed"] == 7
+    assert job["result"]["w"] == pytest.approx(2.0, abs=1e-3)
+
+    code, out, _ = run(["predict", *url, "4"], capsys)
+    assert code == 0
+    assert float(out) == pytest.approx(8.0, abs=0.01)
+    code, out, _ = run(["predict", *url, "1", "2", "4"], capsys)
+    assert code == 0
+    assert [float(line) for line in out.split()] == pytest.approx([2.0, 4.0, 8.0], abs=0.01)
+
+    code, out, _ = run(["history", *url], capsys)
+    assert code == 0
+    history = json.loads(out)
+    assert history["job_id"] == job["id"]
+    assert history["epoch"] == list(range(100))
+    code, out, _ = run(["history", *url, "--job-id", job["id"], "--max-points", "10"], capsys)
+    assert json.loads(out)["count"] <= 10
+
+    png, svg = tmp_path / "out.png", tmp_path / "out.svg"
+    code, out, _ = run(["history", *url, "--plot", str(png)], capsys)
+    assert (code, out.strip()) == (0, f"wrote {png} (png)")
+    assert png.read_bytes().startswith(b"\x89PNG")
+    code, out, _ = run(["history", *url, "--job-id", job["id"], "--plot", str(svg)], capsys)
+    assert code == 0
+    assert "<svg" in svg.read_text()
+
+
+def test_fit_options_are_passed_on(live_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["fit", "--url", live_server.url, *TUTORIAL_ARGS, "--epochs", "50"]
+    args += ["--learning-rate", "0.02", "--init-w", "0.5", "--batch-size", "all"]
+    args += ["--fit-intercept", "--seed", "3"]
+    code, out, _ = run(args, capsys)
+    assert code == 0
+    assert json.loads(out)["params"] == {
+        "epochs": 50,
+        "learning_rate": 0.02,
+        "init_w": 0.5,
+        "batch_size": None,
+        "fit_intercept": True,
+        "seed": 3,
+    }
+    code, out, _ = run(
+        ["fit", "--url", live_server.url, *TUTORIAL_ARGS, "--batch-size", "2"], capsys
+    )
+    assert json.loads(out)["params"]["batch_size"] == 2
+    assert json.loads(out)["params"]["fit_intercept"] is False  # left to the service
+
+
+def test_a_bad_batch_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["fit", *TUTORIAL_ARGS, "--batch-size", "some"], capsys)
+    assert code == 2
+    assert "a number of samples or 'all', not 'some'" in err
+
+
+def test_problems_are_printed_with_their_fields(
+    live_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(["fit", "--url", live_server.url, "--x", "1", "2", "--y", "2"], capsys)
+    assert (code, out) == (1, "")
+    assert "error: The request is not valid: fix these fields and retry: y" in err
+    assert "  y: x has 2 values but y has 1" in err
+    code, _, err = run(["history", "--url", live_server.url, "--job-id", "nope"], capsys)
+    assert code == 1
+    assert "error: No such job" in err
+
+
+def test_a_failed_fit_with_wait_exits_1(
+    live_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["fit", "--url", live_server.url, *TUTORIAL_ARGS, "--learning-rate", "1000", "--wait"]
+    code, out, _ = run(args, capsys)
+    assert code == 1
+    job = json.loads(out)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "diverged"
+
+
+def test_an_unreachable_service(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, out, err = run(["predict", "--url", url, "4"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {url}: GET /predict")
+
+
+def test_the_console_script_reads_sgd_url(live_server: Server, tmp_path: Path) -> None:
+    """The installed `sgd-service` entry point, with the URL from the environment."""
+    script = Path(sys.executable).with_name("sgd-service")
+    env = {**os.environ, "SGD_URL": live_server.url}
+    fit = subprocess.run(
+        [str(script), "fit", *TUTORIAL_ARGS, "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 6,
+    )
+    assert fit.returncode == 0, fit.stderr
+    assert json.loads(fit.stdout)["status"] == "succeeded"
+    predict = subprocess.run(
+        [sys.executable, "-m", "service", "predict", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 6,
+    )
+    assert predict.returncode == 0, predict.stderr
+    assert float(predict.stdout) == pytest.approx(8.0, abs=0.01)
+
+
+def test_no_model_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = start_server(str(tmp_path))
+    try:
+        code, _, err = run(["predict", "--url", srv.url, "4"], capsys)
+        assert code == 1
+        assert "error: No model has been trained yet" in err
+        code, _, err = run(["history", "--url", srv.url], capsys)
+        assert code == 1
+        assert "error: No history yet: no job has started yet" in err
+    finally:
+        srv.stop()

@@ -1,0 +1,387 @@
+"""The typed client against the real app (TestClient, and a real server for streams and async)."""
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.client import (
+    RECONNECTS,
+    AsyncSGDClient,
+    ConflictError,
+    FitOptions,
+    InvalidRequestError,
+    ModelNotReadyError,
+    NotFoundError,
+    ProblemError,
+    QueueFullError,
+    SGDClient,
+    TransportFailed,
+    UnauthorizedError,
+    UnavailableError,
+    UnexpectedResponse,
+    WaitTimeout,
+)
+from service.schemas import Job, JobStatus
+from service.views import ProgressEvent
+from tests.conftest import TIMEOUT, TUTORIAL, Server, free_port, start_server
+
+X, Y = TUTORIAL["x"], TUTORIAL["y"]
+# A fit that runs for minutes whatever the engine: 65,536 samples drawn every epoch.
+LONG: FitOptions = {"epochs": 1_000_000, "batch_size": 65_536, "seed": 1}
+
+
+@pytest.fixture
+def sgd(client: TestClient) -> SGDClient:
+    return SGDClient(client)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(str(tmp_path_factory.mktemp("client")))
+    yield srv
+    srv.stop()
+
+
+# -- the round trip ---------------------------------------------------------------------------
+
+
+def test_fit_wait_predict_the_tutorial(sgd: SGDClient) -> None:
+    job = sgd.fit(X, Y, seed=7)
+    assert isinstance(job, Job)
+    assert job.params.epochs == 100  # left out: the service's defaults
+    assert job.params.batch_size == 1
+    assert job.params.seed == 7
+    ended = sgd.wait(job.id, timeout=60)
+    assert ended.status is JobStatus.succeeded
+    assert ended.result is not None
+    assert sgd.predict(4) == pytest.approx(8.0, abs=0.01)
+    model = sgd.model()
+    assert model.job_id == job.id or model.version > ended.result.model_version
+    scores = sgd.predict_many([1, 2, 4])
+    assert scores == pytest.approx([2.0, 4.0, 8.0], abs=0.01)
+
+
+def test_fit_sends_only_the_options_given(sgd: SGDClient) -> None:
+    job = sgd.fit(
+        X,
+        Y,
+        epochs=50,
+        learning_rate=0.02,
+        init_w=0.5,
+        batch_size=None,
+        fit_intercept=True,
+        seed=3,
+    )
+    assert job.params.model_dump() == {
+        "epochs": 50,
+        "learning_rate": 0.02,
+        "init_w": 0.5,
+        "batch_size": None,  # None: full-batch gradient descent
+        "fit_intercept": True,
+        "seed": 3,
+    }
+    assert sgd.wait(job.id).status is JobStatus.succeeded
+
+
+def test_idempotency_key_returns_the_same_job(sgd: SGDClient) -> None:
+    first = sgd.fit(X, Y, seed=1, idempotency_key="client-test-key")
+    again = sgd.fit(X, Y, seed=1, idempotency_key="client-test-key")
+    assert again.id == first.id
+    with pytest.raises(InvalidRequestError) as err:
+        sgd.fit(X, Y, seed=2, idempotency_key="client-test-key")
+    assert err.value.type == "idempotency-key-reused"
+
+
+def test_history_and_plot(sgd: SGDClient) -> None:
+    job = sgd.fit(X, Y, epochs=300, seed=11)
+    sgd.wait(job.id)
+    history = sgd.history(job.id)
+    assert history.job_id == job.id
+    assert history.epoch == list(range(300))
+    page = sgd.history(job.id, since=100, limit=50)
+    assert page.epoch == list(range(100, 150))
+    assert page.next_since == 150
+    thinned = sgd.history(job.id, max_points=10)
+    assert thinned.count <= 10
+    assert thinned.epoch[-1] == 299
+    assert sgd.plot(job.id).startswith(b"\x89PNG")
+    assert b"<svg" in sgd.plot(job.id, "svg")
+
+
+def test_job_and_cancel(sgd: SGDClient) -> None:
+    job = sgd.fit(X, Y, epochs=10, seed=1)
+    assert sgd.job(job.id).id == job.id
+    sgd.wait(job.id)
+    with pytest.raises(ConflictError) as err:
+        sgd.cancel(job.id)
+    assert err.value.status == 409
+    assert err.value.type == "job-ended"
+
+
+def test_cancel_a_long_job_and_wait_times_out(sgd: SGDClient) -> None:
+    job = sgd.fit(X, Y, **LONG)
+    with pytest.raises(WaitTimeout) as err:
+        sgd.wait(job.id, timeout=0.05)
+    assert err.value.job.id == job.id
+    assert not err.value.job.status.ended
+    cancelled = sgd.cancel(job.id)
+    assert cancelled.status is JobStatus.cancelled
+
+
+# -- errors carry the problem -----------------------------------------------------------------
+
+
+def test_invalid_data_raises_with_every_field(sgd: SGDClient) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        sgd.fit([1.0, 2.0], [2.0], epochs=0)
+    exc = err.value
+    assert isinstance(exc, ProblemError)
+    assert exc.status == 422
+    assert exc.type == "validation-error"
+    assert exc.problem.errors is not None
+    assert {e.field for e in exc.problem.errors} == {"epochs"}  # edge validation comes first
+    with pytest.raises(InvalidRequestError) as err:
+        sgd.fit([1.0, 2.0], [2.0])
+    assert err.value.problem.errors is not None
+    assert [e.field for e in err.value.problem.errors] == ["y"]
+    assert "send one score per hour value" in err.value.problem.errors[0].message
+
+
+def test_unknown_job_raises_not_found(sgd: SGDClient) -> None:
+    for call in (lambda: sgd.job("nope"), lambda: sgd.history("nope"), lambda: sgd.plot("nope")):
+        with pytest.raises(NotFoundError) as err:
+            call()
+        assert err.value.type == "job-not-found"
+        assert "GET /jobs lists the recent ones" in err.value.detail
+
+
+def test_no_model_yet_raises_model_not_ready(make_client: Callable[..., TestClient]) -> None:
+    sgd = SGDClient(make_client())
+    for call in (lambda: sgd.predict(4), lambda: sgd.predict_many([4]), sgd.model):
+        with pytest.raises(ModelNotReadyError) as err:
+            call()
+        assert isinstance(err.value, UnavailableError)
+        assert err.value.status == 503
+    with pytest.raises(NotFoundError) as nf:
+        sgd.history()
+    assert nf.value.type == "history-not-found"
+
+
+def test_a_token_is_the_callers_header(make_client: Callable[..., TestClient]) -> None:
+    c = make_client(api_token="s3cret")
+    with pytest.raises(UnauthorizedError) as err:
+        SGDClient(c).fit(X, Y)
+    assert err.value.headers["WWW-Authenticate"].startswith("Bearer")
+    c.headers["Authorization"] = "Bearer s3cret"
+    assert SGDClient(c).fit(X, Y).status in (JobStatus.queued, JobStatus.running)
+
+
+def test_a_full_queue_says_when_to_retry(make_client: Callable[..., TestClient]) -> None:
+    sgd = SGDClient(make_client(max_queued_jobs=1))
+    jobs = []
+    refused: QueueFullError | None = None
+    for _ in range(10):  # one runs, one waits, the next is refused
+        try:
+            jobs.append(sgd.fit(X, Y, **LONG))
+        except QueueFullError as exc:
+            refused = exc
+            break
+    assert refused is not None
+    assert 1 <= len(jobs) <= 2
+    assert refused.status == 429
+    assert refused.retry_after == 2
+    for job in jobs:
+        sgd.cancel(job.id)
+
+
+def test_an_answer_that_is_not_ours_is_unexpected() -> None:
+    def proxy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="<html>Bad Gateway</html>")
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(proxy), base_url="http://sgd") as http,
+        pytest.raises(UnexpectedResponse) as err,
+    ):
+        SGDClient(http).predict(4)
+    assert err.value.status == 502
+    assert "Bad Gateway" in str(err.value)
+
+
+def test_a_200_that_is_not_ours_is_unexpected() -> None:
+    def odd(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"something": "else"})
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(odd), base_url="http://sgd") as http,
+        pytest.raises(UnexpectedResponse),
+    ):
+        SGDClient(http).predict(4)
+
+
+def test_an_unreachable_service_raises_transport_failed() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        sgd = SGDClient(http)
+        with pytest.raises(TransportFailed):
+            sgd.predict(4)
+        with pytest.raises(TransportFailed):
+            list(sgd.events("job"))
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+def test_events_of_a_real_fit(live_server: Server) -> None:
+    with live_server.client() as http:
+        sgd = SGDClient(http)
+        job = sgd.fit(X, Y, epochs=20_000, seed=5)
+        events = list(sgd.events(job.id))
+    progress, end = events[:-1], events[-1]
+    assert all(isinstance(e, ProgressEvent) for e in progress)
+    epochs = [x for e in progress if isinstance(e, ProgressEvent) for x in e.epoch]
+    assert epochs == [*range(0, 20_000, 20), 19_999]
+    assert isinstance(end, Job)
+    assert end.status is JobStatus.succeeded
+    assert end.result is not None
+    assert end.result.w == pytest.approx(2.0)
+
+
+def test_events_resume_from_a_given_id(live_server: Server) -> None:
+    with live_server.client() as http:
+        sgd = SGDClient(http)
+        job = sgd.fit(X, Y, epochs=100, seed=5)
+        sgd.wait(job.id)
+        events = list(sgd.events(job.id, last_event_id="90"))
+        assert list(sgd.events(job.id, last_event_id="end")) == []  # 204: nothing left
+        with pytest.raises(NotFoundError):
+            list(sgd.events("nope"))
+        with pytest.raises(InvalidRequestError):
+            list(sgd.events(job.id, last_event_id="x"))
+    first = events[0]
+    assert isinstance(first, ProgressEvent)
+    assert first.epoch == list(range(90, 100))
+    assert isinstance(events[-1], Job)
+
+
+def sse(event_id: str, event: str, data: dict[str, Any]) -> str:
+    return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def progress_data(epochs: list[int]) -> dict[str, Any]:
+    floats = [float(e) for e in epochs]
+    return {
+        "epoch": epochs,
+        "w": floats,
+        "loss": floats,
+        "progress": {"epoch": epochs[-1] + 1, "epochs": 4},
+    }
+
+
+def test_a_dropped_stream_is_resumed_at_the_last_id() -> None:
+    """The client reconnects with Last-Event-ID after the connection breaks mid-stream."""
+    job = Job.model_validate(
+        {
+            "id": "j",
+            "status": "succeeded",
+            "created_at": "2026-01-01T00:00:00Z",
+            "params": {
+                "epochs": 4,
+                "learning_rate": 0.01,
+                "init_w": 1.0,
+                "batch_size": 1,
+                "fit_intercept": False,
+                "seed": 1,
+            },
+            "n_samples": 3,
+            "progress": {"epoch": 4, "epochs": 4},
+        }
+    )
+    first = "retry: 1000\n\n: keep-alive\n\n" + sse("2", "progress", progress_data([0, 1]))
+    rest = sse("4", "progress", progress_data([2, 3])) + sse(
+        "end", "end", job.model_dump(mode="json")
+    )
+    seen: list[str | None] = []
+
+    class Breaks(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield first.encode()
+            raise httpx.ReadError("connection reset")
+
+    def service(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Last-Event-ID"))
+        if len(seen) == 1:
+            return httpx.Response(200, stream=Breaks())
+        return httpx.Response(200, text=rest)
+
+    with httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http:
+        events = list(SGDClient(http).events("j"))
+    assert seen == [None, "2"]
+    epochs = [x for e in events if isinstance(e, ProgressEvent) for x in e.epoch]
+    assert epochs == [0, 1, 2, 3]
+    assert events[-1] == job
+
+
+def test_a_stream_that_keeps_closing_gives_up() -> None:
+    calls = 0
+
+    def service(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(200, text=": nothing\n\n")  # closes without an end event
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http,
+        pytest.raises(TransportFailed, match="closed before the end event"),
+    ):
+        list(SGDClient(http).events("j"))
+    assert calls == 1 + RECONNECTS
+
+
+def test_an_evicted_job_streams_a_problem() -> None:
+    problem = {"type": "job-not-found", "title": "No such job", "status": 404, "detail": "gone"}
+
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=sse("end", "problem", problem))
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http,
+        pytest.raises(NotFoundError) as err,
+    ):
+        list(SGDClient(http).events("j"))
+    assert err.value.detail == "gone"
+
+
+# -- the async twin ---------------------------------------------------------------------------
+
+
+def test_the_async_client_does_the_same(live_server: Server) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=TIMEOUT) as http:
+            sgd = AsyncSGDClient(http)
+            job = await sgd.fit(X, Y, seed=9)
+            events = [e async for e in sgd.events(job.id)]
+            assert isinstance(events[-1], Job)
+            assert events[-1].status is JobStatus.succeeded
+            ended = await sgd.wait(job.id, timeout=60)
+            assert ended.status is JobStatus.succeeded
+            assert await sgd.predict(4) == pytest.approx(8.0, abs=0.01)
+            assert await sgd.predict_many([2]) == pytest.approx([4.0], abs=0.01)
+            assert (await sgd.model()).version >= 1
+            assert (await sgd.job(job.id)).id == job.id
+            assert (await sgd.history(job.id, max_points=10)).count <= 10
+            assert (await sgd.plot(job.id)).startswith(b"\x89PNG")
+            with pytest.raises(ConflictError):
+                await sgd.cancel(job.id)
+            with pytest.raises(InvalidRequestError):
+                await sgd.fit([1.0], [1.0, 2.0])
+            long = await sgd.fit(X, Y, **LONG)
+            with pytest.raises(WaitTimeout):
+                await sgd.wait(long.id, timeout=0.05)
+            assert (await sgd.cancel(long.id)).status is JobStatus.cancelled
+
+    asyncio.run(scenario())
