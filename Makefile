@@ -24,7 +24,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-pytest: install
+# The web page is tested in Debian's chromium, driven by Playwright (never `playwright install`).
+.PHONY: browser-deps
+browser-deps:
+	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+pytest: install browser-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
