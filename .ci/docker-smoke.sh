@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Smoke test of the running container; ../shared/docker-ci/verify.sh runs it after
+# `docker compose up --wait`, with BASE_URL and DOCKER_CI_COMPOSE (a compose command prefix).
+#   1. the tutorial end to end: fit, poll the job, predict, history
+#   2. inside the container: every process runs as a non-root user, the server is PID 1,
+#      torch is the CPU build, the root filesystem is read-only and /tmp is writable
+#   3. `docker compose stop` in the middle of a fit: /readyz 503 and fits refused while draining,
+#      an in-flight request completes, the fit ends `cancelled`, exit code 0 inside the grace period
+# Last, since step 3 stops the service.
+set -euo pipefail
+
+: "${BASE_URL:?set by verify.sh}"
+: "${DOCKER_CI_COMPOSE:?set by verify.sh under compose: this test checks the compose service}"
+SERVICE=sgd-service          # the service name in docker-compose.yml
+GRACE_SECONDS=40             # its stop_grace_period
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+log() { printf 'smoke: %s\n' "$*"; }
+fail() { printf 'smoke: FAILED: %s\n' "$*" >&2; exit 1; }
+compose() { $DOCKER_CI_COMPOSE "$@"; }   # the prefix is a command and its arguments: split it
+now() { date +%s.%N; }
+elapsed() { python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.2f}")' "$1" "$2"; }
+# field FILE EXPR: a value out of a JSON file; EXPR is Python applied to `d` (the parsed JSON)
+field() { python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
+
+# request METHOD PATH [JSON]: the body goes to $WORK/body, the status code to stdout
+request() {
+  local args=(--silent --show-error --max-time 10 -o "$WORK/body" -w '%{http_code}' -X "$1")
+  [ $# -lt 3 ] || args+=(-H 'Content-Type: application/json' --data "$3")
+  curl "${args[@]}" "$BASE_URL$2"
+}
+
+expect() {  # expect CODE METHOD PATH [JSON]
+  local want=$1 got; shift
+  got=$(request "$@") || fail "$1 $2: no answer"
+  [ "$got" = "$want" ] || fail "$1 $2: HTTP $got, expected $want: $(cat "$WORK/body")"
+}
+
+# poll_job ID DEADLINE_SECONDS STATUS...: until the job has one of the statuses; prints it
+poll_job() {
+  local id=$1 deadline=$(($(date +%s) + $2)) status; shift 2
+  while :; do
+    expect 200 GET "/jobs/$id"
+    status=$(field "$WORK/body" 'd["status"]')
+    for want in "$@"; do [ "$status" = "$want" ] && { echo "$status"; return 0; }; done
+    [ "$(date +%s)" -lt "$deadline" ] || fail "job $id is '$status' after the deadline, expected one of: $*"
+    sleep 0.1
+  done
+}
+
+in_container() { compose exec -T "$SERVICE" "$@"; }
+
+# -- 1. the tutorial ------------------------------------------------------------------------
+expect 202 POST /fit '{"x": [1, 2, 3], "y": [2, 4, 6]}'
+job=$(field "$WORK/body" 'd["id"]')
+log "POST /fit -> job $job"
+status=$(poll_job "$job" 120 succeeded failed cancelled)
+[ "$status" = succeeded ] || fail "the tutorial fit ended '$status': $(cat "$WORK/body")"
+log "job $job succeeded: w=$(field "$WORK/body" 'd["result"]["w"]')"
+
+expect 200 GET '/predict?hours=4'
+score=$(field "$WORK/body" 'd["score"]')
+field "$WORK/body" 'abs(d["score"] - 8) <= 0.01' | grep -qx True || fail "predict(4) = $score, not within 0.01 of 8"
+log "GET /predict?hours=4 -> $score"
+
+expect 200 GET "/history?job_id=$job"
+epochs=$(field "$WORK/body" 'd["total_epochs"]')
+[ "$epochs" = 100 ] || fail "/history has total_epochs=$epochs, expected 100"
+log "GET /history -> total_epochs=$epochs"
+
+# -- 2. inside the container ----------------------------------------------------------------
+# Every process (the server, its training worker, multiprocessing's resource tracker) with
+# its real, effective, saved and filesystem uid.
+in_container python -c '
+import os, sys
+procs = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        status = open(f"/proc/{pid}/status").read()
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        continue  # ended meanwhile
+    uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+    procs[int(pid)] = (uids, cmd)
+for pid, (uids, cmd) in sorted(procs.items()):
+    print(f"  pid {pid} uids", "/".join(uids), " ".join(cmd.split())[:90])
+root = [pid for pid, (uids, _) in procs.items() if "0" in uids]
+sys.exit(f"processes running as root: {root}" if root else 0)
+' || fail "a process in the container runs as root"
+pid1=$(in_container cat /proc/1/cmdline | tr '\0' ' ')
+[[ $pid1 == "python -m service"* ]] || fail "PID 1 is '$pid1', not the server (exec-form CMD)"
+log "every process runs as non-root (uid $(in_container id -u)); PID 1 is '$pid1'"
+
+torch=$(in_container python -c 'import torch; print(torch.__version__, torch.version.cuda)')
+[[ $torch == *"+cpu None" ]] || fail "torch in the container is '$torch', not a CPU build"
+log "torch (version, cuda): $torch"
+
+root_opts=$(in_container python -c 'print([m.split()[3] for m in open("/proc/mounts") if m.split()[1] == "/"][-1])')
+[[ ,$root_opts, == *,ro,* ]] || fail "the root filesystem is mounted '$root_opts', not read-only"
+in_container sh -c 'touch /tmp/x && rm /tmp/x' || fail "/tmp is not writable"
+log "root filesystem read-only, /tmp writable"
+
+# -- 3. docker compose stop during a fit ----------------------------------------------------
+# A fit that runs for minutes whatever the engine: every one of its 1,000,000 epochs (the
+# default SGD_MAX_EPOCHS) draws a batch of 100,000 samples with replacement.
+python3 -c 'import json; n = 100_000; print(json.dumps({"x": [1.0] * n, "y": [2.0] * n, "batch_size": n, "epochs": 1_000_000}))' >"$WORK/long.json"
+got=$(curl --silent --show-error --max-time 30 -H 'Content-Type: application/json' \
+  --data @"$WORK/long.json" -o "$WORK/body" -w '%{http_code}' "$BASE_URL/fit")
+[ "$got" = 202 ] || fail "POST /fit (long fit): HTTP $got: $(cat "$WORK/body")"
+long=$(field "$WORK/body" 'd["id"]')
+poll_job "$long" 60 running >/dev/null
+log "job $long running; starting a slow request, then docker compose stop"
+
+# In flight across the stop: a POST /predict whose body is uploaded at 2 KB/s (about 5 s).
+python3 -c 'import json; print(json.dumps({"hours": [4.0] * 2000}))' >"$WORK/slow.json"
+curl --silent --show-error --max-time 60 --limit-rate 2k -H 'Content-Type: application/json' \
+  --data @"$WORK/slow.json" -o "$WORK/slow.out" -w '%{http_code}' "$BASE_URL/predict" \
+  >"$WORK/slow.code" 2>"$WORK/slow.err" &
+slow_pid=$!
+sleep 0.5
+
+t0=$(now)
+compose stop "$SERVICE" >"$WORK/stop.log" 2>&1 &
+stop_pid=$!
+
+deadline=$(($(date +%s) + 10))
+until [ "$(request GET /readyz)" = 503 ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || fail "/readyz never answered 503 after docker compose stop"
+  sleep 0.05
+done
+log "/readyz 503 after $(elapsed "$t0" "$(now)") s: $(field "$WORK/body" 'd["detail"]')"
+
+expect 503 POST /fit '{"x": [1, 2, 3], "y": [2, 4, 6]}'
+[ "$(field "$WORK/body" 'd["type"]')" = shutting-down ] || fail "fit refused with $(cat "$WORK/body")"
+log "POST /fit while draining -> 503 shutting-down"
+
+poll_job "$long" 10 cancelled >/dev/null
+cancelled_after=$(elapsed "$t0" "$(now)")
+epoch=$(field "$WORK/body" 'd["progress"]["epoch"]')
+[ "$(request GET /readyz)" = 503 ] || fail "/readyz no longer 503 once the job was cancelled"
+log "job $long cancelled at epoch $epoch after $cancelled_after s, still draining"
+
+wait "$stop_pid" || fail "docker compose stop failed: $(cat "$WORK/stop.log")"
+t1=$(now)
+compose ps -a --format json "$SERVICE" >"$WORK/ps.json"
+exit_code=$(python3 -c '
+import json, sys
+text = open(sys.argv[1]).read().strip()
+rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
+print(rows[0]["State"], rows[0]["ExitCode"])
+' "$WORK/ps.json")
+stop_seconds=$(elapsed "$t0" "$t1")
+[ "$exit_code" = "exited 0" ] || fail "after docker compose stop the service is '$exit_code', expected 'exited 0'"
+python3 -c 'import sys; sys.exit(float(sys.argv[1]) >= float(sys.argv[2]))' "$stop_seconds" "$GRACE_SECONDS" \
+  || fail "docker compose stop took ${stop_seconds}s, the grace period is ${GRACE_SECONDS}s"
+log "docker compose stop during a running fit: exited 0 after ${stop_seconds}s (grace period ${GRACE_SECONDS}s)"
+
+wait "$slow_pid" || fail "the in-flight request failed: $(cat "$WORK/slow.err")"
+[ "$(cat "$WORK/slow.code")" = 200 ] || fail "the in-flight request got HTTP $(cat "$WORK/slow.code"): $(cat "$WORK/slow.out")"
+field "$WORK/slow.out" "d['scores'] == [$score] * 2000" | grep -qx True \
+  || fail "the in-flight request got wrong scores: $(head -c 300 "$WORK/slow.out")"
+log "the request in flight during the stop completed: 200, 2000 scores of $score"
+
+compose logs --no-color --tail 12 "$SERVICE" | sed 's/^/  | /'
+log "passed"
