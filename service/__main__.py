@@ -102,7 +102,7 @@ def add_client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
     predict.add_argument("hours", type=float, nargs="+")
     history = sub.add_parser(
-        "history", parents=[common], help="print a job's history as JSON, or --plot it"
+        "history", parents=[common], help="print a job's history as JSON (one line), or --plot it"
     )
     history.add_argument("--job-id", help="default: the latest job")
     history.add_argument("--max-points", type=int, help="thin to about this many epochs")
@@ -123,6 +123,9 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print(f"  {issue.field}: {issue.message}", file=sys.stderr)
         except ClientError as exc:
             print(f"error: {args.url}: {exc}", file=sys.stderr)
+        except BrokenPipeError:  # e.g. `| head` stopped reading: not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         return 1
 
 
@@ -158,7 +161,7 @@ def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
 
 def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
     if args.plot is None:
-        print(sgd.history(args.job_id, max_points=args.max_points).model_dump_json(indent=2))
+        print(sgd.history(args.job_id, max_points=args.max_points).model_dump_json())
         return 0
     image_format: ImageFormat = "svg" if args.plot.suffix.lower() == ".svg" else "png"
     args.plot.write_bytes(sgd.plot(args.job_id, image_format))
