@@ -41,6 +41,8 @@ def test_schemathesis_finds_no_failures(tmp_path: Any) -> None:
                 "--seed",
                 "20261125",
                 "--no-color",
+                "--generation-database",
+                "none",  # leave no .schemathesis/ folder in the tree
             ],
             capture_output=True,
             text=True,
