@@ -10,7 +10,6 @@ has SGD_API_TOKEN set. Every error answer is raised as a `ProblemError` carrying
 """
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -133,8 +132,12 @@ def _raise_for(response: httpx.Response) -> None:
         problem = Problem.model_validate_json(response.content)
     except ValidationError:
         raise UnexpectedResponse(response.status_code, response.text) from None
+    raise _error_for(problem, response.headers)
+
+
+def _error_for(problem: Problem, headers: httpx.Headers) -> ProblemError:
     cls = _BY_TYPE.get(problem.type) or _BY_STATUS.get(problem.status, ProblemError)
-    raise cls(problem, response.headers)
+    return cls(problem, headers)
 
 
 def _model(cls: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -239,18 +242,18 @@ class _SSEDecoder:
 
 
 def _decode_event(event: str, data: str, headers: httpx.Headers) -> Event | None:
-    if event == "progress":
-        return ProgressEvent.model_validate_json(data)
-    if event == "end":
-        return Job.model_validate_json(data)
-    if event == "problem":
-        raise _problem_error(data, headers)
-    return None  # an event type this client does not know yet
-
-
-def _problem_error(data: str, headers: httpx.Headers) -> ProblemError:
-    problem = Problem.model_validate(json.loads(data))
-    return _BY_STATUS.get(problem.status, ProblemError)(problem, headers)
+    kinds: dict[str, type[BaseModel]] = {"progress": ProgressEvent, "end": Job, "problem": Problem}
+    kind = kinds.get(event)
+    if kind is None:
+        return None  # an event type this client does not know yet
+    try:
+        value = kind.model_validate_json(data)
+    except ValidationError:
+        raise UnexpectedResponse(200, f"event {event}: {data}") from None
+    if isinstance(value, Problem):
+        raise _error_for(value, headers)
+    assert isinstance(value, ProgressEvent | Job)
+    return value
 
 
 def _events_headers(last_id: str | None) -> dict[str, str]:

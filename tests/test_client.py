@@ -385,3 +385,28 @@ def test_the_async_client_does_the_same(live_server: Server) -> None:
             assert (await sgd.cancel(long.id)).status is JobStatus.cancelled
 
     asyncio.run(scenario())
+
+
+def test_a_malformed_event_is_unexpected() -> None:
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=sse("3", "progress", {"epoch": "three"}))
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http,
+        pytest.raises(UnexpectedResponse, match="event progress"),
+    ):
+        list(SGDClient(http).events("j"))
+
+
+def test_unknown_event_types_are_skipped() -> None:
+    params = {"epochs": 4, "learning_rate": 0.01, "init_w": 1.0, "batch_size": 1, "seed": 1}
+    job: dict[str, Any] = {"id": "j", "status": "cancelled", "created_at": "2026-01-01T00:00:00Z"}
+    job |= {"n_samples": 3, "progress": {"epoch": 0, "epochs": 4}}
+    job["params"] = {**params, "fit_intercept": False}
+
+    def service(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=sse("1", "news", {"x": 1}) + sse("end", "end", job))
+
+    with httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http:
+        events = list(SGDClient(http).events("j"))
+    assert [type(e) for e in events] == [Job]
