@@ -8,13 +8,13 @@ from functools import cache
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from service.api import StoreDep, problems
-from service.errors import InvalidInput, ServiceError
+from service.errors import ServiceError
 from service.schemas import History, Job, Progress
 from service.store import MemoryStore
 
@@ -122,6 +122,41 @@ def render_history(history: History, image_format: str) -> bytes:
 
 # -- live events ---------------------------------------------------------------------------
 
+EVENT_ID_PATTERN = rf"^(?:[0-9]{{1,18}}|{END_ID})$"
+LAST_EVENT_ID_PARAMETER = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "the id of the last event received: the stream resumes right after it",
+    "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+}
+
+
+def _event_schema() -> dict[str, Any]:
+    """One event of the stream (OpenAPI 3.1 reads a stream's schema as that of each event)."""
+    progress = ProgressEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    progress.pop("$defs", None)  # Progress is a component already (the Job uses it)
+
+    def event(name: str, event_id: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        json_data = {"type": "string", "contentMediaType": "application/json"}
+        return {
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"const": name},
+                "id": {"type": "string", **event_id},
+                "data": {**json_data, "contentSchema": data},
+            },
+        }
+
+    return {
+        "oneOf": [
+            event("progress", {"pattern": "^[0-9]+$"}, progress),
+            event("end", {"const": END_ID}, {"$ref": "#/components/schemas/Job"}),
+            event("problem", {"const": END_ID}, {"$ref": "#/components/schemas/Problem"}),
+        ]
+    }
+
 
 @router.get(
     "/jobs/{job_id}/events",
@@ -132,39 +167,32 @@ def render_history(history: History, image_format: str) -> bytes:
                 "Server-Sent Events: `progress` events, then one `end` event (the job); "
                 "a `problem` event instead if the job is evicted meanwhile"
             ),
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": _event_schema()}},
         },
         204: {"description": "Last-Event-ID says the client already has the end event"},
         **problems(404, 422),
     },
+    # Documented by hand: FastAPI would offer null for an optional header, sent as "null".
+    openapi_extra={"parameters": [LAST_EVENT_ID_PARAMETER]},
 )
 async def job_events(
     job_id: str,
     store: StoreDep,
-    last_event_id: Annotated[str | None, Header(max_length=40)] = None,
+    last_event_id: Annotated[
+        str | None, Header(pattern=EVENT_ID_PATTERN, include_in_schema=False)
+    ] = None,
 ) -> Response:
     """Stream a job's progress as Server-Sent Events until it ends; resumes at Last-Event-ID."""
     job = store.get_job(job_id)
     if last_event_id == END_ID:
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
-    resume = _resume_epoch(last_event_id)
+    # A progress event's id is the epoch after its last point: where a resumed stream starts.
+    resume = 0 if last_event_id is None else int(last_event_id)
     return StreamingResponse(
         _event_stream(store, job, resume),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-def _resume_epoch(last_event_id: str | None) -> int:
-    """A progress event's id is the epoch after its last point: where a resumed stream starts."""
-    if last_event_id is None:
-        return 0
-    if not (last_event_id.isascii() and last_event_id.isdigit() and len(last_event_id) <= 18):
-        raise InvalidInput(
-            f"Last-Event-ID must be an id this stream sent (a number, or {END_ID!r})",
-            [{"field": "Last-Event-ID", "message": "not an event id", "code": "event_id"}],
-        )
-    return int(last_event_id)
 
 
 def _sse(event: str, data: str, event_id: str) -> str:
@@ -239,7 +267,7 @@ async def page() -> HTMLResponse:
     response_class=Response,
     responses={200: {"content": {t.split(";")[0]: {} for t in ASSETS.values()}}, **problems(404)},
 )
-async def static_asset(name: str) -> Response:
+async def static_asset(name: Annotated[str, Path(examples=["page.js"])]) -> Response:
     """The page's script and style sheet (served here: the page loads nothing from elsewhere)."""
     if name not in ASSETS:
         raise AssetNotFound(f"no asset {name!r}; the page uses {', '.join(sorted(ASSETS))}")

@@ -416,7 +416,7 @@ def test_a_bad_last_event_id_is_a_problem(app: TestClient, last_event_id: bytes)
     r = c.get(f"/jobs/{job.id}/events", headers={"Last-Event-ID": last_event_id})
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/problem+json"
-    assert r.json()["errors"][0]["field"] == "Last-Event-ID"
+    assert r.json()["errors"][0]["field"] == "header.last-event-id"
 
 
 def test_events_of_an_unknown_job_are_404(client: TestClient) -> None:
@@ -543,5 +543,12 @@ def test_openapi_lists_every_status_of_the_views(client: TestClient) -> None:
         assert set(paths[path][method]["responses"]) == codes, path
     plot = paths["/history/plot"]["get"]["responses"]["200"]["content"]
     assert set(plot) == {"image/png", "image/svg+xml"}
-    events = paths["/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
-    assert set(events) == {"text/event-stream"}
+    events = paths["/jobs/{job_id}/events"]["get"]
+    stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    kinds = [option["properties"]["event"]["const"] for option in stream["oneOf"]]
+    assert kinds == ["progress", "end", "problem"]
+    headers = [p for p in events["parameters"] if p["in"] == "header"]
+    assert [h["name"] for h in headers] == ["Last-Event-ID"]
+    assert headers[0]["schema"]["type"] == "string"  # not null: it would be sent as "null"
+    assert re.fullmatch(headers[0]["schema"]["pattern"], "123")
+    assert re.fullmatch(headers[0]["schema"]["pattern"], "end")
