@@ -73,10 +73,9 @@ def test_fifty_clients_while_fits_start_finish_and_cancel(roomy_server: Server) 
     until = time.monotonic() + SECONDS
 
     async def main() -> list[str]:
-        loads = [hammer(server.url, until, answers, errors) for _ in range(CLIENTS)]
-        fits = asyncio.to_thread(churn, server.url, until)
-        *_, ids = await asyncio.gather(*loads, fits)
-        return ids
+        fits = asyncio.create_task(asyncio.to_thread(churn, server.url, until))
+        await asyncio.gather(*(hammer(server.url, until, answers, errors) for _ in range(CLIENTS)))
+        return await fits
 
     ids = asyncio.run(main())
     with server.client() as http:
