@@ -31,10 +31,11 @@ DTYPE = torch.float64
 # consumes the generator identically) and cancellation is checked between blocks.
 MAX_BLOCK_EPOCHS = 4096
 BLOCK_SAMPLES = 1 << 16
-# The scan hands a block over to the eager loop from the first epoch whose w, b or loss exceeds
-# this: no fit of valid data comes near it (|x|, |y| <= 1e9 by default), and past it only the
-# eager loop can say at which epoch a value stops being finite, exactly as the reference does.
-SAFE_MAGNITUDE = 1e100
+# Within a factor of ~1e8 of overflow the scan hands a block over to the eager loop: there only
+# the reference can say at which epoch a value stops being finite (the eager loss overflows
+# when its batch's sum of squares does). Rounding is scale-free below it, and no fit of valid
+# data comes near it unless it diverges.
+SAFE_MAGNITUDE = 1e300
 
 Engine = Literal["scan", "eager"]
 ENGINES: tuple[Engine, ...] = ("scan", "eager")
@@ -228,8 +229,9 @@ def _derivatives(intercept: bool) -> Derivatives:
     """_sample_derivatives traced once per process into a graph of plain aten ops.
 
     The trace runs torch.func's transforms once; a call then costs only the graph's elementwise
-    ops. Every shape in it comes from the input's (zeros_like, ones_like), so one graph serves
-    any number of samples.
+    ops, after the repeats and the multiplications by one that the transforms leave are gone.
+    Every shape in it comes from the input's (zeros_like, ones_like), so one graph serves any
+    number of samples.
     """
     example = torch.linspace(1.0, 2.0, 5, dtype=DTYPE)
     derive = functools.partial(_sample_derivatives, intercept=intercept)
@@ -237,9 +239,54 @@ def _derivatives(intercept: bool) -> Derivatives:
     deduplicated = CSEPass()(graph)  # the transforms repeat the forward pass
     assert deduplicated is not None
     graph = deduplicated.graph_module
+    _fold_identities(graph.graph)
     graph.graph.eliminate_dead_code()
     graph.recompile()
     return cast(Derivatives, graph)
+
+
+def _fold_identities(graph: torch.fx.Graph) -> None:
+    """Drop the ops that the expansion at theta = 0 makes identities: a * 1, a ** 1, 0 * a...
+
+    Each rewrite gives the same values (up to the sign of a zero) for finite inputs, and every
+    tensor in the graph has the input's shape, so an operand of ones can simply be dropped.
+    """
+    aten = torch.ops.aten
+    ones = next((n for n in graph.nodes if n.target == aten.ones_like.default), None)
+
+    def kind(arg: object) -> str:
+        if isinstance(arg, torch.fx.Node):
+            if arg.target == aten.ones_like.default:
+                return "one"
+            return "zero" if arg.target == aten.zeros_like.default else "tensor"
+        if isinstance(arg, float) and arg in (0.0, 1.0):
+            return "one" if arg == 1.0 else "zero"
+        return "other"
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or len(node.args) != 2:
+            continue
+        a, b = node.args
+        kinds = (kind(a), kind(b))
+        same: object = None
+        if node.target in (aten.mul.Tensor, aten.mul.Scalar):
+            if kinds[1] == "one":
+                same = a
+            elif kinds[0] == "one":
+                same = b
+            elif "zero" in kinds and isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
+                same = a if kinds[0] == "zero" else b
+        elif node.target == aten.add.Tensor and "zero" in kinds:
+            same = b if kinds[0] == "zero" else a
+        elif node.target == aten.sub.Tensor and kinds[0] == "zero":
+            with graph.inserting_before(node):
+                same = graph.call_function(aten.neg.default, (b,))
+        elif node.target == aten.pow.Tensor_Scalar and kinds[1] == "one":
+            same = a
+        elif node.target == aten.pow.Tensor_Scalar and kinds[1] == "zero" and ones is not None:
+            same = ones
+        if isinstance(same, torch.fx.Node):
+            node.replace_all_uses_with(same)
 
 
 class _Scan:
@@ -255,6 +302,9 @@ class _Scan:
         self.p = 2 if params.fit_intercept else 1
         self.derive = _derivatives(params.fit_intercept)
         self.table: torch.Tensor | None = None
+        batch = x.numel() if params.batch_size is None else params.batch_size
+        limits = [SAFE_MAGNITUDE, SAFE_MAGNITUDE, SAFE_MAGNITUDE / batch]
+        self.limits = torch.tensor(limits, dtype=DTYPE)
         if params.batch_size is None:
             self._full_batch_setup()
         elif x.numel() <= BLOCK_SAMPLES:  # once per data set; larger ones derive per block
@@ -302,11 +352,12 @@ class _Scan:
         if idx is None:
             maps = self.map[..., None].expand(p, p + 1, size).clone()
         else:
-            terms = (
-                self.table[:, idx]
-                if self.table is not None
-                else self._terms(self.x[idx], self.y[idx])
-            )
+            flat = idx.flatten()
+            if self.table is not None:
+                terms = self.table.index_select(1, flat).view(-1, *idx.shape)
+            else:
+                xb, yb = self.x.index_select(0, flat), self.y.index_select(0, flat)
+                terms = self._terms(xb.view(idx.shape), yb.view(idx.shape))
             maps = (terms[:-2, :, 0] if idx.shape[1] == 1 else terms[:-2].mean(dim=2)).view(
                 p, p + 1, size
             )
@@ -328,7 +379,10 @@ class _Scan:
             fitted = hist[0, :, None] * xb
             if p == 2:
                 fitted += hist[1, :, None]
-            torch.mean((fitted - yb) ** 2, dim=1, out=hist[2])
+            if idx.shape[1] == 1:
+                torch.pow((fitted - yb)[:, 0], 2, out=hist[2])
+            else:
+                torch.mean((fitted - yb) ** 2, dim=1, out=hist[2])
         with torch.no_grad():
             w.copy_(after[0, -1])
             if p == 2:
@@ -346,18 +400,17 @@ class _Scan:
     def _hand_over_near_overflow(
         self, idx: torch.Tensor | None, hist: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     ) -> None:
-        """Redo a block eagerly from the epoch before the first value past SAFE_MAGNITUDE.
+        """Redo a block eagerly from the epoch before the first value near overflow.
 
-        Near overflow only the reference can say at which epoch a value stops being finite; a
-        fit of valid data never gets there, so this costs nothing on the normal path.
+        Near overflow: |w|, |b| or the batch's sum of squared errors past SAFE_MAGNITUDE.
+        Fits of valid data that converge never get there, so the normal path costs one check.
         """
-        peak = float(hist.abs().max())  # NaN propagates, and fails the test below
-        if (
-            peak <= SAFE_MAGNITUDE
-            and abs(float(w.detach())) + abs(float(b.detach())) <= SAFE_MAGNITUDE
-        ):
+        limits = self.limits[:, None]
+        peak = hist.abs().amax(dim=1)  # NaN propagates, and fails the test below
+        after = abs(float(w.detach())) + abs(float(b.detach()))
+        if bool((peak <= self.limits).all()) and after <= SAFE_MAGNITUDE:
             return
-        unsafe = ~(hist.abs() <= SAFE_MAGNITUDE).all(dim=0)
+        unsafe = ~(hist.abs() <= limits).all(dim=0)
         first = int(unsafe.nonzero()[0, 0]) if bool(unsafe.any()) else hist.shape[1]
         start = max(0, first - 1)
         with torch.no_grad():
@@ -407,8 +460,8 @@ def _to_chunk(
     w_after, b_after = float(w.detach()), float(b.detach())
     bad: int | None = None
     keep = hist.shape[1]
-    finite = torch.isfinite(hist).all(dim=0)
-    if not bool(finite.all()):
+    if not math.isfinite(float(hist.abs().amax())):  # NaN propagates through amax
+        finite = torch.isfinite(hist).all(dim=0)
         bad = keep = int((~finite).nonzero()[0, 0])
     elif not (math.isfinite(w_after) and math.isfinite(b_after)):
         bad = keep - 1  # only the last update overflowed: keep the history, drop the model

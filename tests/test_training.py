@@ -138,6 +138,30 @@ def test_an_update_that_overflows_keeps_the_history_before_it(engine: training.E
     assert not math.isfinite(chunks[0].w_after)
 
 
+def test_a_slow_divergence_hands_over_to_eager_before_the_sum_overflows() -> None:
+    # |1 - lr * 2 mean(x^2)| is about 1.05: thousands of epochs before anything overflows, and
+    # the eager loss (a mean of 1000 squares) overflows before the scan's quadratic would.
+    x, y = noisy_line(1000, seed=6)
+    lr = 2.05 / float(2 * (x * x).mean())
+    params = FitParams(30_000, lr, 1.0, None)
+    fast, fast_error = diverged_run(x, y, params, "scan")
+    ref, ref_error = diverged_run(x, y, params, "eager")
+    assert fast_error.epoch == ref_error.epoch > 5000
+    assert max(map(abs, history(fast)[2])) > 1e300 / 1000  # the last losses were near overflow
+    for fast_col, ref_col in zip(history(fast), history(ref), strict=True):
+        assert rel_diff(fast_col, ref_col) < 1e-9
+
+
+def test_the_traced_graph_computes_what_torch_func_does() -> None:
+    x, y = noisy_line(300, seed=8)
+    for intercept in (False, True):
+        traced = training._derivatives(intercept)(x, y)
+        direct = training._sample_derivatives(x, y, intercept)
+        assert len(traced) == len(direct) == (5 if intercept else 2)
+        for a, b in zip(traced, direct, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_full_batch_on_diabetes_bmi_lands_on_least_squares() -> None:
     features, target = load_diabetes(return_X_y=True)
     x = torch.tensor(features[:, 2], dtype=torch.float64)  # bmi, scaled as the package ships it
