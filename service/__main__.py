@@ -42,15 +42,20 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         # Signal handlers must not take locks the interrupted code may hold: hand over to the loop.
-        self._loop.call_soon_threadsafe(self._drain, sig, frame)
+        self._loop.call_soon_threadsafe(self._drain)
 
-    def _drain(self, sig: int, frame: FrameType | None) -> None:
+    def _drain(self) -> None:
         runner = getattr(self._app.state, "runner", None)
         if runner is not None:
             runner.drain()
         log.info("draining: /readyz is 503, stopping in %.1fs", self._drain_seconds)
         assert self._loop is not None
-        self._loop.call_later(self._drain_seconds, super().handle_exit, sig, frame)
+        self._loop.call_later(self._drain_seconds, self._stop)
+
+    def _stop(self) -> None:
+        # Not super().handle_exit: uvicorn would re-raise the signal it recorded after serving,
+        # and a clean, drained stop would end as "killed by SIGTERM" (143) instead of 0.
+        self.should_exit = True
 
 
 def serve(settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -169,7 +170,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str) -> None:
     """JSON lines on stdout for our loggers and uvicorn's; uvicorn's access log is ours."""
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
     root = logging.getLogger()

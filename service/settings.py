@@ -9,7 +9,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of the service; the defaults work out of the box."""
 
-    model_config = SettingsConfigDict(env_prefix="SGD_", frozen=True, extra="forbid")
+    # An empty variable (SGD_API_TOKEN= in a compose file) means "not set", not "empty token".
+    model_config = SettingsConfigDict(
+        env_prefix="SGD_", frozen=True, extra="forbid", env_ignore_empty=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
