@@ -190,7 +190,7 @@ def test_jobs_are_listed_newest_first_and_bounded(client: TestClient) -> None:
 
 def test_queue_full_is_429_with_retry_after(make_client: Factory) -> None:
     client = make_client(max_queued_jobs=1)
-    running = client.post("/fit", json=slow_fit()).json()
+    running = client.post("/fit", json=slow_fit(epochs=1_000_000)).json()
     wait_until(lambda: client.get(f"/jobs/{running['id']}").json()["status"] == "running")
     queued = client.post("/fit", json=TUTORIAL).json()
     before = state(client)
