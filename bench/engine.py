@@ -1,0 +1,215 @@
+"""In-process figures of the fit engine, each against a baseline measured in the same process.
+
+Everything runs on one torch thread, as the service's worker does (SGD_TORCH_THREADS=1). The
+machine may be shared, so every comparison is taken in alternating rounds and reported as the
+median of the per-round figures.
+"""
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from service import training
+from service.training import FitParams, history, rel_diff, train
+
+TUTORIAL_X = [1.0, 2.0, 3.0]
+TUTORIAL_Y = [2.0, 4.0, 6.0]
+ROUNDS = 5
+
+
+def tutorial_loop(x_data: list[float], y_data: list[float], epochs: int) -> list[float]:
+    """The tutorial's own loop: one random sample, forward, loss, backward(), update, record."""
+    rng = random.Random(0)
+    w = torch.tensor([1.0])
+    w.requires_grad = True
+    epoch_list, w_list, loss_list = [], [], []
+
+    def forward(x: float) -> torch.Tensor:
+        return x * w
+
+    def loss_fn(x: float, y: float) -> torch.Tensor:
+        y_pred = forward(x)
+        return (y_pred - y) ** 2
+
+    for epoch in range(epochs):
+        i = rng.randrange(len(x_data))
+        loss = loss_fn(x_data[i], y_data[i])
+        loss.backward()
+        epoch_list.append(epoch)
+        w_list.append(w.item())
+        loss_list.append(loss.item())
+        w.data = w.data - 0.01 * w.grad.data
+        w.grad.data.zero_()
+    return w_list
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fit_seconds(x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: str = "scan") -> float:
+    """Wall time of a whole fit as the worker runs it: every chunk, as plain arrays."""
+    return seconds(lambda: sum(len(c) for c in train(x, y, params, engine)))  # type: ignore[arg-type]
+
+
+def steps_for(per_step: float, budget: float, lo: int, hi: int) -> int:
+    return max(lo, min(hi, int(budget / per_step)))
+
+
+def per_sample_sgd() -> dict[str, Any]:
+    """batch_size 1 on the tutorial's data: the tutorial's loop, the eager engine, the scan."""
+    x, y = training.as_tensor(TUTORIAL_X), training.as_tensor(TUTORIAL_Y)
+    # size each run to about a second of work on this machine, whatever its load
+    tut_steps = steps_for(
+        seconds(lambda: tutorial_loop(TUTORIAL_X, TUTORIAL_Y, 2000)) / 2000, 1.0, 2000, 60_000
+    )
+    eager_steps = steps_for(
+        fit_seconds(x, y, FitParams(epochs=2000), "eager") / 2000, 0.6, 2000, 40_000
+    )
+    scan_steps = 1_000_000
+    tut, eager, scan, scan_b, ratios = [], [], [], [], []
+    for _ in range(ROUNDS):
+        t = seconds(lambda: tutorial_loop(TUTORIAL_X, TUTORIAL_Y, tut_steps)) / tut_steps
+        s = fit_seconds(x, y, FitParams(epochs=scan_steps)) / scan_steps
+        e = fit_seconds(x, y, FitParams(epochs=eager_steps), "eager") / eager_steps
+        sb = fit_seconds(x, y, FitParams(epochs=scan_steps, fit_intercept=True)) / scan_steps
+        tut.append(t)
+        scan.append(s)
+        eager.append(e)
+        scan_b.append(sb)
+        ratios.append(t / s)
+    return {
+        "tutorial_us_per_step": statistics.median(tut) * 1e6,
+        "eager_us_per_step": statistics.median(eager) * 1e6,
+        "scan_us_per_step": statistics.median(scan) * 1e6,
+        "scan_intercept_us_per_step": statistics.median(scan_b) * 1e6,
+        "speedup_vs_tutorial": statistics.median(ratios),
+        "speedup_rounds": ratios,
+        "tutorial_steps": tut_steps,
+        "scan_steps": scan_steps,
+    }
+
+
+def agreement() -> dict[str, Any]:
+    """The largest relative difference, scan against eager, over every mode of a noisy fit."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, generator=gen, dtype=torch.float64)
+    y = 1.5 * x - 0.7 + 0.3 * torch.randn(200, generator=gen, dtype=torch.float64)
+    worst: dict[str, float] = {}
+    for batch_size in (1, 16, None):
+        for intercept in (False, True):
+            params = FitParams(6000, 0.02, -1.0, batch_size, intercept, seed=1)
+            fast, ref = history(train(x, y, params)), history(train(x, y, params, "eager"))
+            key = f"batch={batch_size},intercept={intercept}"
+            worst[key] = max(rel_diff(a, b) for a, b in zip(fast, ref, strict=True))
+    return {"max_rel_diff": max(worst.values()), "by_mode": worst}
+
+
+def full_batch(n: int = 1_000_000, epochs: int = 100) -> dict[str, Any]:
+    """Full-batch epochs on n samples against one torch.dot pass over the same data."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    y = 2 * x + 0.5 + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+    for _ in range(5):
+        torch.dot(x, y)
+    dots, ratios, ratios_b, per_epoch, per_epoch_b, setups = [], [], [], [], [], []
+    for _ in range(ROUNDS):
+        dot = statistics.median(seconds(lambda: torch.dot(x, y)) for _ in range(30))
+        scan = fit_seconds(x, y, FitParams(epochs=epochs, batch_size=None)) / epochs
+        scan_b = fit_seconds(x, y, FitParams(epochs, 0.01, 1.0, None, True)) / epochs
+        setup = fit_seconds(x, y, FitParams(epochs=1, batch_size=None))
+        dots.append(dot)
+        per_epoch.append(scan)
+        per_epoch_b.append(scan_b)
+        setups.append(setup)
+        ratios.append(scan / dot)
+        ratios_b.append(scan_b / dot)
+    eager = fit_seconds(x, y, FitParams(epochs=5, batch_size=None), "eager") / 5
+    dot = statistics.median(dots)
+    return {
+        "n": n,
+        "epochs": epochs,
+        "dot_ms": dot * 1e3,
+        "scan_ms_per_epoch": statistics.median(per_epoch) * 1e3,
+        "scan_intercept_ms_per_epoch": statistics.median(per_epoch_b) * 1e3,
+        "one_epoch_fit_ms": statistics.median(setups) * 1e3,
+        "eager_ms_per_epoch": eager * 1e3,
+        "ratio_to_dot": statistics.median(ratios),
+        "ratio_to_dot_intercept": statistics.median(ratios_b),
+        "eager_ratio_to_dot": eager / dot,
+    }
+
+
+def sklearn_reference(n: int = 1_000_000) -> dict[str, Any]:
+    """scikit-learn's SGDRegressor, one pass of per-sample SGD, and the scan on the same data."""
+    from sklearn.linear_model import SGDRegressor
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    y = 2 * x + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+    features, target = x.numpy()[:, None], y.numpy()
+    model = SGDRegressor(
+        loss="squared_error",
+        penalty=None,
+        fit_intercept=False,
+        learning_rate="constant",
+        eta0=0.01,
+        max_iter=1,
+        tol=None,
+        shuffle=True,
+        random_state=0,
+    )
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    sk, scan = [], []
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # one pass, on purpose
+            sk.append(seconds(lambda: model.fit(features, target)) / n)
+        scan.append(fit_seconds(x, y, FitParams(epochs=n)) / n)
+    return {
+        "n": n,
+        "sklearn_us_per_step": statistics.median(sk) * 1e6,
+        "scan_us_per_step": statistics.median(scan) * 1e6,
+        "sklearn_w": float(model.coef_[0]),
+    }
+
+
+def compile_cost() -> dict[str, Any]:
+    """prepare() in a fresh process: what a worker pays once, at start-up."""
+    code = (
+        "import json, time, torch; torch.set_num_threads(1); t = time.perf_counter();"
+        "from service import training; info = training.prepare();"
+        "info['total_seconds'] = round(time.perf_counter() - t, 3); print(json.dumps(info))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    info: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    # and the first fit after it costs no more than the next ones
+    return info
+
+
+def run_all(log: Callable[[str], None]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    training.prepare()
+    results: dict[str, Any] = {}
+    for name, fn in (
+        ("compile", compile_cost),
+        ("agreement", agreement),
+        ("per_sample", per_sample_sgd),
+        ("full_batch", full_batch),
+        ("sklearn", sklearn_reference),
+    ):
+        log(f"engine: {name} ...")
+        results[name] = fn()
+    return results

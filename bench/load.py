@@ -1,0 +1,197 @@
+"""Servers under test and the load generator: wrk (Debian's package), or an asyncio fallback.
+
+Every process the bench starts is tracked by its own Popen object and stopped by its pid.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+WRK_SCRIPT = BENCH / "wrk_report.lua"
+CONNECTIONS = 32
+
+
+def ensure_wrk(log: Any) -> str | None:
+    """wrk's path, installing Debian's package when it is missing and we are root."""
+    found = shutil.which("wrk")
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    log("installing wrk from Debian's packages (apt-get) ...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "install", "-y", "-qq", "wrk"], ["apt-get", "update", "-qq"]):
+        subprocess.run(cmd, env=env, capture_output=True, check=False, timeout=300)
+        if shutil.which("wrk"):
+            break
+    if not shutil.which("wrk"):
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "wrk"], env=env, capture_output=True, timeout=300
+        )
+    return shutil.which("wrk")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start(cmd: list[str], port: int, log_dir: Path, name: str, env: dict[str, str]) -> Server:
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as out:
+        # cwd outside the repo: `python -m` puts the cwd first on sys.path, which would shadow
+        # a PYTHONPATH given for an experiment on a copy of `service`
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log_path.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{server.url}/openapi.json", timeout=2).status_code == 200:
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"{name} did not start within 120 s")
+
+
+def start_service(log_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
+    """`python -m service` as deployed (one uvicorn worker, its own settings)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SGD_HOST": "127.0.0.1",
+        "SGD_PORT": str(port),
+        "SGD_MAX_EPOCHS": "2000000",
+        **(extra_env or {}),
+    }
+    server = start([sys.executable, "-m", "service"], port, log_dir, "service", env)
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server.url}/readyz", timeout=5).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service's worker did not get ready")
+        time.sleep(0.1)
+    return server
+
+
+def start_bare(log_dir: Path, w: float, b: float, version: int) -> Server:
+    port = free_port()
+    cmd = [sys.executable, str(BENCH / "bare_app.py"), str(port), repr(w), repr(b), str(version)]
+    return start(cmd, port, log_dir, "bare", dict(os.environ))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def hammer(wrk: str | None, url: str, seconds: float) -> dict[str, Any]:
+    """Load `url` with CONNECTIONS keep-alive connections; requests/s and latency percentiles."""
+    if wrk is None:
+        return asyncio.run(_py_load(url, seconds))
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "-s", str(WRK_SCRIPT), url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("WRKJSON "))
+    raw = json.loads(line[len("WRKJSON ") :])
+    return {
+        "tool": "wrk",
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "requests": raw["requests"],
+        "failed": raw["socket_errors"] + raw["non2xx"],
+        "p50_ms": raw["p50_us"] / 1e3,
+        "p90_ms": raw["p90_us"] / 1e3,
+        "p99_ms": raw["p99_us"] / 1e3,
+        "max_ms": raw["max_us"] / 1e3,
+    }
+
+
+async def _py_load(url: str, seconds: float) -> dict[str, Any]:
+    """A small asyncio HTTP/1.1 keep-alive load generator, for when wrk cannot be installed."""
+    parsed = httpx.URL(url)
+    target = parsed.raw_path.decode()
+    request = (f"GET {target} HTTP/1.1\r\nHost: {parsed.host}\r\n\r\n").encode()
+    latencies: list[float] = []
+    failed = 0
+    end = time.perf_counter() + seconds
+
+    async def connection() -> None:
+        nonlocal failed
+        reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+        try:
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                if not head.startswith(b"HTTP/1.1 2"):
+                    failed += 1
+        finally:
+            writer.close()
+
+    began = time.perf_counter()
+    results = await asyncio.gather(
+        *(connection() for _ in range(CONNECTIONS)), return_exceptions=True
+    )
+    elapsed = time.perf_counter() - began
+    failed += sum(isinstance(r, BaseException) for r in results)
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3
+
+    return {
+        "tool": "python-asyncio",
+        "rps": len(latencies) / elapsed,
+        "requests": len(latencies),
+        "failed": failed,
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "max_ms": latencies[-1] * 1e3,
+    }

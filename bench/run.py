@@ -1,0 +1,332 @@
+"""`make bench`: every performance figure of the issue in one run, each with its baseline.
+
+Prints a table (figure, value, baseline, ratio, target) and writes the raw numbers as JSON to
+bench/results/. Ratios are taken within one run, back to back, so a busy machine moves value
+and baseline together. Takes about 5 minutes on 2 cores.
+
+    .venv/bin/python bench/run.py [--only engine|serving] [--seconds 6] [--rounds 5]
+        [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import engine  # noqa: E402
+import load  # noqa: E402
+import serving  # noqa: E402
+
+Row = tuple[str, str, str, str, str, bool | None]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def fmt(value: float, unit: str = "") -> str:
+    if math.isnan(value):
+        return "n/a"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+        return f"{value:.2e}{unit}"
+    return f"{value:.3g}{unit}" if abs(value) < 100 else f"{value:,.0f}{unit}"
+
+
+def engine_rows(e: dict[str, Any]) -> list[Row]:
+    ps, fb, sk, ag, cc = (
+        e["per_sample"],
+        e["full_batch"],
+        e["sklearn"],
+        e["agreement"],
+        e["compile"],
+    )
+    speedup = ps["speedup_vs_tutorial"]
+    ratio = fb["ratio_to_dot"]
+    ratio_b = fb["ratio_to_dot_intercept"]
+    return [
+        (
+            "per-sample SGD step (batch 1), scan",
+            fmt(ps["scan_us_per_step"], " us"),
+            f"tutorial loop {fmt(ps['tutorial_us_per_step'], ' us')}",
+            f"{speedup:,.0f}x faster",
+            ">= 100x",
+            speedup >= 100,
+        ),
+        (
+            "  same, with intercept",
+            fmt(ps["scan_intercept_us_per_step"], " us"),
+            f"tutorial loop {fmt(ps['tutorial_us_per_step'], ' us')}",
+            f"{ps['tutorial_us_per_step'] / ps['scan_intercept_us_per_step']:,.0f}x faster",
+            "",
+            None,
+        ),
+        (
+            "  eager engine (the reference)",
+            fmt(ps["eager_us_per_step"], " us"),
+            f"tutorial loop {fmt(ps['tutorial_us_per_step'], ' us')}",
+            f"{ps['eager_us_per_step'] / ps['tutorial_us_per_step']:.1f}x its time",
+            "",
+            None,
+        ),
+        (
+            "scan vs eager trajectory, max rel. diff",
+            fmt(ag["max_rel_diff"]),
+            "eager, same seed",
+            "",
+            "< 1e-9",
+            ag["max_rel_diff"] < 1e-9,
+        ),
+        (
+            f"full-batch epoch, 1M samples ({fb['epochs']} epochs, set-up incl.)",
+            fmt(fb["scan_ms_per_epoch"], " ms"),
+            f"torch.dot {fmt(fb['dot_ms'], ' ms')}",
+            f"{ratio:.2f}x dot",
+            "<= 3x",
+            ratio <= 3,
+        ),
+        (
+            "  same, with intercept",
+            fmt(fb["scan_intercept_ms_per_epoch"], " ms"),
+            f"torch.dot {fmt(fb['dot_ms'], ' ms')}",
+            f"{ratio_b:.2f}x dot",
+            "<= 3x",
+            ratio_b <= 3,
+        ),
+        (
+            "  a 1-epoch full-batch fit (the set-up)",
+            fmt(fb["one_epoch_fit_ms"], " ms"),
+            f"torch.dot {fmt(fb['dot_ms'], ' ms')}",
+            f"{fb['one_epoch_fit_ms'] / fb['dot_ms']:.0f}x",
+            "",
+            None,
+        ),
+        (
+            "  eager engine, full-batch epoch",
+            fmt(fb["eager_ms_per_epoch"], " ms"),
+            f"torch.dot {fmt(fb['dot_ms'], ' ms')}",
+            f"{fb['eager_ratio_to_dot']:.0f}x",
+            "",
+            None,
+        ),
+        (
+            "compilation, once per process (prepare)",
+            fmt(cc["total_seconds"], " s"),
+            f"trace {cc['trace_seconds']} s, warm-up {cc['warmup_seconds']} s",
+            "",
+            "reported",
+            None,
+        ),
+        (
+            "scikit-learn SGDRegressor step (reference)",
+            fmt(sk["sklearn_us_per_step"], " us"),
+            f"scan {fmt(sk['scan_us_per_step'], ' us')} (same 1M samples)",
+            f"{sk['scan_us_per_step'] / sk['sklearn_us_per_step']:.1f}x sklearn's time",
+            "none",
+            None,
+        ),
+    ]
+
+
+def serving_rows(s: dict[str, Any]) -> list[Row]:
+    p, m = s["predict"], s["memory"]
+    service_rps = statistics_median([r["rps"] for r in p["runs"]["service"]])
+    bare_rps = statistics_median([r["rps"] for r in p["runs"]["bare"]])
+    service_p99 = statistics_median([r["p99_ms"] for r in p["runs"]["service"]])
+    bare_p99 = statistics_median([r["p99_ms"] for r in p["runs"]["bare"]])
+    fitting_p99 = statistics_median([r["p99_ms"] for r in p["runs"]["service_fitting"]])
+    rows: list[Row] = [
+        (
+            "GET /predict requests/s",
+            fmt(service_rps),
+            f"bare FastAPI {fmt(bare_rps)}",
+            spread(p["rps_ratios"]),
+            ">= 0.85x",
+            p["rps_ratio"] >= 0.85,
+        ),
+        (
+            "GET /predict p99",
+            fmt(service_p99, " ms"),
+            f"bare FastAPI {fmt(bare_p99, ' ms')}",
+            spread(p["p99_ratios"]),
+            "<= 1.25x",
+            p["p99_ratio"] <= 1.25,
+        ),
+        (
+            "GET /predict p99 while 2M-epoch fits run",
+            fmt(fitting_p99, " ms"),
+            f"idle {fmt(service_p99, ' ms')}",
+            spread(p["p99_fitting_ratios"]),
+            "<= 1.5x",
+            p["p99_fitting_ratio"] <= 1.5,
+        ),
+        (
+            "  failed requests (all runs)",
+            str(p["failed_requests"]),
+            "",
+            "",
+            "0",
+            p["failed_requests"] == 0,
+        ),
+        (
+            "  fit busy during those runs",
+            f"{p['fit_busy_fraction']:.0%}",
+            f"{p['fits_under_load']} fits",
+            "",
+            "",
+            None,
+        ),
+        (
+            "2M-epoch fit while /predict is loaded",
+            fmt(p["fit_seconds_under_load"], " s"),
+            f"alone {fmt(p['fit_seconds_alone'], ' s')}",
+            f"{p['fit_seconds_under_load'] / p['fit_seconds_alone']:.1f}x slower",
+            "reported",
+            None,
+        ),
+    ]
+    if m is None:
+        return rows
+    store = m["store_bytes_per_epoch"]
+    return [
+        *rows,
+        (
+            "history in the store, bytes/epoch",
+            fmt(store["intercept=False"], " B"),
+            f"with b: {fmt(store['intercept=True'], ' B')}",
+            "",
+            "reported",
+            None,
+        ),
+        (
+            "server RSS growth after a 1M-epoch fit",
+            fmt(m["rss_growth_mb"], " MiB"),
+            f"{fmt(m['rss_growth_bytes_per_epoch'], ' B')}/epoch",
+            "",
+            "reported",
+            None,
+        ),
+        (
+            "GET /history of that fit, all 1M epochs",
+            fmt(m["history_full"]["seconds"], " s"),
+            f"{fmt(m['history_full']['bytes'] / 2**20, ' MiB')} JSON",
+            "",
+            "reported",
+            None,
+        ),
+        (
+            "GET /history of that fit, thinned (default)",
+            fmt(m["history_thinned"]["seconds"] * 1e3, " ms"),
+            f"{fmt(m['history_thinned']['bytes'] / 2**10, ' KiB')} JSON",
+            "",
+            "reported",
+            None,
+        ),
+    ]
+
+
+def spread(ratios: list[float]) -> str:
+    """The median of per-round ratios, and their range: how much the machine moved."""
+    return f"{statistics_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def statistics_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def table(rows: list[Row]) -> str:
+    header = ("figure", "value", "baseline", "ratio", "target", "")
+    cells = [(*r[:5], "" if r[5] is None else ("MET" if r[5] else "MISSED")) for r in rows]
+    widths = [max(len(str(c[i])) for c in [header, *cells]) for i in range(6)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--only", choices=["engine", "serving"])
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
+    parser.add_argument("--rounds", type=int, default=5, help="back-to-back rounds of load runs")
+    parser.add_argument("--service-pythonpath", help="serve `service` from this directory")
+    parser.add_argument("--predict-only", action="store_true", help="skip the memory figures")
+    parser.add_argument(
+        "--service-env", action="append", default=[], help="KEY=VALUE for the service (repeat)"
+    )
+    args = parser.parse_args()
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    rows: list[Row] = []
+    if args.only in (None, "engine"):
+        results["engine"] = engine.run_all(log)
+        rows += engine_rows(results["engine"])
+    if args.only in (None, "serving"):
+        wrk = load.ensure_wrk(log)
+        log(f"load generator: {wrk or 'python asyncio (wrk unavailable)'}")
+        env = dict(item.split("=", 1) for item in args.service_env)
+        if args.service_pythonpath:
+            env["PYTHONPATH"] = args.service_pythonpath
+        with tempfile.TemporaryDirectory(prefix="sgd-bench-") as tmp:
+            results["serving"] = serving.run_all(
+                log, wrk, Path(tmp), args.seconds, args.rounds, env
+            )
+        results["serving"]["load_generator"] = wrk or "python-asyncio"
+        rows += serving_rows(results["serving"])
+    results["elapsed_seconds"] = time.monotonic() - started
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    out_dir = BENCH / "results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    m = results["machine"]
+    print(f"\nsgd-service bench: {m['cpu']}, {m['cores']} cores, Python {m['python']}", end="")
+    print(
+        f", torch {m['torch']}; load average {m['load_average_at_start'][0]:.2f} at start,", end=""
+    )
+    print(f" {m['load_average_at_end'][0]:.2f} at end; {results['elapsed_seconds']:.0f} s\n")
+    print(table(rows))
+    print(f"\nraw numbers: {out.relative_to(BENCH.parent)}")
+    missed = [r[0] for r in rows if r[5] is False]
+    if missed:
+        print("missed: " + "; ".join(missed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
