@@ -44,17 +44,18 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def get_store(request: Request) -> MemoryStore:
+# async: FastAPI runs plain `def` dependencies in its threadpool, a hop per request
+async def get_store(request: Request) -> MemoryStore:
     store: MemoryStore = request.state.store
     return store
 
 
-def get_runner(request: Request) -> JobRunner:
+async def get_runner(request: Request) -> JobRunner:
     runner: JobRunner = request.state.runner
     return runner
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
@@ -64,7 +65,7 @@ RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def require_token(
+async def require_token(
     settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
 ) -> None:
     """When SGD_API_TOKEN is set, writes need `Authorization: Bearer <token>`."""

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, views
 from service.errors import install_handlers
+from service.fastpath import FastPredict
 from service.jobs import JobRunner
 from service.middleware import BodyLimit
 from service.observability import Metrics, RequestObserver
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(api.router)
     app.include_router(views.router)
+    app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer
 

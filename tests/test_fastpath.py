@@ -1,0 +1,39 @@
+"""The plain-ASGI /predict answers exactly what the FastAPI route answers, or leaves it to it."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import TUTORIAL, wait_job
+
+HOURS = ["4", "0", "-3", "2.5", "1e3", "-7.25E-2", "123456789", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def served(client: TestClient) -> TestClient:
+    wait_job(client, client.post("/fit", json={**TUTORIAL, "fit_intercept": True}).json()["id"])
+    return client
+
+
+@pytest.mark.parametrize("hours", HOURS)
+def test_fast_answer_equals_the_route_answer(served: TestClient, hours: str) -> None:
+    fast = served.get(f"/predict?hours={hours}")
+    # an extra parameter is not the fast path's business: FastAPI's route answers it
+    routed = served.get(f"/predict?hours={hours}&via=route")
+    assert fast.status_code == routed.status_code == 200
+    assert fast.json() == routed.json()
+    assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+    model = served.get("/model").json()
+    assert fast.json()["score"] == model["w"] * float(hours) + model["b"]
+
+
+@pytest.mark.parametrize("hours", ["nan", "inf", "1e400", "2e9", "4_0", "%204", "0x10", "%34", ""])
+def test_anything_unusual_is_left_to_the_route(served: TestClient, hours: str) -> None:
+    r = served.get(f"/predict?hours={hours}")
+    routed = served.get(f"/predict?hours={hours}&via=route")
+    assert r.status_code == routed.status_code
+    assert r.headers["content-type"] == routed.headers["content-type"]
+    if r.status_code == 200:
+        assert r.json() == routed.json()
+    else:
+        assert r.status_code == 422
+        assert r.json()["type"] == routed.json()["type"] == "validation-error"
