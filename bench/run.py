@@ -2,9 +2,10 @@
 
 Prints a table (figure, value, baseline, ratio, target) and writes the raw numbers as JSON to
 bench/results/. Ratios are taken within one run, back to back, so a busy machine moves value
-and baseline together. Takes about 5 minutes on 2 cores.
+and baseline together; each load ratio is the median of 7 rounds, printed with its range.
+Takes about 4 minutes on 2 cores (plus installing wrk once).
 
-    .venv/bin/python bench/run.py [--only engine|serving] [--seconds 6] [--rounds 5]
+    .venv/bin/python bench/run.py [--only engine|serving] [--seconds 6] [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
 """
 
@@ -280,7 +281,7 @@ def main() -> int:
     )
     parser.add_argument("--only", choices=["engine", "serving"])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
-    parser.add_argument("--rounds", type=int, default=5, help="back-to-back rounds of load runs")
+    parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
     parser.add_argument("--service-pythonpath", help="serve `service` from this directory")
     parser.add_argument("--predict-only", action="store_true", help="skip the memory figures")
     parser.add_argument(
