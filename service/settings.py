@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     torch_threads: int = Field(default=1, ge=1, le=256)
     # The fit is background work: a positive niceness lets the scheduler favour /predict.
-    worker_nice: int = Field(default=10, ge=0, le=19)
+    worker_nice: int = Field(default=19, ge=0, le=19)
     # After SIGTERM, /readyz answers 503 for this long before the server stops listening,
     # so a load balancer can take the replica out of rotation first.
     drain_seconds: float = Field(default=1.0, ge=0, le=60)

@@ -68,7 +68,7 @@ def test_a_job_runs_in_the_worker_and_publishes_its_model(
     assert hist.total_epochs == 100
     assert hist.w[0] == 1.0
     assert r.worker_info["pid"] != os.getpid()
-    assert r.worker_info["nice"] == 10
+    assert r.worker_info["nice"] == Settings().worker_nice
 
 
 def test_cancel_a_running_job_within_seconds(runner: tuple[JobRunner, MemoryStore]) -> None:
