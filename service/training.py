@@ -7,9 +7,10 @@ Two engines give the same trajectory. "eager" is the tutorial's loop (forward, l
 step, once per epoch) and stays as the readable reference. "scan", the default, pays autograd
 once instead of every step: the squared loss of a linear model has a gradient that is affine in
 theta = (w, b), g_i(theta) = H_i theta + g_i(0), so autograd (torch.func, traced once per process
-with make_fx) gives H_i and g_i(0) for the samples a block draws. Every step is then the affine map
-theta <- theta - lr (mean H theta + mean g(0)), and a block of steps is composed by a parallel
-prefix scan: log2(block) passes of vectorised tensor ops give theta before every epoch.
+with make_fx) gives H_i and g_i(0) once per data set (per block's draws above BLOCK_SAMPLES
+samples). Every step is then the affine map theta <- theta - lr (mean H theta + mean g(0)) over
+its batch, and a block of steps is composed by a parallel prefix scan: log2(block) passes of
+vectorised tensor ops give theta before every epoch, and the batch losses follow from it.
 """
 
 import functools
