@@ -38,10 +38,6 @@ class _History:
     loss: array = field(default_factory=lambda: array("d"))  # type: ignore[type-arg]
     b: array | None = None  # type: ignore[type-arg]
 
-    def nbytes(self) -> int:
-        cols = [self.w, self.loss] + ([self.b] if self.b is not None else [])
-        return sum(c.itemsize * len(c) for c in cols)
-
 
 class Store(Protocol):
     """What the API and the runner need from state; a shared (Redis) store would implement it."""
@@ -218,7 +214,7 @@ class MemoryStore:
             total = len(hist.w)
             start = min(since, total)
             end = total if limit is None else min(total, start + limit)
-            picks = _thin(start, end, max_points)
+            picks, stride = _thin(start, end, max_points)
             w = [hist.w[i] for i in picks]
             loss = [hist.loss[i] for i in picks]
             b = None if hist.b is None else [hist.b[i] for i in picks]
@@ -228,19 +224,14 @@ class MemoryStore:
             status=job.status,
             total_epochs=total,
             since=start,
-            stride=picks.step,
+            stride=stride,
             count=len(picks),
             next_since=end if more else None,
-            epoch=list(picks),
+            epoch=picks,
             w=w,
             b=b,
             loss=loss,
         )
-
-    def history_bytes(self, job_id: str) -> int:
-        with self._lock:
-            hist = self._histories.get(job_id)
-            return 0 if hist is None else hist.nbytes()
 
     def _replace(self, job: Job, **changes: Any) -> Job:
         job = job.model_copy(update=changes)
@@ -260,23 +251,11 @@ class MemoryStore:
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
 
 
-class _Picks(Sequence[int]):
-    """Indices start, start+step, ... below end, plus end-1: first and last always kept."""
-
-    def __init__(self, start: int, end: int, step: int) -> None:
-        self.step = step
-        self._idx = list(range(start, end, step))
-        if self._idx and self._idx[-1] != end - 1:
-            self._idx.append(end - 1)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self._idx[i]
-
-    def __len__(self) -> int:
-        return len(self._idx)
-
-
-def _thin(start: int, end: int, max_points: int) -> _Picks:
+def _thin(start: int, end: int, max_points: int) -> tuple[list[int], int]:
+    """Epochs start, start+step, ... below end, plus end-1 (first and last kept); and step."""
     count = end - start
     step = 1 if count <= max_points else -(-(count - 1) // (max_points - 1))
-    return _Picks(start, end, step)
+    picks = list(range(start, end, step))
+    if picks and picks[-1] != end - 1:
+        picks.append(end - 1)
+    return picks, step
