@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from service import training
-from service.training import FitParams, history, rel_diff, train
+from service.training import Engine, FitParams, history, rel_diff, train
 
 TUTORIAL_X = [1.0, 2.0, 3.0]
 TUTORIAL_Y = [2.0, 4.0, 6.0]
@@ -41,10 +41,11 @@ def tutorial_loop(x_data: list[float], y_data: list[float], epochs: int) -> list
     for epoch in range(epochs):
         i = rng.randrange(len(x_data))
         loss = loss_fn(x_data[i], y_data[i])
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         epoch_list.append(epoch)
         w_list.append(w.item())
         loss_list.append(loss.item())
+        assert w.grad is not None  # set by backward()
         w.data = w.data - 0.01 * w.grad.data
         w.grad.data.zero_()
     return w_list
@@ -56,9 +57,11 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def fit_seconds(x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: str = "scan") -> float:
+def fit_seconds(
+    x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: Engine = "scan"
+) -> float:
     """Wall time of a whole fit as the worker runs it: every chunk, as plain arrays."""
-    return seconds(lambda: sum(len(c) for c in train(x, y, params, engine)))  # type: ignore[arg-type]
+    return seconds(lambda: sum(len(c) for c in train(x, y, params, engine)))
 
 
 def steps_for(per_step: float, budget: float, lo: int, hi: int) -> int:
