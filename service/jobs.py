@@ -290,7 +290,8 @@ def _worker_main(conn: Connection, cancel: Event, threads: int, nice: int) -> No
     from service.errors import Diverged
 
     torch.set_num_threads(threads)
-    info = {"pid": os.getpid(), "torch": torch.__version__, "threads": threads, "nice": nice}
+    # Plain types only: unpickling a TorchVersion made the server import torch.
+    info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
     info.update(training.prepare())  # one-off engine set-up is paid here, once per process
     conn.send(("ready", {**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
     while True:

@@ -1,6 +1,7 @@
 """End to end: a real `python -m service` process on a free port, driven over HTTP."""
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,24 @@ def test_fit_poll_predict_history(server: Server) -> None:
         assert bad.status_code == 422
         assert bad.headers["content-type"] == "application/problem+json"
         assert http.get("/predict", params={"hours": 4}).json() == pred
+
+
+def _maps_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_torch_is_loaded_in_the_worker_never_in_the_server(server: Server) -> None:
+    """The server stays small: a torch loaded by a pickled TorchVersion made full GCs take 0.2 s."""
+    with server.client() as http:
+        job = wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
+        assert job["status"] == "succeeded"
+        assert http.get("/history").status_code == 200
+        assert http.get("/predict", params={"hours": 4}).status_code == 200
+    pid = server.proc.pid
+    tasks = Path(f"/proc/{pid}/task").iterdir()  # each thread lists the children it started
+    children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    assert any(_maps_torch(c) for c in children)  # the probe finds torch where it is
+    assert not _maps_torch(pid)
 
 
 def test_cancel_over_http(server: Server) -> None:
