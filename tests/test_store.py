@@ -4,7 +4,7 @@ import pytest
 
 from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
 from service.schemas import JobParams, JobStatus
-from service.store import MemoryStore, _thin
+from service.store import MemoryStore
 
 PARAMS = JobParams(
     epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
@@ -113,10 +113,60 @@ def test_history_pages_and_thins() -> None:
     assert thin.next_since == 1000  # still running: more may come
 
 
-@pytest.mark.parametrize(("count", "max_points"), [(1, 2), (10, 10), (11, 10), (1000, 7), (999, 2)])
-def test_thinning_keeps_first_and_last_within_the_budget(count: int, max_points: int) -> None:
-    picks, _ = _thin(0, count, max_points)
-    assert picks[0] == 0
-    assert picks[-1] == count - 1
-    assert len(picks) <= max_points
-    assert picks == sorted(set(picks))
+CHUNKS = [1, 7, 1000, 3, 1, 250, 4096, 2]  # the dispatcher appends chunks of any size
+
+
+@pytest.fixture(scope="module")
+def chunked() -> tuple[MemoryStore, str, int]:
+    """A job whose history arrived in uneven chunks: w = epoch, loss = -epoch, b = epoch / 2."""
+    store = MemoryStore(keep_jobs=10)
+    total = sum(CHUNKS)
+    params = PARAMS.model_copy(update={"epochs": total, "fit_intercept": True})
+    job, _ = store.create_job(params, 3)
+    store.start_job(job.id)
+    first = 0
+    for size in CHUNKS:
+        epochs = range(first, first + size)
+        store.append_history(
+            job.id, [float(e) for e in epochs], [e / 2 for e in epochs], [-float(e) for e in epochs]
+        )
+        first += size
+    return store, job.id, total
+
+
+@pytest.mark.parametrize(
+    ("since", "limit", "max_points"),
+    [
+        (0, None, 2),
+        (0, None, 10),
+        (0, None, 10_000),
+        (5, 3, 10_000),  # a page inside one chunk
+        (6, 3, 10_000),  # a page across a chunk boundary
+        (7, 1001, 3),
+        (1008, 5000, 17),
+        (5359, None, 2),  # the last epoch alone
+        (5360, None, 10),  # past the end: an empty page
+        (1, 5358, 1000),
+        (0, 5360, 5360),
+        (0, 5360, 5359),
+    ],
+)
+def test_history_across_chunks_keeps_first_and_last_within_the_budget(
+    chunked: tuple[MemoryStore, str, int], since: int, limit: int | None, max_points: int
+) -> None:
+    store, job_id, total = chunked
+    assert total == 5360
+    page = store.history(job_id, since, limit, max_points)
+    end = total if limit is None else min(total, since + limit)
+    assert page.total_epochs == total
+    assert page.count == len(page.epoch) <= max_points
+    if since >= total:
+        assert page.epoch == page.w == page.loss == []
+        return
+    assert page.epoch[0] == since
+    assert page.epoch[-1] == end - 1
+    assert page.epoch == sorted(set(page.epoch))
+    assert all(b - a == page.stride for a, b in zip(page.epoch[:-2], page.epoch[1:-1], strict=True))
+    assert page.w == [float(e) for e in page.epoch]
+    assert page.loss == [-float(e) for e in page.epoch]
+    assert page.b == [e / 2 for e in page.epoch]
