@@ -240,7 +240,7 @@ class JobRunner:
         s = self._settings
         self._proc = self._ctx.Process(
             target=_worker_main,
-            args=(child, self._cancel, s.torch_threads, s.worker_nice),
+            args=(child, self._cancel, s.torch_threads, s.worker_nice, s.worker_sched_idle),
             name="sgd-worker",
             daemon=True,
         )
@@ -279,11 +279,14 @@ def _floats(raw: bytes) -> "array[float]":
     return values
 
 
-def _worker_main(conn: Connection, cancel: Event, threads: int, nice: int) -> None:
+def _worker_main(
+    conn: Connection, cancel: Event, threads: int, nice: int, sched_idle: bool
+) -> None:
     """Entry point of the worker process: run fits one at a time until told to stop."""
     started = time.perf_counter()
     if nice:
         os.nice(nice)
+    policy = _lower_policy() if sched_idle else "other"
     import torch
 
     from service import training
@@ -292,6 +295,7 @@ def _worker_main(conn: Connection, cancel: Event, threads: int, nice: int) -> No
     torch.set_num_threads(threads)
     # Plain types only: unpickling a TorchVersion made the server import torch.
     info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
+    info["policy"] = policy
     info.update(training.prepare())  # one-off engine set-up is paid here, once per process
     conn.send(("ready", {**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
     while True:
@@ -326,6 +330,20 @@ def _worker_main(conn: Connection, cancel: Event, threads: int, nice: int) -> No
         except Exception as exc:  # report, and stay alive for the next job
             outbox.flush()
             conn.send(("failed", WorkerCrashed(f"the fit raised {exc!r}").problem()))
+
+
+def _lower_policy() -> str:
+    """Put this process under SCHED_IDLE where the OS has it; the policy it runs under.
+
+    Lowering one's own policy needs no privilege (not even CAP_SYS_NICE), so this works in a
+    container with every capability dropped.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # not Linux, or refused by a sandbox
+        log.warning("training worker: SCHED_IDLE unavailable (%r); niceness only", exc)
+        return "other"
+    return "idle"
 
 
 class _Outbox:

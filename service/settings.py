@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=1, ge=1, le=256)
     # The fit is background work: a positive niceness lets the scheduler favour /predict.
     worker_nice: int = Field(default=19, ge=0, le=19)
+    # Linux SCHED_IDLE on top: the worker runs only on CPU time that nothing else wants, and
+    # a request that wakes up preempts it at once (niceness alone only shortens its turns).
+    worker_sched_idle: bool = True
     # After SIGTERM, /readyz answers 503 for this long before the server stops listening,
     # so a load balancer can take the replica out of rotation first.
     drain_seconds: float = Field(default=1.0, ge=0, le=60)
