@@ -9,9 +9,9 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import socket
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +29,42 @@ log = logging.getLogger("sgd_service.jobs")
 # The worker sends what it has at most this often: bounded message rate, fresh progress.
 FLUSH_SECONDS = 0.05
 POLL_SECONDS = 0.2
+
+
+class _Channel:
+    """The pipe to or from the worker: pickled messages, and float64 columns sent raw.
+
+    A history chunk is a small pickled header, then each column's bytes, which the server reads
+    straight into one immutable bytes object per column (the kernel copies them while the GIL is
+    free) and stores as is. Through pickle it took four copies with the GIL held, and /predict,
+    waiting for the GIL, paid for them in its p99.
+
+    The pipe is multiprocessing's duplex Pipe, a Unix socket pair; the raw reads and writes go
+    through a socket on the same descriptor, which works because a Connection never reads ahead.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def send_floats(self, columns: list[bytes]) -> None:
+        self.conn.send(("chunk", len(columns[0]) // 8, len(columns)))
+        for column in columns:
+            self._sock.sendall(column)
+
+    def recv_floats(self, count: int) -> "memoryview[float]":
+        size = 8 * count
+        data = self._sock.recv(size, socket.MSG_WAITALL)
+        while len(data) < size:  # a signal can cut MSG_WAITALL short; EOF means the worker died
+            more = self._sock.recv(size - len(data), socket.MSG_WAITALL)
+            if not more:
+                raise EOFError("the worker closed the pipe in the middle of a chunk")
+            data += more
+        return memoryview(data).cast("d")
+
+    def close(self) -> None:
+        self._sock.close()
+        self.conn.close()
 
 
 @dataclass(frozen=True)
@@ -58,7 +94,7 @@ class JobRunner:
         self._stopping = False
         self._draining = False
         self._proc: Any = None
-        self._conn: Connection | None = None
+        self._chan: _Channel | None = None
         self._worker_ready = threading.Event()
         self.worker_info: dict[str, Any] = {}
         self._thread = threading.Thread(target=self._dispatch, name="sgd-dispatcher", daemon=True)
@@ -173,8 +209,8 @@ class JobRunner:
 
     def _await_worker(self) -> bool:
         """Wait for the worker's hello (torch imported, engine warm); False if stopping."""
-        conn = self._conn
-        assert conn is not None
+        assert self._chan is not None
+        conn = self._chan.conn
         while not self._stopping:
             try:
                 if conn.poll(POLL_SECONDS):
@@ -187,13 +223,14 @@ class JobRunner:
             if not self._proc.is_alive():
                 log.error("training worker exited during start-up; restarting it")
                 self._start_worker()
-                conn = self._conn
-                assert conn is not None
+                assert self._chan is not None
+                conn = self._chan.conn
         return False
 
     def _run(self, job: Job, pending: _Pending) -> None:
-        conn = self._conn
-        assert conn is not None
+        chan = self._chan
+        assert chan is not None
+        conn = chan.conn
         try:
             conn.send(("fit", job.id, job.params.model_dump(), pending.x, pending.y))
             while True:
@@ -205,10 +242,10 @@ class JobRunner:
                         )
                 msg = conn.recv()
                 if msg[0] == "chunk":
-                    _, w, b, loss = msg
-                    self._store.append_history(
-                        job.id, _floats(w), None if b is None else _floats(b), _floats(loss)
-                    )
+                    _, count, columns = msg
+                    w, loss = chan.recv_floats(count), chan.recv_floats(count)
+                    b = chan.recv_floats(count) if columns == 3 else None
+                    self._store.append_history(job.id, w, b, loss)
                 elif msg[0] == "done":
                     _, w, b, final_loss, mse = msg
                     self._store.succeed_job(job.id, w, b, final_loss, mse)
@@ -246,21 +283,21 @@ class JobRunner:
         )
         self._proc.start()
         child.close()
-        self._conn = parent
+        self._chan = _Channel(parent)
 
     def _stop_worker(self, timeout: float) -> None:
         if self._proc is None:
             return
-        if self._conn is not None:
+        if self._chan is not None:
             with contextlib.suppress(OSError, ValueError):
-                self._conn.send(None)
+                self._chan.conn.send(None)
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
+        if self._chan is not None:
+            self._chan.close()
+        self._proc = self._chan = None
 
 
 def _log_job(job: Job) -> None:
@@ -271,12 +308,6 @@ def _log_job(job: Job) -> None:
     if job.result is not None:
         fields["model_version"] = job.result.model_version
     log.info("job %s", job.status.value, extra={"fields": fields})
-
-
-def _floats(raw: bytes) -> "array[float]":
-    values = array("d")
-    values.frombytes(raw)
-    return values
 
 
 def _worker_main(
@@ -298,6 +329,7 @@ def _worker_main(
     info["policy"] = policy
     info.update(training.prepare())  # one-off engine set-up is paid here, once per process
     conn.send(("ready", {**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
+    chan = _Channel(conn)
     while True:
         try:
             msg = conn.recv()
@@ -305,12 +337,12 @@ def _worker_main(
             return
         if msg is None:
             # Skip interpreter teardown (torch's costs seconds): nothing is left to flush.
-            conn.close()
+            chan.close()
             os._exit(0)
         _, _job_id, params, xb, yb = msg
         x, y = training.as_tensor(xb), training.as_tensor(yb)
         fit = training.FitParams(**params)
-        outbox = _Outbox(conn, fit.fit_intercept)
+        outbox = _Outbox(chan, fit.fit_intercept)
         try:
             last = None
             for last in training.train(x, y, fit):
@@ -349,8 +381,8 @@ def _lower_policy() -> str:
 class _Outbox:
     """Coalesces history chunks into one message every FLUSH_SECONDS."""
 
-    def __init__(self, conn: Connection, with_b: bool) -> None:
-        self._conn = conn
+    def __init__(self, chan: _Channel, with_b: bool) -> None:
+        self._chan = chan
         self._with_b = with_b
         self._parts: list[Any] = []
         self._last = time.monotonic()
@@ -362,9 +394,10 @@ class _Outbox:
 
     def flush(self) -> None:
         if self._parts:
-            w = b"".join(c.w.tobytes() for c in self._parts)
-            loss = b"".join(c.loss.tobytes() for c in self._parts)
-            b = b"".join(c.b.tobytes() for c in self._parts) if self._with_b else None
-            self._conn.send(("chunk", w, b, loss))
+            columns = [b"".join(c.w.tobytes() for c in self._parts)]
+            columns.append(b"".join(c.loss.tobytes() for c in self._parts))
+            if self._with_b:
+                columns.append(b"".join(c.b.tobytes() for c in self._parts))
+            self._chan.send_floats(columns)
             self._parts = []
         self._last = time.monotonic()
