@@ -3,8 +3,10 @@ a running service (--url, default $SGD_URL or http://127.0.0.1:8000)."""
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +37,13 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # What is alive now (modules, the app) lives as long as the process: freezing it keeps a
+        # full collection to what requests and jobs made since. Unfrozen, one scanned ~70,000
+        # objects and held the GIL for 30-120 ms on the machine in the README's Performance.
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:

@@ -1,5 +1,7 @@
 """The command line: fit, predict and history against a real server (`--url`)."""
 
+import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -8,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
-from service.__main__ import main
+from service.__main__ import DrainingServer, main
 from tests.conftest import TIMEOUT, Server, free_port, start_server
 
 TUTORIAL_ARGS = ["--x", "1", "2", "3", "--y", "2", "4", "6"]
@@ -159,3 +163,25 @@ def test_no_model_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert "error: No history yet: no job has started yet" in err
     finally:
         srv.stop()
+
+
+def test_serve_freezes_what_start_up_made() -> None:
+    """After start-up, a full collection scans only what requests and jobs make since."""
+    app = FastAPI()
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None)
+    server = DrainingServer(config, app, drain_seconds=0)
+
+    async def start_and_stop() -> int:
+        serving = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers a flag, no event)
+            await asyncio.sleep(0.01)
+        frozen = gc.get_freeze_count()
+        server.should_exit = True
+        await serving
+        return frozen
+
+    gc.unfreeze()
+    try:
+        assert asyncio.run(start_and_stop()) > 10_000  # the modules and the app, at least
+    finally:
+        gc.unfreeze()
