@@ -368,12 +368,11 @@ def _lower_policy() -> str:
     """Put this process under SCHED_IDLE where the OS has it; the policy it runs under.
 
     Lowering one's own policy needs no privilege (not even CAP_SYS_NICE), so this works in a
-    container with every capability dropped.
+    container with every capability dropped. The hello reports the policy; the server logs it.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or refused by a sandbox
-        log.warning("training worker: SCHED_IDLE unavailable (%r); niceness only", exc)
+    except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
         return "other"
     return "idle"
 
