@@ -96,6 +96,21 @@ torch=$(in_container python -c 'import torch; print(torch.__version__, torch.ver
 [[ $torch == *"+cpu None" ]] || fail "torch in the container is '$torch', not a CPU build"
 log "torch (version, cuda): $torch"
 
+# The training worker is background work even with every capability dropped: nice 19, SCHED_IDLE.
+worker=$(in_container python -c '
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue  # ended meanwhile
+    if b"multiprocessing.spawn" in cmd and b"resource_tracker" not in cmd:
+        p = int(pid)
+        print(os.getpriority(os.PRIO_PROCESS, p), os.sched_getscheduler(p) == os.SCHED_IDLE)
+')
+[ "$worker" = "19 True" ] || fail "the training worker runs at '$worker' (nice, SCHED_IDLE), not '19 True'"
+log "the training worker runs at nice 19 under SCHED_IDLE"
+
 root_opts=$(in_container python -c 'print([m.split()[3] for m in open("/proc/mounts") if m.split()[1] == "/"][-1])')
 [[ ,$root_opts, == *,ro,* ]] || fail "the root filesystem is mounted '$root_opts', not read-only"
 in_container sh -c 'touch /tmp/x && rm /tmp/x' || fail "/tmp is not writable"
