@@ -133,6 +133,9 @@ class Job(_Output):
     params: JobParams
     n_samples: int
     progress: Progress
+    attempts: int = Field(
+        default=0, description="runs started: more than 1 when a training worker died under it"
+    )
     result: JobResult | None = None
     error: Problem | None = None
 

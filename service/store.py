@@ -109,9 +109,13 @@ class Store(Protocol):
         loss: Sequence[float],
     ) -> None: ...
 
+    def retry_job(self, job_id: str) -> Job: ...
+
+    def discard_job(self, job_id: str) -> None: ...
+
     def succeed_job(
         self, job_id: str, w: float, b: float, final_loss: float, mse: float
-    ) -> Model: ...
+    ) -> Job: ...
 
     def end_job(
         self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None
@@ -130,6 +134,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # insertion order is creation order
         self._histories: dict[str, _History] = {}
+        self._ended: dict[str, None] = {}  # ended job ids in the order they ended
         self._idempotency: dict[str, tuple[str, str]] = {}  # key -> (body fingerprint, job id)
         self._latest_started: str | None = None
         self._model: Model | None = None
@@ -195,10 +200,20 @@ class MemoryStore:
             job = self._jobs.get(job_id)
             if job is None or job.status is not JobStatus.queued:
                 return None
-            job = self._replace(job, status=JobStatus.running, started_at=now())
+            job = self._replace(job, status=JobStatus.running, started_at=now(), attempts=1)
             self._histories[job_id] = _History(b=_Column() if job.params.fit_intercept else None)
             self._latest_started = job_id
             return job
+
+    def retry_job(self, job_id: str) -> Job:
+        """Start the next attempt of a running job whose worker died: its history starts over."""
+        with self._lock:
+            job = self.get_job(job_id)
+            if job.status is not JobStatus.running:
+                raise JobAlreadyEnded(f"job {job_id} is {job.status.value}, not running")
+            self._histories[job_id] = _History(b=_Column() if job.params.fit_intercept else None)
+            progress = Progress(epoch=0, epochs=job.params.epochs)
+            return self._replace(job, attempts=job.attempts + 1, progress=progress)
 
     def append_history(
         self,
@@ -217,29 +232,29 @@ class MemoryStore:
             job = self._jobs[job_id]
             self._replace(job, progress=Progress(epoch=len(hist.w), epochs=job.params.epochs))
 
-    def succeed_job(self, job_id: str, w: float, b: float, final_loss: float, mse: float) -> Model:
+    def succeed_job(self, job_id: str, w: float, b: float, final_loss: float, mse: float) -> Job:
         """End a job successfully and publish its model as the next version, atomically."""
         with self._lock:
-            job = self._jobs[job_id]
+            job = self._running(job_id)
             version = (self._model.version if self._model else 0) + 1
             ended = now()
             model = Model(
                 version=version, w=w, b=b, job_id=job_id, trained_at=ended, params=job.params
             )
             result = JobResult(model_version=version, w=w, b=b, final_loss=final_loss, mse=mse)
-            self._replace(job, status=JobStatus.succeeded, finished_at=ended, result=result)
+            job = self._replace(job, status=JobStatus.succeeded, finished_at=ended, result=result)
             self._model = model  # the one assignment that publishes the new version
+            self._ended[job_id] = None
             self._evict()
-            return model
+            return job
 
     def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
         """End a job as failed or cancelled; nothing it produced is served."""
         with self._lock:
-            job = self._jobs[job_id]
-            if job.status.ended:
-                raise JobAlreadyEnded(f"job {job_id} already ended as {job.status}")
+            job = self._running(job_id)
             problem = Problem.model_validate(error) if error is not None else None
             job = self._replace(job, status=status, finished_at=now(), error=problem)
+            self._ended[job_id] = None
             self._evict()
             return job
 
@@ -282,18 +297,28 @@ class MemoryStore:
             loss=loss,
         )
 
+    def _running(self, job_id: str) -> Job:
+        """A job that has not ended yet (queued or running)."""
+        job = self.get_job(job_id)
+        if job.status.ended:
+            raise JobAlreadyEnded(f"job {job_id} already ended as {job.status.value}")
+        return job
+
     def _replace(self, job: Job, **changes: Any) -> Job:
         job = job.model_copy(update=changes)
         self._jobs[job.id] = job
         return job
 
     def _evict(self) -> None:
-        """Forget the oldest ended jobs beyond keep_jobs, never the one behind the served model."""
-        ended = [j.id for j in self._jobs.values() if j.status.ended]
+        """Forget the jobs that ended longest ago beyond keep_jobs, never the served model's.
+
+        By the order they ended, not the order they were created: the job whose end is being
+        recorded is the newest ended one, so it is never evicted while that end is handled.
+        """
         served = self._model.job_id if self._model else None
-        for job_id in ended[: max(0, len(ended) - self._keep_jobs)]:
-            if job_id == served:
-                continue
+        others = [j for j in self._ended if j != served]
+        for job_id in others[: max(0, len(others) - self._keep_jobs)]:
+            del self._ended[job_id]
             del self._jobs[job_id]
             self._histories.pop(job_id, None)
         live = set(self._jobs)

@@ -179,3 +179,32 @@ def test_history_across_chunks_keeps_first_and_last_within_the_budget(
     assert page.w == [float(e) for e in page.epoch]
     assert page.loss == [-float(e) for e in page.epoch]
     assert page.b == [e / 2 for e in page.epoch]
+
+
+def test_eviction_goes_by_the_order_jobs_ended_not_were_created() -> None:
+    # A long job created first and ended last is the newest ended job: ending it never evicts it
+    # (by creation order it was dropped inside its own end, and the dispatcher died of it).
+    store = MemoryStore(keep_jobs=1)
+    long, _ = store.create_job(PARAMS, 3)
+    store.start_job(long.id)
+    short, _ = store.create_job(PARAMS, 3)
+    store.end_job(short.id, JobStatus.cancelled)
+    ended = store.end_job(long.id, JobStatus.cancelled)
+    assert ended.id == long.id
+    assert store.get_job(long.id).status is JobStatus.cancelled
+    assert [j.id for j in store.list_jobs(10)] == [long.id]
+
+
+def test_a_retried_job_starts_its_history_over() -> None:
+    store = MemoryStore(keep_jobs=10)
+    job, _ = store.create_job(PARAMS, 3)
+    assert store.start_job(job.id).attempts == 1  # type: ignore[union-attr]
+    store.append_history(job.id, [1.0, 1.5], None, [4.0, 1.0])
+    again = store.retry_job(job.id)
+    assert again.attempts == 2
+    assert again.status is JobStatus.running
+    assert again.progress.epoch == 0
+    assert store.history(job.id, 0, None, 100).total_epochs == 0
+    store.end_job(job.id, JobStatus.cancelled)
+    with pytest.raises(JobAlreadyEnded):
+        store.retry_job(job.id)
