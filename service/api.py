@@ -1,6 +1,7 @@
 """HTTP routes: thin, typed, async; state comes in through small dependencies; never torch."""
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -11,7 +12,14 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import PROBLEM_JSON, InvalidInput, ModelNotReady, NotReady, Unauthorized
+from service.errors import (
+    PROBLEM_JSON,
+    InvalidInput,
+    JobNotFound,
+    ModelNotReady,
+    NotReady,
+    Unauthorized,
+)
 from service.jobs import JobRunner
 from service.schemas import (
     MAX_SEED,
@@ -29,7 +37,7 @@ from service.schemas import (
     finite_or_raise,
 )
 from service.settings import Settings
-from service.store import MemoryStore
+from service.store import Store
 
 CANCEL_WAIT_SECONDS = 10.0
 MAX_LISTED_JOBS = 100
@@ -45,8 +53,8 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # async: FastAPI runs plain `def` dependencies in its threadpool, a hop per request
-async def get_store(request: Request) -> MemoryStore:
-    store: MemoryStore = request.state.store
+async def get_store(request: Request) -> Store:
+    store: Store = request.state.store
     return store
 
 
@@ -60,7 +68,7 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
-StoreDep = Annotated[MemoryStore, Depends(get_store)]
+StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
@@ -143,11 +151,12 @@ async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> Job:
     deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS
     while not job.status.ended and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)
-        job = store.get_job(job_id)
+        with contextlib.suppress(JobNotFound):  # evicted since: answer what we saw last
+            job = store.get_job(job_id)
     return job
 
 
-def _served(store: MemoryStore) -> Model:
+def _served(store: Store) -> Model:
     model = store.model
     if model is None:
         raise ModelNotReady("no fit has succeeded yet: POST /fit, then retry when it succeeds")

@@ -1,70 +1,50 @@
 """The job runner: a bounded queue, one long-lived training worker process, progress, cancel.
 
-Fits run in a separate process (spawned once, at a lower CPU priority) so that neither the GIL
-nor the CPU a fit takes slows /predict. A dispatcher thread in the server feeds the worker one job
-at a time and writes what it streams back (history chunks, then the outcome) into the store.
+Fits run in a separate process (service.worker, spawned once, at a lower CPU priority) so that
+neither the GIL nor the CPU a fit takes slows /predict. A dispatcher thread in the server feeds
+the worker one job at a time and writes what it streams back (history chunks, then the outcome)
+into the store.
+
+The worker may die at any moment (the OOM killer, kill -9). The dispatcher waits on the worker's
+pipe, its process sentinel and a wake-up pipe at once, so it sees a death as it happens, busy or
+idle, and starts a replacement; /readyz is 503 until that one is ready. A job whose worker died is
+run again on the replacement (the recorded seed makes the run identical), up to
+SGD_JOB_ATTEMPTS attempts: at-least-once. The runner's lock guards only its own fields and is
+never held while talking to the worker, and no exception ends the dispatcher's loop.
 """
 
+import atexit
 import contextlib
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
-import socket
 import threading
-import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event
 from typing import Any
 
+from service import worker
 from service.errors import JobAlreadyEnded, QueueFull, ServiceError, ShuttingDown, WorkerCrashed
 from service.schemas import Job, JobStatus
 from service.settings import Settings
-from service.store import MemoryStore
+from service.store import Store
 
 log = logging.getLogger("sgd_service.jobs")
 
-# The worker sends what it has at most this often: bounded message rate, fresh progress.
-FLUSH_SECONDS = 0.05
-POLL_SECONDS = 0.2
+# A worker that dies this many times in a row before its hello means it cannot start at all
+# (a broken install, no memory): the runner says it is broken, and the server exits.
+MAX_START_FAILURES = 5
+# Seconds before each new start after consecutive failures: a crash loop must not spin.
+START_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
+# How long a stopping worker gets to exit by itself before it is killed.
+WORKER_STOP_SECONDS = 1.0
 
 
-class _Channel:
-    """The pipe to or from the worker: pickled messages, and float64 columns sent raw.
-
-    A history chunk is a small pickled header, then each column's bytes, which the server reads
-    straight into one immutable bytes object per column (the kernel copies them while the GIL is
-    free) and stores as is. Through pickle it took four copies with the GIL held, and /predict,
-    waiting for the GIL, paid for them in its p99.
-
-    The pipe is multiprocessing's duplex Pipe, a Unix socket pair; the raw reads and writes go
-    through a socket on the same descriptor, which works because a Connection never reads ahead.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
-
-    def send_floats(self, columns: list[bytes]) -> None:
-        self.conn.send(("chunk", len(columns[0]) // 8, len(columns)))
-        for column in columns:
-            self._sock.sendall(column)
-
-    def recv_floats(self, count: int) -> "memoryview[float]":
-        size = 8 * count
-        data = self._sock.recv(size, socket.MSG_WAITALL)
-        while len(data) < size:  # a signal can cut MSG_WAITALL short; EOF means the worker died
-            more = self._sock.recv(size - len(data), socket.MSG_WAITALL)
-            if not more:
-                raise EOFError("the worker closed the pipe in the middle of a chunk")
-            data += more
-        return memoryview(data).cast("d")
-
-    def close(self) -> None:
-        self._sock.close()
-        self.conn.close()
+class WorkerLost(Exception):
+    """The worker died, or its pipe broke, while it had a job."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +54,66 @@ class _Pending:
     y: bytes
 
 
+class _Worker:
+    """One worker process and the pipe to it; used by the dispatcher thread only."""
+
+    def __init__(self, ctx: Any, settings: Settings) -> None:
+        parent, child = ctx.Pipe()
+        s = settings
+        self.proc = ctx.Process(
+            target=worker.main,
+            args=(child, s.torch_threads, s.worker_nice, s.worker_sched_idle),
+            name="sgd-worker",
+            daemon=True,
+        )
+        self.proc.start()
+        child.close()
+        _LIVE_WORKERS.add(self)
+        self.chan = worker.Channel(parent)
+        self.conn = self.chan.conn
+        self.sentinel: int = self.proc.sentinel
+
+    def send(self, msg: object) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, ValueError) as exc:
+            raise WorkerLost(f"could not write to the training worker: {exc!r}") from exc
+
+    def died(self) -> str:
+        self.proc.join(WORKER_STOP_SECONDS)
+        return f"the training worker exited with code {self.proc.exitcode}"
+
+    def kill(self) -> None:
+        """Ask the worker to exit, kill it if it does not, and close the pipe."""
+        if self.proc.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                self.conn.send(worker.Stop())
+            self.proc.join(WORKER_STOP_SECONDS)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        _LIVE_WORKERS.discard(self)
+        self.chan.close()
+
+
+# The worker ignores SIGTERM, so multiprocessing's own exit handler, which terminates and then
+# joins daemon children, would wait forever for one that a crashed server left behind.
+_LIVE_WORKERS: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_live_workers() -> None:
+    for w in list(_LIVE_WORKERS):
+        with contextlib.suppress(Exception):
+            w.proc.kill()
+
+
 class JobRunner:
     """Owns the queue and the worker process; the store owns the state they produce."""
 
     def __init__(
         self,
-        store: MemoryStore,
+        store: Store,
         settings: Settings,
         on_end: Callable[[Job], None] | None = None,
     ) -> None:
@@ -87,35 +121,49 @@ class JobRunner:
         self._on_end = on_end
         self._settings = settings
         self._ctx = mp.get_context("spawn")  # never fork a process that has threads
-        self._cancel = self._ctx.Event()
-        self._cond = threading.Condition()
+        # Guards the fields below; held for a few assignments, never while talking to the worker.
+        self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
         self._current: str | None = None
-        self._stopping = False
+        self._cancel_asked = False
         self._draining = False
-        self._proc: Any = None
-        self._chan: _Channel | None = None
-        self._worker_ready = threading.Event()
+        self._stopping = False
+        # Written by the dispatcher thread only; others read them as plain values.
+        self._worker: _Worker | None = None
+        self._worker_ready = False
+        self._start_failures = 0
+        self._broken: str | None = None
         self.worker_info: dict[str, Any] = {}
+        # Anyone wakes the dispatcher by writing a byte: no lock, and a full pipe is awake already.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._dispatch, name="sgd-dispatcher", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the worker (it imports torch once) and the dispatcher thread."""
-        self._start_worker()
+        """Start the dispatcher; it spawns the worker, which imports torch once."""
         self._thread.start()
 
     @property
     def ready(self) -> bool:
-        """Can take work: not draining, worker and dispatcher alive."""
+        """Can take work: not draining, not broken, a worker alive and warm, the dispatcher up."""
         return (
             not self._draining
-            and self._worker_ready.is_set()
+            and self._worker_ready
+            and self._broken is None
             and self._thread.is_alive()
-            and self._proc is not None
-            and self._proc.is_alive()
         )
+
+    @property
+    def broken(self) -> str | None:
+        """Why the runner can never train again (the process should exit), or None."""
+        if self._broken is not None:
+            return self._broken
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stopping:
+            return "the dispatcher thread has stopped"
+        return None
 
     @property
     def queue_depth(self) -> int:
@@ -123,30 +171,38 @@ class JobRunner:
 
     def drain(self) -> None:
         """Refuse new fits and cancel every queued and running job."""
-        with self._cond:
+        with self._lock:
             self._draining = True
             pending, self._queue = list(self._queue), deque()
             if self._current is not None:
-                self._cancel.set()
+                self._cancel_asked = True
+        self._wake()
         for p in pending:
-            self._end_quietly(p.job_id, JobStatus.cancelled)
-            self._ended(self._store.get_job(p.job_id))
+            self._end(p.job_id, JobStatus.cancelled)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Drain, wait for the running fit to stop, then end the worker."""
         self.drain()
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
+        self._wake()
+        if self._thread.ident is not None:
             self._thread.join(timeout)
-        self._stop_worker(timeout)
+        if self._thread.is_alive():  # stuck on a worker that does not answer: take it away
+            log.error("the dispatcher did not stop within %.0fs; killing the worker", timeout)
+            current = self._worker
+            if current is not None:
+                current.proc.kill()
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -- requests --------------------------------------------------------------------------
 
     def submit(self, job: Job, x: bytes, y: bytes) -> None:
         """Queue a job, or raise QueueFull/ShuttingDown."""
-        with self._cond:
+        with self._lock:
             if self._draining:
                 raise ShuttingDown("the service is shutting down; send the fit to another replica")
             if len(self._queue) >= self._settings.max_queued_jobs:
@@ -156,247 +212,250 @@ class JobRunner:
                     retry_after=2,
                 )
             self._queue.append(_Pending(job.id, x, y))
-            self._cond.notify_all()
+        self._wake()
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job now, or ask the running one to stop after its current chunk."""
-        with self._cond:
-            job = self._store.get_job(job_id)
-            if job.status.ended:
-                raise JobAlreadyEnded(
-                    f"job {job_id} already ended as {job.status.value}; nothing to cancel"
-                )
-            if job_id == self._current:
-                self._cancel.set()
-                return job
-            self._queue = deque(p for p in self._queue if p.job_id != job_id)
-        job = self._store.end_job(job_id, JobStatus.cancelled)
+        job = self._store.get_job(job_id)
+        if job.status.ended:
+            raise JobAlreadyEnded(f"job {job_id} already ended as {job.status.value}")
+        with self._lock:
+            running = job_id == self._current
+            if running:
+                self._cancel_asked = True
+            else:
+                self._queue = deque(p for p in self._queue if p.job_id != job_id)
+        if running:
+            self._wake()
+            return job
+        job = self._store.end_job(job_id, JobStatus.cancelled)  # JobAlreadyEnded if it just did
         self._ended(job)
         return job
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"!")
 
     # -- the dispatcher thread -------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        while True:
-            if not self._worker_ready.is_set() and not self._await_worker():
-                return
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
+        """Feed the worker one job at a time until stop(); no exception ends this loop."""
+        try:
+            while not self._stopping:
+                try:
+                    self._step()
+                except Exception:
+                    log.exception("dispatcher error; replacing the training worker")
+                    self._lose_worker()
+        finally:
+            self._lose_worker()
+
+    def _step(self) -> None:
+        if self._worker is None and not self._draining and self._broken is None:
+            self._start_worker()
+            return
+        pending = self._next()
+        if pending is not None:
+            self._run(*pending)
+
+    def _next(self) -> tuple[_Pending, Job] | None:
+        """The next job, marked running; None after waiting for something to happen."""
+        with self._lock:
+            while self._queue and self._worker_ready and not self._draining:
                 pending = self._queue.popleft()
                 job = self._store.start_job(pending.job_id)
-                if job is None:  # cancelled while queued
-                    continue
-                self._current = job.id
-                self._cancel.clear()
-            _log_job(job)
-            try:
-                self._run(job, pending)
-            except WorkerCrashed as exc:
-                log.error("job %s: %s", job.id, exc.detail)
-                self._end_quietly(job.id, JobStatus.failed, exc.problem())
-                if not self._stopping:
-                    self._start_worker()
-            except Exception:
-                log.exception("job %s: dispatcher error", job.id)
-                self._end_quietly(job.id, JobStatus.failed, WorkerCrashed("internal").problem())
-            finally:
-                with self._cond:
-                    self._current = None
-            self._ended(self._store.get_job(job.id))
-
-    def _await_worker(self) -> bool:
-        """Wait for the worker's hello (torch imported, engine warm); False if stopping."""
-        assert self._chan is not None
-        conn = self._chan.conn
-        while not self._stopping:
-            try:
-                if conn.poll(POLL_SECONDS):
-                    _, self.worker_info = conn.recv()
-                    log.info("training worker ready: %s", self.worker_info)
-                    self._worker_ready.set()
-                    return True
-            except (EOFError, OSError):
-                pass
-            if not self._proc.is_alive():
-                log.error("training worker exited during start-up; restarting it")
-                self._start_worker()
-                assert self._chan is not None
-                conn = self._chan.conn
-        return False
-
-    def _run(self, job: Job, pending: _Pending) -> None:
-        chan = self._chan
-        assert chan is not None
-        conn = chan.conn
-        try:
-            conn.send(("fit", job.id, job.params.model_dump(), pending.x, pending.y))
-            while True:
-                while not conn.poll(POLL_SECONDS):
-                    if not self._proc.is_alive():
-                        raise WorkerCrashed(
-                            f"the training worker exited with code {self._proc.exitcode}; "
-                            "the job may have needed more memory than the host has"
-                        )
-                msg = conn.recv()
-                if msg[0] == "chunk":
-                    _, count, columns = msg
-                    w, loss = chan.recv_floats(count), chan.recv_floats(count)
-                    b = chan.recv_floats(count) if columns == 3 else None
-                    self._store.append_history(job.id, w, b, loss)
-                elif msg[0] == "done":
-                    _, w, b, final_loss, mse = msg
-                    self._store.succeed_job(job.id, w, b, final_loss, mse)
-                    return
-                else:
-                    status = JobStatus.cancelled if msg[0] == "cancelled" else JobStatus.failed
-                    self._store.end_job(job.id, status, msg[1])
-                    return
-        except (EOFError, OSError) as exc:
-            raise WorkerCrashed(f"lost the training worker: {exc!r}") from exc
-
-    def _end_quietly(
-        self, job_id: str, status: JobStatus, problem: dict[str, Any] | None = None
-    ) -> None:
-        with contextlib.suppress(ServiceError):  # already ended or evicted: nothing left to do
-            self._store.end_job(job_id, status, problem)
-
-    def _ended(self, job: Job) -> None:
-        _log_job(job)
-        if self._on_end is not None:
-            self._on_end(job)
-
-    # -- the worker process ----------------------------------------------------------------
+                if job is not None:  # None: cancelled (or evicted) while queued
+                    self._current, self._cancel_asked = job.id, False
+                    return pending, job
+        # Idle: sleep until woken, and watch the worker, which can die between fits too.
+        current = self._worker
+        watched: list[Any] = [self._wake_r]
+        if current is not None:
+            watched += [current.conn, current.sentinel]
+        ready = mp.connection.wait(watched)
+        self._drain_wake()
+        if current is not None and (current.conn in ready or current.sentinel in ready):
+            # While idle the worker sends nothing: this is its end of the pipe closing.
+            log.error("%s while idle; starting a new one", current.died())
+            self._lose_worker()
+        return None
 
     def _start_worker(self) -> None:
-        self._stop_worker(timeout=1.0)
-        self._worker_ready.clear()
-        parent, child = self._ctx.Pipe()
-        s = self._settings
-        self._proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child, self._cancel, s.torch_threads, s.worker_nice, s.worker_sched_idle),
-            name="sgd-worker",
-            daemon=True,
-        )
-        self._proc.start()
-        child.close()
-        self._chan = _Channel(parent)
-
-    def _stop_worker(self, timeout: float) -> None:
-        if self._proc is None:
+        """Spawn a worker and wait for its hello; backs off after failed starts."""
+        delay = START_BACKOFF[min(self._start_failures, len(START_BACKOFF) - 1)]
+        if delay and self._sleep(delay):
             return
-        if self._chan is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._chan.conn.send(None)
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join()
-        if self._chan is not None:
-            self._chan.close()
-        self._proc = self._chan = None
+        self._worker = new = _Worker(self._ctx, self._settings)
+        while True:
+            ready = mp.connection.wait([new.conn, new.sentinel, self._wake_r])
+            self._drain_wake()
+            if self._stopping or self._draining:
+                self._lose_worker()  # a shutdown never brings up a worker
+                return
+            if new.conn in ready:
+                try:
+                    hello = new.conn.recv()
+                except (EOFError, OSError):
+                    break
+                assert isinstance(hello, worker.Hello)
+                self.worker_info = hello.info
+                self._start_failures = 0
+                self._worker_ready = True
+                log.info("training worker ready: %s", hello.info)
+                return
+            if new.sentinel in ready:
+                break
+        self._start_failures += 1
+        log.error("%s during start-up (%d in a row)", new.died(), self._start_failures)
+        self._lose_worker()
+        if self._start_failures >= MAX_START_FAILURES:
+            self._broken = (
+                f"the training worker failed to start {self._start_failures} times in a row"
+            )
+            log.critical("%s; this replica can no longer train", self._broken)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait, waking early for stop or drain; True if the runner is stopping or draining."""
+        mp.connection.wait([self._wake_r], seconds)
+        self._drain_wake()
+        return self._stopping or self._draining
+
+    def _lose_worker(self) -> None:
+        """Forget the worker: not ready until a new one says hello."""
+        self._worker_ready = False
+        gone, self._worker = self._worker, None
+        if gone is not None:
+            gone.kill()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    def _run(self, pending: _Pending, job: Job) -> None:
+        """Run a job to its end: again on a new worker if one dies under it."""
+        _log_job(job)
+        ended: Job | None = None
+        try:
+            while ended is None:
+                try:
+                    ended = self._attempt(job, pending)
+                except WorkerLost as exc:
+                    log.error("job %s, attempt %d: %s", job.id, job.attempts, exc)
+                    self._lose_worker()
+                    ended = self._after_loss(job, str(exc))
+                    if ended is None:
+                        job = self._store.retry_job(job.id)
+                        _log_job(job)
+        except Exception:
+            # The store failed us: fail the job so that it does not stay running for ever, and
+            # start afresh with a new worker (this one may still be streaming into the pipe).
+            log.exception("job %s: could not record the fit; failing it", job.id)
+            self._lose_worker()
+            problem = ServiceError("the service could not record the fit; retry it").problem()
+            ended = self._end(job.id, JobStatus.failed, problem, report=False)
+        finally:
+            with self._lock:
+                self._current, self._cancel_asked = None, False
+        if ended is not None:
+            self._ended(ended)
+
+    def _after_loss(self, job: Job, reason: str) -> Job | None:
+        """How a job ends when its worker died; None if it should run again."""
+        attempts, limit = job.attempts, self._settings.job_attempts
+        if attempts >= limit:
+            problem = WorkerCrashed(
+                f"the training worker died in each of the job's {attempts} attempts "
+                f"(SGD_JOB_ATTEMPTS={limit}), last: {reason}; the fit may need more memory "
+                "than the host has",
+                attempts=attempts,
+            ).problem()
+            return self._end(job.id, JobStatus.failed, problem, report=False)
+        while not (self._cancel_asked or self._draining or self._stopping):
+            if self._worker_ready:
+                return None
+            if self._broken is not None:
+                problem = WorkerCrashed(f"{self._broken}; retry on another replica").problem()
+                return self._end(job.id, JobStatus.failed, problem, report=False)
+            self._start_worker()
+        return self._end(job.id, JobStatus.cancelled, report=False)
+
+    def _attempt(self, job: Job, pending: _Pending) -> Job | None:
+        """One run of the job on the current worker; the ended job, or raises WorkerLost."""
+        current = self._worker
+        assert current is not None
+        current.send(worker.Fit(job.id, job.params.model_dump(), pending.x, pending.y))
+        cancel_sent = False
+        while True:
+            if self._cancel_asked and not cancel_sent:
+                current.send(worker.Cancel(job.id))
+                cancel_sent = True
+            ready = mp.connection.wait([current.conn, current.sentinel, self._wake_r])
+            self._drain_wake()
+            if current.conn in ready:
+                ended = self._receive(job, current)
+                if ended is not None:
+                    return ended
+            elif current.sentinel in ready:
+                raise WorkerLost(current.died())
+
+    def _receive(self, job: Job, current: _Worker) -> Job | None:
+        """Handle one message of the running job; the job once it has ended."""
+        try:
+            msg = current.conn.recv()
+            if isinstance(msg, worker.Chunk):
+                w = current.chan.recv_floats(msg.count)
+                loss = current.chan.recv_floats(msg.count)
+                b = current.chan.recv_floats(msg.count) if msg.columns == 3 else None
+        except (EOFError, OSError) as exc:
+            raise WorkerLost(f"lost the training worker: {exc!r}") from exc
+        if isinstance(msg, worker.Chunk):
+            self._store.append_history(job.id, w, b, loss)
+            return None
+        if isinstance(msg, worker.Done):
+            return self._store.succeed_job(job.id, msg.w, msg.b, msg.final_loss, msg.mse)
+        if isinstance(msg, worker.Cancelled):
+            return self._store.end_job(job.id, JobStatus.cancelled)
+        if isinstance(msg, worker.Failed):
+            return self._store.end_job(job.id, JobStatus.failed, msg.problem)
+        raise TypeError(f"unexpected message from the training worker: {msg!r}")
+
+    # -- ending jobs -----------------------------------------------------------------------
+
+    def _end(
+        self,
+        job_id: str,
+        status: JobStatus,
+        problem: dict[str, Any] | None = None,
+        report: bool = True,
+    ) -> Job | None:
+        """End a job if it has not ended yet; never raises (a failure is logged)."""
+        try:
+            job = self._store.end_job(job_id, status, problem)
+        except ServiceError:  # it ended (or was evicted) meanwhile: nothing left to do
+            return None
+        except Exception:
+            log.exception("job %s: could not record its end as %s", job_id, status.value)
+            return None
+        if report:
+            self._ended(job)
+        return job
+
+    def _ended(self, job: Job) -> None:
+        try:
+            _log_job(job)
+            if self._on_end is not None:
+                self._on_end(job)
+        except Exception:
+            log.exception("job %s: reporting its end failed", job.id)
 
 
 def _log_job(job: Job) -> None:
     fields: dict[str, Any] = {"job_id": job.id, "status": job.status.value}
     fields.update(epoch=job.progress.epoch, epochs=job.progress.epochs, n_samples=job.n_samples)
+    fields["attempts"] = job.attempts
     if job.error is not None:
         fields["error"] = job.error.type
     if job.result is not None:
         fields["model_version"] = job.result.model_version
     log.info("job %s", job.status.value, extra={"fields": fields})
-
-
-def _worker_main(
-    conn: Connection, cancel: Event, threads: int, nice: int, sched_idle: bool
-) -> None:
-    """Entry point of the worker process: run fits one at a time until told to stop."""
-    started = time.perf_counter()
-    if nice:
-        os.nice(nice)
-    policy = _lower_policy() if sched_idle else "other"
-    import torch
-
-    from service import training
-    from service.errors import Diverged
-
-    torch.set_num_threads(threads)
-    # Plain types only: unpickling a TorchVersion made the server import torch.
-    info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
-    info["policy"] = policy
-    info.update(training.prepare())  # one-off engine set-up is paid here, once per process
-    conn.send(("ready", {**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
-    chan = _Channel(conn)
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, KeyboardInterrupt):
-            return
-        if msg is None:
-            # Skip interpreter teardown (torch's costs seconds): nothing is left to flush.
-            chan.close()
-            os._exit(0)
-        _, _job_id, params, xb, yb = msg
-        x, y = training.as_tensor(xb), training.as_tensor(yb)
-        fit = training.FitParams(**params)
-        outbox = _Outbox(chan, fit.fit_intercept)
-        try:
-            last = None
-            for last in training.train(x, y, fit):
-                outbox.add(last)
-                if cancel.is_set():
-                    outbox.flush()
-                    conn.send(("cancelled", None))
-                    break
-            else:
-                outbox.flush()
-                assert last is not None
-                w, b = last.w_after, last.b_after
-                conn.send(("done", w, b, last.loss[-1], training.mse(x, y, w, b)))
-        except Diverged as exc:
-            outbox.flush()
-            conn.send(("failed", exc.problem()))
-        except Exception as exc:  # report, and stay alive for the next job
-            outbox.flush()
-            conn.send(("failed", WorkerCrashed(f"the fit raised {exc!r}").problem()))
-
-
-def _lower_policy() -> str:
-    """Put this process under SCHED_IDLE where the OS has it; the policy it runs under.
-
-    Lowering one's own policy needs no privilege (not even CAP_SYS_NICE), so this works in a
-    container with every capability dropped. The hello reports the policy; the server logs it.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
-        return "other"
-    return "idle"
-
-
-class _Outbox:
-    """Coalesces history chunks into one message every FLUSH_SECONDS."""
-
-    def __init__(self, chan: _Channel, with_b: bool) -> None:
-        self._chan = chan
-        self._with_b = with_b
-        self._parts: list[Any] = []
-        self._last = time.monotonic()
-
-    def add(self, chunk: Any) -> None:
-        self._parts.append(chunk)
-        if time.monotonic() - self._last >= FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._parts:
-            columns = [b"".join(c.w.tobytes() for c in self._parts)]
-            columns.append(b"".join(c.loss.tobytes() for c in self._parts))
-            if self._with_b:
-                columns.append(b"".join(c.b.tobytes() for c in self._parts))
-            self._chan.send_floats(columns)
-            self._parts = []
-        self._last = time.monotonic()

@@ -16,13 +16,13 @@ from service.middleware import BodyLimit
 from service.observability import Metrics, RequestObserver
 from service.schemas import document_limits
 from service.settings import Settings
-from service.store import MemoryStore
+from service.store import MemoryStore, Store
 
 log = logging.getLogger("sgd_service")
 
 
 class State(TypedDict):
-    store: MemoryStore
+    store: Store
     runner: JobRunner
     settings: Settings
     metrics: Metrics
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = MemoryStore(keep_jobs=settings.keep_jobs)
         runner = JobRunner(store, settings, on_end=metrics.job_ended)
         metrics.watch(store, runner)
-        await run_in_threadpool(runner.start)
+        runner.start()
         app.state.runner = runner  # for the SIGTERM handler, which runs outside any request
         try:
             yield {"store": store, "runner": runner, "settings": settings, "metrics": metrics}

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     max_predict_batch: int = Field(default=10_000, ge=1)
     max_queued_jobs: int = Field(default=16, ge=1)
     keep_jobs: int = Field(default=20, ge=1)
+    # A job whose training worker died (OOM killer, kill -9) runs again on a new worker, up to
+    # this many runs in all: at-least-once.
+    job_attempts: int = Field(default=2, ge=1, le=10)
     history_max_points: int = Field(default=10_000, ge=2, le=1_000_000)
 
     api_token: SecretStr | None = None

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api import StoreDep, problems
 from service.errors import ServiceError
 from service.schemas import History, Job, Progress
-from service.store import MemoryStore
+from service.store import Store
 
 # A plot never needs more points than a figure has pixels across; fewer keeps it fast.
 PLOT_POINTS = 2_000
@@ -199,7 +199,7 @@ def _sse(event: str, data: str, event_id: str) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(store: MemoryStore, job: Job, resume: int) -> AsyncIterator[str]:
+async def _event_stream(store: Store, job: Job, resume: int) -> AsyncIterator[str]:
     """Poll the store: at most one progress event per poll, then the end event."""
     stride = max(1, -(-job.params.epochs // EVENT_POINTS))
     loop = asyncio.get_running_loop()
@@ -227,7 +227,7 @@ async def _event_stream(store: MemoryStore, job: Job, resume: int) -> AsyncItera
         await asyncio.sleep(EVENT_INTERVAL)
 
 
-def _grid_points(store: MemoryStore, job: Job, stride: int, start: int) -> ProgressEvent | None:
+def _grid_points(store: Store, job: Job, stride: int, start: int) -> ProgressEvent | None:
     """The grid epochs recorded at or after `start` (and the final epoch once the job ended)."""
     total = job.progress.epoch
     first = -(-start // stride) * stride

@@ -1,0 +1,239 @@
+"""The training worker: a long-lived process that imports torch once and runs fits one at a time.
+
+It shares nothing with the server but a pipe. The server may lose it at any moment (the OOM
+killer, kill -9) and must never be left waiting on something it held, so there is no lock,
+semaphore or event between them: every request and answer is a message, and the worker checks
+for a cancel between blocks of epochs by polling the pipe, which a dead peer cannot block.
+"""
+
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn
+
+# The worker sends what it has at most this often: bounded message rate, fresh progress.
+FLUSH_SECONDS = 0.05
+
+
+# -- messages: server to worker --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Run this fit; x and y are float64 bytes in native order."""
+
+    job_id: str
+    params: dict[str, Any]
+    x: bytes
+    y: bytes
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop this job's fit after its current block (ignored once that fit has ended)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Exit now."""
+
+
+# -- messages: worker to server --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Torch is imported and the engine prepared: the worker can take fits."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The next `count` epochs follow as raw float64 columns: w, loss (and b)."""
+
+    job_id: str
+    count: int
+    columns: int
+
+
+@dataclass(frozen=True)
+class Done:
+    job_id: str
+    w: float
+    b: float
+    final_loss: float
+    mse: float
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    job_id: str
+    problem: dict[str, Any]
+
+
+class Channel:
+    """The pipe to or from the worker: pickled messages, and float64 columns sent raw.
+
+    A history chunk is a small pickled header, then each column's bytes, which the server reads
+    straight into one immutable bytes object per column (the kernel copies them while the GIL is
+    free) and stores as is. Through pickle it took four copies with the GIL held, and /predict,
+    waiting for the GIL, paid for them in its p99.
+
+    The pipe is multiprocessing's duplex Pipe, a Unix socket pair; the raw reads and writes go
+    through a socket on the same descriptor, which works because a Connection never reads ahead.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+
+    def send_floats(self, job_id: str, columns: list[bytes]) -> None:
+        self.conn.send(Chunk(job_id, len(columns[0]) // 8, len(columns)))
+        for column in columns:
+            self._sock.sendall(column)
+
+    def recv_floats(self, count: int) -> "memoryview[float]":
+        size = 8 * count
+        data = self._sock.recv(size, socket.MSG_WAITALL)
+        while len(data) < size:  # a signal can cut MSG_WAITALL short; EOF means the worker died
+            more = self._sock.recv(size - len(data), socket.MSG_WAITALL)
+            if not more:
+                raise EOFError("the worker closed the pipe in the middle of a chunk")
+            data += more
+        return memoryview(data).cast("d")
+
+    def close(self) -> None:
+        self._sock.close()
+        self.conn.close()
+
+
+def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
+    """Entry point of the worker process: run fits one at a time until told to stop."""
+    # The server decides when the worker stops: a Ctrl-C or a SIGTERM sent to the whole process
+    # group (a terminal, systemd's KillMode=control-group) must not kill a fit it will cancel.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    started = time.perf_counter()
+    if nice:
+        os.nice(nice)
+    policy = _lower_policy() if sched_idle else "other"
+    import torch
+
+    from service import training
+
+    torch.set_num_threads(threads)
+    # Plain types only: unpickling a TorchVersion made the server import torch.
+    info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
+    info["policy"] = policy
+    info.update(training.prepare())  # one-off engine set-up is paid here, once per process
+    conn.send(Hello({**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
+    chan = Channel(conn)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            _exit()
+        if isinstance(msg, Fit):
+            _run(chan, msg)
+        elif isinstance(msg, Stop):
+            _exit()
+        # else a Cancel for a fit that has already ended: nothing to do
+
+
+def _exit() -> NoReturn:
+    # Skip interpreter teardown (torch's costs seconds): nothing is left to flush.
+    os._exit(0)
+
+
+def _run(chan: Channel, msg: Fit) -> None:
+    """One fit: stream its history, then exactly one of Done, Cancelled or Failed."""
+    from service import training
+    from service.errors import Diverged, WorkerCrashed
+
+    x, y = training.as_tensor(msg.x), training.as_tensor(msg.y)
+    fit = training.FitParams(**msg.params)
+    outbox = _Outbox(chan, msg.job_id, fit.fit_intercept)
+    conn = chan.conn
+    try:
+        last = None
+        for last in training.train(x, y, fit):
+            outbox.add(last)
+            if _interrupted(conn, msg.job_id):
+                outbox.flush()
+                conn.send(Cancelled(msg.job_id))
+                return
+        outbox.flush()
+        assert last is not None
+        w, b = last.w_after, last.b_after
+        done = Done(msg.job_id, w, b, last.loss[-1], training.mse(x, y, w, b))
+        conn.send(done)
+    except Diverged as exc:
+        outbox.flush()
+        conn.send(Failed(msg.job_id, exc.problem()))
+    except Exception as exc:  # report, and stay alive for the next job
+        outbox.flush()
+        conn.send(Failed(msg.job_id, WorkerCrashed(f"the fit raised {exc!r}").problem()))
+
+
+def _interrupted(conn: Connection, job_id: str) -> bool:
+    """Whether the server asked to stop this fit; exits if it asked the worker to stop."""
+    while conn.poll():
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            _exit()
+        if isinstance(msg, Stop):
+            _exit()
+        if isinstance(msg, Cancel) and msg.job_id == job_id:
+            return True
+    return False
+
+
+def _lower_policy() -> str:
+    """Put this process under SCHED_IDLE where the OS has it; the policy it runs under.
+
+    Lowering one's own policy needs no privilege (not even CAP_SYS_NICE), so this works in a
+    container with every capability dropped. The hello reports the policy; the server logs it.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
+        return "other"
+    return "idle"
+
+
+class _Outbox:
+    """Coalesces history chunks into one message every FLUSH_SECONDS."""
+
+    def __init__(self, chan: Channel, job_id: str, with_b: bool) -> None:
+        self._chan = chan
+        self._job_id = job_id
+        self._with_b = with_b
+        self._parts: list[Any] = []
+        self._last = time.monotonic()
+
+    def add(self, chunk: Any) -> None:
+        self._parts.append(chunk)
+        if time.monotonic() - self._last >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._parts:
+            columns = [b"".join(c.w.tobytes() for c in self._parts)]
+            columns.append(b"".join(c.loss.tobytes() for c in self._parts))
+            if self._with_b:
+                columns.append(b"".join(c.b.tobytes() for c in self._parts))
+            self._chan.send_floats(self._job_id, columns)
+            self._parts = []
+        self._last = time.monotonic()
