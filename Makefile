@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test lint typecheck pytest bench faults clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ pytest: install browser-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# The fault test of `make test` (20 kills of the training worker), 200 times over.
+faults: install
+	SGD_FAULT_ROUNDS=200 $(BIN)/pytest tests/test_faults.py -k random_moments
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -22,6 +22,7 @@ from service.observability import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("sgd_service")
+WATCHDOG_SECONDS = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,6 +34,8 @@ class DrainingServer(uvicorn.Server):
         self._drain_seconds = drain_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self.exit_code = 0
 
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
@@ -44,6 +47,21 @@ class DrainingServer(uvicorn.Server):
         # full collection to what requests and jobs made since. Unfrozen, one scanned ~70,000
         # objects and held the GIL for 30-120 ms on the machine in the README's Performance.
         gc.freeze()
+        self._watchdog = asyncio.create_task(self._watch_runner())
+
+    async def _watch_runner(self) -> None:
+        """A replica that answers but can never train again exits non-zero, so that a supervisor
+        (Docker's restart policy, Kubernetes, systemd) replaces it."""
+        while not self._draining:
+            runner = getattr(self._app.state, "runner", None)
+            reason = runner.broken if runner is not None else None
+            if reason is not None:
+                log.critical("cannot train any more (%s): draining, then exiting with 1", reason)
+                self.exit_code = 1
+                self._draining = True
+                self._drain()
+                return
+            await asyncio.sleep(WATCHDOG_SECONDS)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None:
@@ -80,7 +98,10 @@ def serve(settings: Settings) -> None:
         access_log=False,  # RequestObserver writes one structured line per request
         timeout_graceful_shutdown=10,
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+    server = DrainingServer(config, app, settings.drain_seconds)
+    server.run()
+    if server.exit_code:
+        sys.exit(server.exit_code)
 
 
 # -- client commands: talk to a running service ---------------------------------------------

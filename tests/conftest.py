@@ -102,8 +102,9 @@ class Server:
         return self.proc.wait(timeout)
 
 
-def start_server(log_dir: str, **env: str) -> Server:
-    """Start `python -m service` with SGD_* overrides; its output goes to a file (a pipe fills)."""
+def spawn_server(log_dir: str, **env: str) -> Server:
+    """Start `python -m service` with SGD_* overrides in a process group of its own (so that a
+    test can signal the group, as a terminal's Ctrl-C does); its output goes to a file."""
     port = free_port()
     full_env = {**os.environ, "SGD_PORT": str(port), "SGD_HOST": "127.0.0.1", **env}
     log_path = os.path.join(log_dir, f"server-{port}.log")
@@ -114,9 +115,15 @@ def start_server(log_dir: str, **env: str) -> Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
-    srv = Server(proc, url, log_path)
+    return Server(proc, f"http://127.0.0.1:{port}", log_path)
+
+
+def start_server(log_dir: str, **env: str) -> Server:
+    """spawn_server, then wait until it is ready."""
+    srv = spawn_server(log_dir, **env)
+    proc, url = srv.proc, srv.url
 
     def ready() -> bool:
         if proc.poll() is not None:
