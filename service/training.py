@@ -71,11 +71,12 @@ class Chunk:
 
 @dataclass(frozen=True)
 class FitResult:
+    """A fit's outcome: every number finite, or result() raised Diverged."""
+
     w: float
     b: float
     final_loss: float
     mse: float
-    epochs: int
 
 
 def block_epochs(n_samples: int, batch_size: int | None) -> int:
@@ -94,6 +95,19 @@ def as_tensor(values: bytes | array | list[float]) -> torch.Tensor:  # type: ign
 def mse(x: torch.Tensor, y: torch.Tensor, w: float, b: float) -> float:
     """Mean squared error of y = w*x + b on the whole data set."""
     return float(torch.mean((x * w + b - y) ** 2))
+
+
+def result(x: torch.Tensor, y: torch.Tensor, last: Chunk, params: FitParams) -> FitResult:
+    """The outcome of a fit whose last chunk is `last`; raises Diverged unless all of it is finite.
+
+    The history can be finite while the model it ends with is not usable: the last update can
+    take w to where the loss on the data overflows (w = 2e156 gives an mse of inf).
+    """
+    w, b = last.w_after, last.b_after
+    outcome = FitResult(w, b, last.loss[-1], mse(x, y, w, b))
+    if not all(map(math.isfinite, (outcome.w, outcome.b, outcome.final_loss, outcome.mse))):
+        raise Diverged(params.epochs, params.learning_rate)
+    return outcome
 
 
 def prepare() -> dict[str, str | float]:
@@ -331,19 +345,19 @@ class _Scan:
             h_ww, h_wb, h_bb, g_w, g_b = means
             hessian = torch.tensor([[h_ww, h_wb], [h_wb, h_bb]], dtype=DTYPE)
             grad0 = torch.tensor([[g_w], [g_b]], dtype=DTYPE)
-            # The loss is expanded around the least-squares optimum, where no term cancels.
             opt = torch.linalg.lstsq(hessian, -grad0).solution
             w_opt, b_opt = float(opt[0, 0]), float(opt[1, 0])
             self.map = torch.cat([hessian, grad0], dim=1).mul_(-lr)
         else:
             h_ww, g_w = means
-            h_wb = h_bb = g_b = 0.0
             w_opt, b_opt = (-g_w / h_ww if h_ww > 0 else 0.0), 0.0
             self.map = torch.tensor([[h_ww, g_w]], dtype=DTYPE).mul_(-lr)
+        # The loss around the least-squares optimum, as sums of squares (see _quadratic_loss).
         self.opt = (w_opt, b_opt)
-        self.hessian = (h_ww, h_wb, h_bb)
         self.loss_opt = mse(x, y, w_opt, b_opt)
-        self.grad_opt = (h_ww * w_opt + h_wb * b_opt + g_w, h_wb * w_opt + h_bb * b_opt + g_b)
+        self.mean_x = float(x.mean())
+        spread = x - self.mean_x if self.p == 2 else x  # about the mean with b, about 0 without
+        self.spread_x = float((spread * spread).mean())
 
     def block(
         self, idx: torch.Tensor | None, hist: torch.Tensor, w: torch.Tensor, b: torch.Tensor
@@ -391,12 +405,20 @@ class _Scan:
         self._hand_over_near_overflow(idx, hist, w, b)
 
     def _quadratic_loss(self, hist: torch.Tensor) -> None:
-        """Full-batch loss at every epoch: L* + g*.d + d'Hd/2 with d = theta - theta*."""
-        h_ww, h_wb, h_bb = self.hessian
-        dw, db = hist[0] - self.opt[0], hist[1] - self.opt[1]
-        quad = (dw * dw).mul_(h_ww / 2).add_(dw * db, alpha=h_wb).add_(db * db, alpha=h_bb / 2)
-        slope = (dw * self.grad_opt[0]).add_(db, alpha=self.grad_opt[1])
-        torch.add(quad, slope, out=hist[2]).add_(self.loss_opt)
+        """Full-batch loss at every epoch, in O(1) an epoch and never below zero.
+
+        With d = theta - theta* (theta* the least-squares optimum, where the residuals r* are
+        orthogonal to x and to 1), mean((r* + dw x + db)^2) = L* + mean((dw x + db)^2), and
+        mean((dw x + db)^2) = (dw mean(x) + db)^2 + dw^2 var(x): three non-negative terms. The
+        expansion L* + g*.d + d'Hd/2 that stood here cancelled near convergence, and rounding
+        made losses of exactly linear data negative.
+        """
+        dw = hist[0] - self.opt[0]
+        loss = torch.mul(dw, dw, out=hist[2]).mul_(self.spread_x)
+        if self.p == 2:
+            shift = (hist[1] - self.opt[1]).add_(dw, alpha=self.mean_x)
+            loss.addcmul_(shift, shift)
+        loss.add_(self.loss_opt)
 
     def _hand_over_near_overflow(
         self, idx: torch.Tensor | None, hist: torch.Tensor, w: torch.Tensor, b: torch.Tensor

@@ -175,9 +175,8 @@ def _run(chan: Channel, msg: Fit) -> None:
                 return
         outbox.flush()
         assert last is not None
-        w, b = last.w_after, last.b_after
-        done = Done(msg.job_id, w, b, last.loss[-1], training.mse(x, y, w, b))
-        conn.send(done)
+        outcome = training.result(x, y, last, fit)  # raises Diverged unless all finite
+        conn.send(Done(msg.job_id, outcome.w, outcome.b, outcome.final_loss, outcome.mse))
     except Diverged as exc:
         outbox.flush()
         conn.send(Failed(msg.job_id, exc.problem()))

@@ -1,6 +1,7 @@
 """Hypothesis properties of the engine and the API."""
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service import training
+from service.errors import Diverged
 from tests.conftest import TUTORIAL, wait_job
 
 finite = st.floats(min_value=-100, max_value=100, allow_nan=False, allow_infinity=False)
@@ -116,3 +118,86 @@ def test_a_rejected_request_never_changes_the_served_model(client: TestClient, b
         return
     assert r.headers["content-type"] == "application/problem+json"
     assert client.get("/model").json() == before
+
+
+# -- numbers a caller can trust (issue 11) ---------------------------------------------------
+
+
+@st.composite
+def any_fit(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, training.FitParams]:
+    """Random data and hyper-parameters, from tame to explosive."""
+    n = draw(st.integers(min_value=1, max_value=12))
+    values = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
+    x = draw(st.lists(values, min_size=n, max_size=n).filter(any))
+    y = draw(st.lists(values, min_size=n, max_size=n))
+    params = training.FitParams(
+        epochs=draw(st.integers(1, 3000)),
+        learning_rate=draw(st.floats(1e-6, 1e3)),
+        init_w=draw(st.floats(-1e3, 1e3)),
+        batch_size=draw(st.sampled_from([1, 2, 5, None])),
+        fit_intercept=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32)),
+    )
+    return training.as_tensor(x), training.as_tensor(y), params
+
+
+@settings(max_examples=150, deadline=None)
+@given(fit=any_fit(), engine=st.sampled_from(training.ENGINES))
+def test_a_fit_either_diverges_or_reports_only_finite_numbers(
+    fit: tuple[torch.Tensor, torch.Tensor, training.FitParams], engine: training.Engine
+) -> None:
+    x, y, params = fit
+    chunks: list[training.Chunk] = []
+    bad: Diverged | None = None
+    try:
+        chunks.extend(training.train(x, y, params, engine))
+        outcome = training.result(x, y, chunks[-1], params)
+    except Diverged as exc:
+        bad = exc
+    if bad is not None:
+        assert 0 <= bad.epoch <= params.epochs
+        recorded = sum(len(c) for c in chunks)
+        assert recorded <= bad.epoch  # nothing at or after the bad epoch is recorded
+    else:
+        numbers = (outcome.w, outcome.b, outcome.final_loss, outcome.mse)
+        assert all(map(math.isfinite, numbers))
+        assert outcome.final_loss >= 0
+        assert outcome.mse >= 0
+    for column in training.history(chunks):
+        assert all(map(math.isfinite, column))
+    assert all(v >= 0 for c in chunks for v in c.loss)
+
+
+@st.composite
+def exact_line(draw: st.DrawFn) -> tuple[list[float], list[float], training.FitParams]:
+    """Data on an exact line, full batch with an intercept: the loss runs down towards 0."""
+    n = draw(st.integers(min_value=1, max_value=8))
+    x = draw(st.lists(st.floats(-10, 10).filter(lambda v: abs(v) > 1e-3), min_size=n, max_size=n))
+    w, b = draw(st.floats(-10, 10)), draw(st.floats(-20, 20))
+    params = training.FitParams(
+        epochs=500,
+        learning_rate=draw(st.sampled_from([1e-3, 3e-3, 1e-2])),
+        init_w=draw(st.floats(-5, 5)),
+        batch_size=None,
+        fit_intercept=draw(st.booleans()),
+        seed=0,
+    )
+    return x, [w * v + b for v in x], params
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=exact_line())
+def test_full_batch_losses_are_never_negative_and_match_the_reference(
+    case: tuple[list[float], list[float], training.FitParams],
+) -> None:
+    x, y, params = case
+    xt, yt = training.as_tensor(x), training.as_tensor(y)
+    try:
+        fast = training.history(training.train(xt, yt, params))
+        ref = training.history(training.train(xt, yt, params, "eager"))
+    except Diverged:
+        return  # too large a step for this data: the guard's business, not this test's
+    assert min(fast[2]) >= 0
+    # The standard of the trajectories: relative to the largest (the first epoch's) loss.
+    for col_fast, col_ref in zip(fast, ref, strict=True):
+        assert training.rel_diff(col_fast, col_ref) < 1e-9

@@ -217,3 +217,32 @@ def test_a_large_data_set_derives_per_block_like_a_small_one() -> None:
     fast, ref = history(run(x, y, params)), history(run(x, y, params, "eager"))
     for fast_col, ref_col in zip(fast, ref, strict=True):
         assert rel_diff(fast_col, ref_col) < 1e-9
+
+
+def test_a_model_whose_loss_overflows_diverges_on_both_engines() -> None:
+    # Issue 11: w = 2e156 after the last update; the history is finite, the mse is not.
+    x, y = training.as_tensor([1.0]), training.as_tensor([0.0])
+    params = FitParams(epochs=68, learning_rate=100.0, batch_size=1, seed=0)
+    for engine in training.ENGINES:
+        chunks = run(x, y, params, engine)
+        assert abs(chunks[-1].w_after) > 1e150
+        with pytest.raises(Diverged) as caught:
+            training.result(x, y, chunks[-1], params)
+        assert caught.value.epoch == 68
+        assert "learning_rate" in caught.value.detail
+
+
+def test_the_full_batch_loss_near_zero_is_never_negative() -> None:
+    # Issue 11: the expansion L* + g*.d + d'Hd/2 gave -2.78e-17 at epoch 484 here.
+    x, y = training.as_tensor([4.603309337219006]), training.as_tensor([-17.031268745236762])
+    params = FitParams(500, 0.001, -2.3804099297572487, None, True, seed=0)
+    fast = history(run(x, y, params))
+    ref = history(run(x, y, params, "eager"))
+    assert min(fast[2]) >= 0
+    for fast_col, ref_col in zip(fast, ref, strict=True):
+        assert rel_diff(fast_col, ref_col) < 1e-9
+    outcome = training.result(x, y, run(x, y, params)[-1], params)
+    assert outcome.final_loss >= 0
+    # the last epoch's loss and the mse after it are both tiny, and of the eager engine's size
+    assert outcome.mse < 1e-15
+    assert abs(fast[2][-1] - ref[2][-1]) <= 1e-9 * ref[2][0]
