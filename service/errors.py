@@ -129,6 +129,18 @@ class Diverged(ServiceError):
         self.epoch = epoch
 
 
+class JobTimedOut(ServiceError):
+    type = "timeout"
+    title = "The fit ran out of time"
+    status = 504
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the fit ran longer than SGD_JOB_TIMEOUT={seconds:g}s and was stopped; ask for "
+            "fewer epochs or a smaller batch_size"
+        )
+
+
 class WorkerCrashed(ServiceError):
     type = "worker-crashed"
     title = "The training worker stopped unexpectedly"

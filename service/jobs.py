@@ -20,6 +20,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -27,7 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from service import worker
-from service.errors import JobAlreadyEnded, QueueFull, ServiceError, ShuttingDown, WorkerCrashed
+from service.errors import (
+    JobAlreadyEnded,
+    JobTimedOut,
+    QueueFull,
+    ServiceError,
+    ShuttingDown,
+    WorkerCrashed,
+)
 from service.schemas import Job, JobStatus
 from service.settings import Settings
 from service.store import Store
@@ -41,6 +49,9 @@ MAX_START_FAILURES = 5
 START_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
 # How long a stopping worker gets to exit by itself before it is killed.
 WORKER_STOP_SECONDS = 1.0
+# How long a worker gets to stop a fit that ran out of time (it checks between blocks, each well
+# under a second) before it is replaced.
+TIMEOUT_GRACE_SECONDS = 10.0
 
 
 class WorkerLost(Exception):
@@ -335,18 +346,21 @@ class JobRunner:
     def _run(self, pending: _Pending, job: Job) -> None:
         """Run a job to its end: again on a new worker if one dies under it."""
         _log_job(job)
+        deadline = time.monotonic() + self._settings.job_timeout
         ended: Job | None = None
         try:
-            while ended is None:
+            while True:
                 try:
-                    ended = self._attempt(job, pending)
+                    ended = self._attempt(job, pending, deadline)
+                    break
                 except WorkerLost as exc:
                     log.error("job %s, attempt %d: %s", job.id, job.attempts, exc)
                     self._lose_worker()
-                    ended = self._after_loss(job, str(exc))
-                    if ended is None:
-                        job = self._store.retry_job(job.id)
-                        _log_job(job)
+                    ended, again = self._after_loss(job, str(exc), deadline)
+                    if not again:
+                        break
+                    job = self._store.retry_job(job.id)
+                    _log_job(job)
         except Exception:
             # The store failed us: fail the job so that it does not stay running for ever, and
             # start afresh with a new worker (this one may still be streaming into the pipe).
@@ -360,46 +374,67 @@ class JobRunner:
         if ended is not None:
             self._ended(ended)
 
-    def _after_loss(self, job: Job, reason: str) -> Job | None:
-        """How a job ends when its worker died; None if it should run again."""
+    def _after_loss(self, job: Job, reason: str, deadline: float) -> tuple[Job | None, bool]:
+        """How a job goes on when its worker died: (its end, False), or (None, True) to rerun.
+
+        It runs again once a new worker is ready, unless it has had all its attempts or its
+        time, was cancelled meanwhile, or the runner is stopping.
+        """
         attempts, limit = job.attempts, self._settings.job_attempts
-        if attempts >= limit:
+        problem: dict[str, Any] | None = None
+        if time.monotonic() >= deadline:
+            problem = JobTimedOut(self._settings.job_timeout).problem()
+        elif attempts >= limit:
             problem = WorkerCrashed(
                 f"the training worker died in each of the job's {attempts} attempts "
                 f"(SGD_JOB_ATTEMPTS={limit}), last: {reason}; the fit may need more memory "
                 "than the host has",
                 attempts=attempts,
             ).problem()
-            return self._end(job.id, JobStatus.failed, problem, report=False)
-        while not (self._cancel_asked or self._draining or self._stopping):
+        while problem is None and not (self._cancel_asked or self._draining or self._stopping):
             if self._worker_ready:
-                return None
+                return None, True
             if self._broken is not None:
                 problem = WorkerCrashed(f"{self._broken}; retry on another replica").problem()
-                return self._end(job.id, JobStatus.failed, problem, report=False)
-            self._start_worker()
-        return self._end(job.id, JobStatus.cancelled, report=False)
+            else:
+                self._start_worker()
+        if problem is None:
+            return self._end(job.id, JobStatus.cancelled, report=False), False
+        return self._end(job.id, JobStatus.failed, problem, report=False), False
 
-    def _attempt(self, job: Job, pending: _Pending) -> Job | None:
-        """One run of the job on the current worker; the ended job, or raises WorkerLost."""
+    def _attempt(self, job: Job, pending: _Pending, deadline: float) -> Job | None:
+        """One run of the job on the current worker: its end (None if that could not be
+        recorded), or raises WorkerLost. Past the deadline the fit is cancelled as timed out."""
         current = self._worker
         assert current is not None
         current.send(worker.Fit(job.id, job.params.model_dump(), pending.x, pending.y))
-        cancel_sent = False
+        cancel_sent = timed_out = False
         while True:
-            if self._cancel_asked and not cancel_sent:
+            if (self._cancel_asked or timed_out) and not cancel_sent:
                 current.send(worker.Cancel(job.id))
                 cancel_sent = True
-            ready = mp.connection.wait([current.conn, current.sentinel, self._wake_r])
+            until = deadline + (TIMEOUT_GRACE_SECONDS if timed_out else 0.0)
+            watched: list[Any] = [current.conn, current.sentinel, self._wake_r]
+            ready = mp.connection.wait(watched, max(0.0, until - time.monotonic()))
             self._drain_wake()
             if current.conn in ready:
-                ended = self._receive(job, current)
+                ended = self._receive(job, current, timed_out)
                 if ended is not None:
                     return ended
             elif current.sentinel in ready:
                 raise WorkerLost(current.died())
+            elif time.monotonic() >= until:
+                if timed_out:  # it did not stop in its grace time: take it away
+                    self._lose_worker()
+                    return self._timed_out(job)
+                log.warning("job %s ran out of time; stopping it", job.id)
+                timed_out = True
 
-    def _receive(self, job: Job, current: _Worker) -> Job | None:
+    def _timed_out(self, job: Job) -> Job | None:
+        problem = JobTimedOut(self._settings.job_timeout).problem()
+        return self._end(job.id, JobStatus.failed, problem, report=False)
+
+    def _receive(self, job: Job, current: _Worker, timed_out: bool) -> Job | None:
         """Handle one message of the running job; the job once it has ended."""
         try:
             msg = current.conn.recv()
@@ -415,6 +450,8 @@ class JobRunner:
         if isinstance(msg, worker.Done):
             return self._store.succeed_job(job.id, msg.w, msg.b, msg.final_loss, msg.mse)
         if isinstance(msg, worker.Cancelled):
+            if timed_out and not self._cancel_asked:
+                return self._timed_out(job)
             return self._store.end_job(job.id, JobStatus.cancelled)
         if isinstance(msg, worker.Failed):
             return self._store.end_job(job.id, JobStatus.failed, msg.problem)

@@ -60,6 +60,15 @@ class FitRequest(_Input):
             bad("epochs", f"at most SGD_MAX_EPOCHS={settings.max_epochs}")
         if self.batch_size is not None and self.batch_size > settings.max_samples:
             bad("batch_size", f"at most SGD_MAX_SAMPLES={settings.max_samples}, or null for all")
+        per_epoch = n if self.batch_size is None else self.batch_size
+        steps, most = self.epochs * per_epoch, settings.max_sample_steps
+        if steps > most:
+            bad(
+                "epochs",
+                f"{self.epochs:,} epochs x {per_epoch:,} samples per epoch = {steps:,} samples to "
+                f"process, more than SGD_MAX_SAMPLE_STEPS={most:,}: ask for fewer epochs or a "
+                "smaller batch_size",
+            )
         if abs(self.init_w) > limit:
             bad("init_w", f"|init_w| must be at most SGD_MAX_ABS_VALUE={limit:g}")
         if errors:
@@ -116,12 +125,16 @@ class Problem(_Output):
     errors: list[ValidationIssue] | None = None
 
 
+# What the service computes and answers: never NaN or Infinity (JSON would carry them as null).
+Computed = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class JobResult(_Output):
     model_version: int
-    w: float
-    b: float
-    final_loss: float = Field(description="batch loss of the last epoch")
-    mse: float = Field(description="mean squared error on the whole data set")
+    w: Computed
+    b: Computed
+    final_loss: Computed = Field(description="batch loss of the last epoch")
+    mse: Computed = Field(description="mean squared error on the whole data set")
 
 
 class Job(_Output):
@@ -148,8 +161,8 @@ class Model(_Output):
     """One immutable, published model version."""
 
     version: int
-    w: float
-    b: float
+    w: Computed
+    b: Computed
     job_id: str
     trained_at: datetime
     params: JobParams
@@ -207,6 +220,12 @@ def document_limits(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
         fit[name]["items"].update(bounded)
     fit["x"]["contains"] = {"not": {"const": 0}}  # at least one non-zero x
     fit["epochs"]["maximum"] = settings.max_epochs
+    # JSON Schema cannot bound a product: said in words, and as an extension for programs.
+    fit["epochs"]["description"] += (
+        f"; epochs x batch_size (x the number of samples when batch_size is null) is at most "
+        f"SGD_MAX_SAMPLE_STEPS={settings.max_sample_steps}"
+    )
+    schemas["FitRequest"]["x-max-sample-steps"] = settings.max_sample_steps
     fit["init_w"].update(bounded)
     fit["batch_size"]["anyOf"][0]["maximum"] = settings.max_samples
     hours = schemas["PredictRequest"]["properties"]["hours"]

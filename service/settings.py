@@ -20,6 +20,9 @@ class Settings(BaseSettings):
 
     max_samples: int = Field(default=1_000_000, ge=1, le=100_000_000)
     max_epochs: int = Field(default=1_000_000, ge=1, le=1_000_000_000)
+    # The work of one fit, not only its parts: epochs x samples per epoch (batch_size, or n for
+    # full batch). The default is a few minutes of the only worker at most (README, Settings).
+    max_sample_steps: int = Field(default=10_000_000_000, ge=1)
     max_abs_value: float = Field(default=1e9, gt=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_predict_batch: int = Field(default=10_000, ge=1)
@@ -28,6 +31,9 @@ class Settings(BaseSettings):
     # A job whose training worker died (OOM killer, kill -9) runs again on a new worker, up to
     # this many runs in all: at-least-once.
     job_attempts: int = Field(default=2, ge=1, le=10)
+    # Wall-clock seconds a job may run, retries included; past it the job fails `timeout` and
+    # the worker takes the next fit. No fit within the default limits comes near it here.
+    job_timeout: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     history_max_points: int = Field(default=10_000, ge=2, le=1_000_000)
 
     api_token: SecretStr | None = None

@@ -20,6 +20,9 @@ from service.settings import Settings
 TUTORIAL = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
 TIMEOUT = 10.0  # seconds, for every single request a test makes
 SLOW_BATCH = 100_000
+# The tests cancel and kill fits that run for minutes (up to 2e11 samples of work): above the
+# default SGD_MAX_SAMPLE_STEPS, which is there for callers, not for the suite.
+LONG_FIT_STEPS = 10**12
 
 
 def slow_fit(n: int = 200_000, epochs: int = 2_000_000) -> dict[str, Any]:
@@ -51,7 +54,9 @@ def wait_until(check: Callable[[], bool], deadline: float = 30.0, what: str = "c
 @pytest.fixture(scope="session")
 def client() -> Iterator[TestClient]:
     """One app (and one worker process) shared by the read-mostly API tests."""
-    settings = Settings(max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000)
+    settings = Settings(
+        max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000, max_sample_steps=LONG_FIT_STEPS
+    )
     with TestClient(create_app(settings)) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
         yield c
@@ -63,7 +68,7 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
     opened: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        c = TestClient(create_app(Settings(**overrides)))
+        c = TestClient(create_app(Settings(**{"max_sample_steps": LONG_FIT_STEPS, **overrides})))
         c.__enter__()
         opened.append(c)
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
@@ -106,7 +111,8 @@ def spawn_server(log_dir: str, **env: str) -> Server:
     """Start `python -m service` with SGD_* overrides in a process group of its own (so that a
     test can signal the group, as a terminal's Ctrl-C does); its output goes to a file."""
     port = free_port()
-    full_env = {**os.environ, "SGD_PORT": str(port), "SGD_HOST": "127.0.0.1", **env}
+    full_env = {**os.environ, "SGD_PORT": str(port), "SGD_HOST": "127.0.0.1"}
+    full_env.update(SGD_MAX_SAMPLE_STEPS=str(LONG_FIT_STEPS), **env)
     log_path = os.path.join(log_dir, f"server-{port}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -400,3 +400,68 @@ def test_openapi_lists_the_problem_answers(served: TestClient) -> None:
     assert PROBLEM in fit_responses["422"]["content"]
     assert {"200", "422", "503"} <= set(spec["paths"]["/predict"]["get"]["responses"])
     assert "409" in spec["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"]
+
+
+# -- numbers a caller can trust, work a caller cannot abuse ------------------------------------
+
+
+def no_null_numbers(job: dict[str, Any]) -> None:
+    for section in ("result", "progress", "params"):
+        for name, value in (job.get(section) or {}).items():
+            if name not in ("batch_size",):
+                assert value is not None, (section, name, job)
+
+
+def test_a_fit_whose_model_overflows_fails_diverged_and_is_never_served(
+    make_client: Factory,
+) -> None:
+    client = make_client()
+    good = fit_and_wait(client)
+    served = client.get("/predict", params={"hours": 1}).json()
+    # w = 2.1e156 after the 68th update: the history is finite, the mse is not
+    blown = fit_and_wait(client, x=[1], y=[0], learning_rate=100, epochs=68)
+    assert blown["status"] == "failed"
+    assert blown["result"] is None
+    assert blown["error"]["type"] == "diverged"
+    assert blown["error"]["epoch"] == 68
+    assert "learning_rate" in blown["error"]["detail"]
+    assert client.get("/predict", params={"hours": 1}).json() == served
+    assert client.get("/model").json()["job_id"] == good["id"]
+    for job in client.get("/jobs").json()["jobs"]:
+        no_null_numbers(job)
+    history = no_nan(client.get("/history", params={"job_id": blown["id"]}).text)
+    assert None not in history["w"] + history["loss"]
+
+
+@pytest.mark.parametrize(
+    ("body", "figure"),
+    [
+        ({"x": [1], "y": [2], "epochs": 1_000_000, "batch_size": 1_000_000}, "1,000,000,000,000"),
+        ({"x": [1.0] * 1000, "y": [2.0] * 1000, "epochs": 200, "batch_size": None}, "200,000"),
+    ],
+)
+def test_the_work_of_one_fit_is_bounded(
+    make_client: Factory, body: dict[str, Any], figure: str
+) -> None:
+    client = make_client(max_sample_steps=100_000)
+    before = state(client)
+    problem = assert_problem(client.post("/fit", json=body), 422, "validation-error")
+    [issue] = problem["errors"]
+    assert issue["field"] == "epochs"
+    assert figure in issue["message"]
+    assert "SGD_MAX_SAMPLE_STEPS=100,000" in issue["message"]
+    assert state(client) == before
+    # just within the limit is accepted
+    assert client.post("/fit", json={**TUTORIAL, "epochs": 100_000}).status_code == 202
+
+
+def test_the_default_work_limit_refuses_hours_of_work_and_is_in_openapi(
+    make_client: Factory,
+) -> None:
+    client = make_client(max_sample_steps=10_000_000_000)  # the default, stated
+    r = client.post("/fit", json={"x": [1], "y": [2], "epochs": 1_000_000, "batch_size": 1_000_000})
+    assert_problem(r, 422, "validation-error")
+    spec = client.get("/openapi.json").json()
+    fit_schema = spec["components"]["schemas"]["FitRequest"]
+    assert fit_schema["x-max-sample-steps"] == 10_000_000_000
+    assert "SGD_MAX_SAMPLE_STEPS=10000000000" in fit_schema["properties"]["epochs"]["description"]

@@ -324,3 +324,24 @@ def test_the_runner_shares_nothing_that_locks_with_the_worker(
     held += [v for obj in held if hasattr(obj, "proc") for v in vars(obj).values()]
     kinds = (sync.SemLock, sync.Event, sync.Condition, sync.Barrier)
     assert [v for v in held if isinstance(v, kinds)] == []
+
+
+def test_a_fit_past_its_time_limit_fails_timeout_and_frees_the_worker() -> None:
+    r, store = start_runner(job_timeout=1.0)
+    try:
+        job = submit(r, store, SLOW, big=True)
+        pid = r.worker_info["pid"]
+        started = time.monotonic()
+        failed = ended(store, job.id, deadline=30.0)
+        assert 1.0 <= time.monotonic() - started < 15.0
+        assert failed.status is JobStatus.failed
+        assert failed.error is not None
+        assert failed.error.type == "timeout"
+        assert "SGD_JOB_TIMEOUT=1s" in failed.error.detail
+        assert 0 < failed.progress.epoch < SLOW.epochs
+        assert store.model is None
+        # the worker stopped the fit itself: it is the same one, free for the next fit
+        assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
+        assert r.worker_info["pid"] == pid
+    finally:
+        r.stop()
