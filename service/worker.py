@@ -125,9 +125,6 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     started = time.perf_counter()
-    if nice:
-        os.nice(nice)
-    policy = _lower_policy() if sched_idle else "other"
     import torch
 
     from service import training
@@ -135,9 +132,15 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     torch.set_num_threads(threads)
     # Plain types only: unpickling a TorchVersion made the server import torch.
     info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
-    info["policy"] = policy
     info.update(training.prepare())  # one-off engine set-up is paid here, once per process
-    conn.send(Hello({**info, "startup_seconds": round(time.perf_counter() - started, 3)}))
+    info["startup_seconds"] = round(time.perf_counter() - started, 3)
+    # Fits are background work and run at the lower priority; the start-up before them does
+    # not. It is a one-off while the replica is not ready (no balancer sends it traffic), and
+    # under SCHED_IDLE on a busy machine it would take minutes: that long without training.
+    if nice:
+        os.nice(nice)
+    info["policy"] = _lower_policy() if sched_idle else "other"
+    conn.send(Hello(info))
     chan = Channel(conn)
     while True:
         try:

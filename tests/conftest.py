@@ -20,9 +20,27 @@ from service.settings import Settings
 TUTORIAL = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
 TIMEOUT = 10.0  # seconds, for every single request a test makes
 SLOW_BATCH = 100_000
-# The tests cancel and kill fits that run for minutes (up to 2e11 samples of work): above the
-# default SGD_MAX_SAMPLE_STEPS, which is there for callers, not for the suite.
 LONG_FIT_STEPS = 10**12
+
+
+def settings_for_tests(**overrides: Any) -> Settings:
+    """Settings for the suite: the tests' own needs, then a test's overrides.
+
+    The suite runs fits of up to 2e11 samples (to cancel and kill them), above the default
+    SGD_MAX_SAMPLE_STEPS. Its training workers run at normal priority: the suite must pass beside
+    other load (CI's, or busy loops that shake out races), where a worker under SCHED_IDLE gets
+    almost no CPU. The tests of the priority itself ask for the defaults.
+    """
+    base: dict[str, Any] = {"max_sample_steps": LONG_FIT_STEPS, "worker_nice": 0}
+    return Settings(**{**base, "worker_sched_idle": False, **overrides})
+
+
+# The same, for `python -m service` processes.
+SERVER_ENV = {
+    "SGD_MAX_SAMPLE_STEPS": str(LONG_FIT_STEPS),
+    "SGD_WORKER_NICE": "0",
+    "SGD_WORKER_SCHED_IDLE": "false",
+}
 
 
 def slow_fit(n: int = 200_000, epochs: int = 2_000_000) -> dict[str, Any]:
@@ -54,9 +72,7 @@ def wait_until(check: Callable[[], bool], deadline: float = 30.0, what: str = "c
 @pytest.fixture(scope="session")
 def client() -> Iterator[TestClient]:
     """One app (and one worker process) shared by the read-mostly API tests."""
-    settings = Settings(
-        max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000, max_sample_steps=LONG_FIT_STEPS
-    )
+    settings = settings_for_tests(max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000)
     with TestClient(create_app(settings)) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
         yield c
@@ -68,7 +84,7 @@ def make_client() -> Iterator[Callable[..., TestClient]]:
     opened: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        c = TestClient(create_app(Settings(**{"max_sample_steps": LONG_FIT_STEPS, **overrides})))
+        c = TestClient(create_app(settings_for_tests(**overrides)))
         c.__enter__()
         opened.append(c)
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
@@ -112,7 +128,7 @@ def spawn_server(log_dir: str, **env: str) -> Server:
     test can signal the group, as a terminal's Ctrl-C does); its output goes to a file."""
     port = free_port()
     full_env = {**os.environ, "SGD_PORT": str(port), "SGD_HOST": "127.0.0.1"}
-    full_env.update(SGD_MAX_SAMPLE_STEPS=str(LONG_FIT_STEPS), **env)
+    full_env.update(SERVER_ENV, **env)
     log_path = os.path.join(log_dir, f"server-{port}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -149,10 +165,24 @@ def start_server(log_dir: str, **env: str) -> Server:
 
 
 @pytest.fixture
-def server(tmp_path: Any) -> Iterator[Server]:
-    """A real server for end-to-end tests; killed if a test leaves it running."""
-    srv = start_server(str(tmp_path), SGD_MAX_EPOCHS="2000000")
-    yield srv
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait(10)
+def make_server(tmp_path: Any) -> Iterator[Callable[..., Server]]:
+    """Real servers with SGD_* overrides, ready unless ready=False; any a test leaves running
+    is killed."""
+    started: list[Server] = []
+
+    def make(ready: bool = True, **env: str) -> Server:
+        srv = (start_server if ready else spawn_server)(str(tmp_path), **env)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(10)
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server]) -> Server:
+    """A real server for end-to-end tests."""
+    return make_server(SGD_MAX_EPOCHS="2000000")

@@ -5,7 +5,7 @@ import signal
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from service.jobs import JobRunner
 from service.schemas import Job, JobParams, JobStatus
 from service.settings import Settings
 from service.store import MemoryStore
-from tests.conftest import SLOW_BATCH, wait_until
+from tests.conftest import SLOW_BATCH, settings_for_tests, wait_until
 
 X = array("d", [1.0, 2.0, 3.0]).tobytes()
 Y = array("d", [2.0, 4.0, 6.0]).tobytes()
@@ -37,20 +37,36 @@ SLOW = params(epochs=1_000_000, batch_size=SLOW_BATCH, learning_rate=0.001)
 
 def start_runner(keep_jobs: int = 50, **settings: Any) -> tuple[JobRunner, MemoryStore]:
     store = MemoryStore(keep_jobs=keep_jobs)
-    r = JobRunner(store, Settings(max_queued_jobs=2, **settings))
+    r = JobRunner(store, settings_for_tests(max_queued_jobs=2, **settings))
     r.start()
     wait_until(lambda: r.ready, what="worker start-up")
     return r, store
 
 
+Runner = tuple[JobRunner, MemoryStore]
+
+
 @pytest.fixture
-def runner() -> Iterator[tuple[JobRunner, MemoryStore]]:
-    r, store = start_runner()
-    yield r, store
-    stopped = time.monotonic()
-    r.stop()
-    assert time.monotonic() - stopped < 15.0
-    assert not r._thread.is_alive()
+def make_runner() -> Iterator[Callable[..., Runner]]:
+    """Runners with their own settings; each must stop promptly at the end of the test."""
+    made: list[JobRunner] = []
+
+    def make(keep_jobs: int = 50, **settings: Any) -> Runner:
+        r, store = start_runner(keep_jobs, **settings)
+        made.append(r)
+        return r, store
+
+    yield make
+    for r in made:
+        stopped = time.monotonic()
+        r.stop()
+        assert time.monotonic() - stopped < 15.0
+        assert not r._thread.is_alive()
+
+
+@pytest.fixture
+def runner(make_runner: Callable[..., Runner]) -> Runner:
+    return make_runner()
 
 
 def submit(runner: JobRunner, store: MemoryStore, p: JobParams, big: bool = False) -> Job:
@@ -65,9 +81,12 @@ def ended(store: MemoryStore, job_id: str, deadline: float = 60.0) -> Job:
 
 
 def test_a_job_runs_in_the_worker_and_publishes_its_model(
-    runner: tuple[JobRunner, MemoryStore],
+    make_runner: Callable[..., Runner],
 ) -> None:
-    r, store = runner
+    defaults = Settings()
+    assert defaults.worker_nice == 19
+    assert defaults.worker_sched_idle
+    r, store = make_runner(worker_nice=19, worker_sched_idle=True)
     job = ended(store, submit(r, store, params()).id)
     assert job.status is JobStatus.succeeded
     assert job.result is not None
@@ -80,7 +99,7 @@ def test_a_job_runs_in_the_worker_and_publishes_its_model(
     worker = r.worker_info["pid"]
     assert worker != os.getpid()
     # background work, as the OS sees it: the lowest niceness, under SCHED_IDLE
-    assert os.getpriority(os.PRIO_PROCESS, worker) == Settings().worker_nice == 19
+    assert os.getpriority(os.PRIO_PROCESS, worker) == 19
     assert os.sched_getscheduler(worker) == os.SCHED_IDLE
     assert r.worker_info["policy"] == "idle"
 
@@ -173,29 +192,28 @@ def test_a_job_whose_worker_dies_runs_again_and_gives_the_same_result(
     assert r.worker_info["pid"] != old
 
 
-def test_a_job_that_kills_every_worker_fails_naming_its_attempts() -> None:
-    r, store = start_runner(job_attempts=2)
-    try:
-        job = submit(r, store, SLOW, big=True)
-        for attempt in (1, 2):
+def test_a_job_that_kills_every_worker_fails_naming_its_attempts(
+    make_runner: Callable[..., Runner],
+) -> None:
+    r, store = make_runner(job_attempts=2)
+    job = submit(r, store, SLOW, big=True)
+    for attempt in (1, 2):
 
-            def running(attempt: int = attempt) -> bool:
-                current = store.get_job(job.id)
-                return current.attempts == attempt and current.progress.epoch > 0
+        def running(attempt: int = attempt) -> bool:
+            current = store.get_job(job.id)
+            return current.attempts == attempt and current.progress.epoch > 0
 
-            wait_until(running, 60.0, f"attempt {attempt} running")
-            kill_worker(r)
-        failed = ended(store, job.id)
-        assert failed.status is JobStatus.failed
-        assert failed.attempts == 2
-        assert failed.error is not None
-        assert failed.error.type == "worker-crashed"
-        assert "2 attempts" in failed.error.detail
-        assert store.model is None
-        wait_until(lambda: r.ready, 60.0, "a new worker")
-        assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
-    finally:
-        r.stop()
+        wait_until(running, 60.0, f"attempt {attempt} running")
+        kill_worker(r)
+    failed = ended(store, job.id)
+    assert failed.status is JobStatus.failed
+    assert failed.attempts == 2
+    assert failed.error is not None
+    assert failed.error.type == "worker-crashed"
+    assert "2 attempts" in failed.error.detail
+    assert store.model is None
+    wait_until(lambda: r.ready, 60.0, "a new worker")
+    assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
 
 
 def test_an_idle_worker_that_dies_is_replaced_before_the_next_fit(
@@ -220,22 +238,21 @@ def test_a_fit_posted_right_after_an_idle_death_still_succeeds(
     assert job.status is JobStatus.succeeded
 
 
-def test_ending_a_job_never_evicts_it_nor_stops_the_dispatcher() -> None:
+def test_ending_a_job_never_evicts_it_nor_stops_the_dispatcher(
+    make_runner: Callable[..., Runner],
+) -> None:
     # keep_jobs=1: a cancelled queued job ends before the long one; by creation order the long
     # one was the oldest ended job, evicted inside its own end, and the dispatcher died.
-    r, store = start_runner(keep_jobs=1)
-    try:
-        running = submit(r, store, SLOW, big=True)
-        wait_until(lambda: store.get_job(running.id).status is JobStatus.running, what="running")
-        queued = submit(r, store, params())
-        assert r.cancel(queued.id).status is JobStatus.cancelled
-        r.cancel(running.id)
-        assert ended(store, running.id).status is JobStatus.cancelled
-        assert r.ready
-        assert r.broken is None
-        assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
-    finally:
-        r.stop()
+    r, store = make_runner(keep_jobs=1)
+    running = submit(r, store, SLOW, big=True)
+    wait_until(lambda: store.get_job(running.id).status is JobStatus.running, what="running")
+    queued = submit(r, store, params())
+    assert r.cancel(queued.id).status is JobStatus.cancelled
+    r.cancel(running.id)
+    assert ended(store, running.id).status is JobStatus.cancelled
+    assert r.ready
+    assert r.broken is None
+    assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
 
 
 def test_drain_with_a_queue_of_cancelled_jobs_completes(
@@ -326,22 +343,21 @@ def test_the_runner_shares_nothing_that_locks_with_the_worker(
     assert [v for v in held if isinstance(v, kinds)] == []
 
 
-def test_a_fit_past_its_time_limit_fails_timeout_and_frees_the_worker() -> None:
-    r, store = start_runner(job_timeout=1.0)
-    try:
-        job = submit(r, store, SLOW, big=True)
-        pid = r.worker_info["pid"]
-        started = time.monotonic()
-        failed = ended(store, job.id, deadline=30.0)
-        assert 1.0 <= time.monotonic() - started < 15.0
-        assert failed.status is JobStatus.failed
-        assert failed.error is not None
-        assert failed.error.type == "timeout"
-        assert "SGD_JOB_TIMEOUT=1s" in failed.error.detail
-        assert 0 < failed.progress.epoch < SLOW.epochs
-        assert store.model is None
-        # the worker stopped the fit itself: it is the same one, free for the next fit
-        assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
-        assert r.worker_info["pid"] == pid
-    finally:
-        r.stop()
+def test_a_fit_past_its_time_limit_fails_timeout_and_frees_the_worker(
+    make_runner: Callable[..., Runner],
+) -> None:
+    r, store = make_runner(job_timeout=1.0)
+    job = submit(r, store, SLOW, big=True)
+    pid = r.worker_info["pid"]
+    started = time.monotonic()
+    failed = ended(store, job.id, deadline=30.0)
+    assert 1.0 <= time.monotonic() - started < 15.0
+    assert failed.status is JobStatus.failed
+    assert failed.error is not None
+    assert failed.error.type == "timeout"
+    assert "SGD_JOB_TIMEOUT=1s" in failed.error.detail
+    assert 0 < failed.progress.epoch < SLOW.epochs
+    assert store.model is None
+    # the worker stopped the fit itself: it is the same one, free for the next fit
+    assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded
+    assert r.worker_info["pid"] == pid

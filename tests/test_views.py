@@ -19,13 +19,12 @@ from fastapi.testclient import TestClient
 from service import views
 from service.main import create_app
 from service.schemas import Job, JobParams, JobStatus
-from service.settings import Settings
 from service.store import MemoryStore
 from tests.conftest import (
-    LONG_FIT_STEPS,
     TIMEOUT,
     TUTORIAL,
     Server,
+    settings_for_tests,
     start_server,
     wait_job,
     wait_until,
@@ -40,7 +39,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def app() -> Iterator[TestClient]:
     """An app of this module's own: tests write fake jobs into its store and name them by id."""
-    with TestClient(create_app(Settings(keep_jobs=1000, max_sample_steps=LONG_FIT_STEPS))) as c:
+    with TestClient(create_app(settings_for_tests(keep_jobs=1000))) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, what="readiness")
         yield c
 
