@@ -117,9 +117,10 @@ in_container sh -c 'touch /tmp/x && rm /tmp/x' || fail "/tmp is not writable"
 log "root filesystem read-only, /tmp writable"
 
 # -- 3. docker compose stop during a fit ----------------------------------------------------
-# A fit that runs for minutes whatever the engine: every one of its 1,000,000 epochs (the
-# default SGD_MAX_EPOCHS) draws a batch of 100,000 samples with replacement.
-python3 -c 'import json; n = 100_000; print(json.dumps({"x": [1.0] * n, "y": [2.0] * n, "batch_size": n, "epochs": 1_000_000}))' >"$WORK/long.json"
+# A fit that runs for minutes whatever the engine: every one of its 100,000 epochs draws a
+# batch of 100,000 samples with replacement, 1e10 samples in all (the default
+# SGD_MAX_SAMPLE_STEPS, the most one fit may ask for).
+python3 -c 'import json; n = 100_000; print(json.dumps({"x": [1.0] * n, "y": [2.0] * n, "batch_size": n, "epochs": 100_000}))' >"$WORK/long.json"
 got=$(curl --silent --show-error --max-time 30 -H 'Content-Type: application/json' \
   --data @"$WORK/long.json" -o "$WORK/body" -w '%{http_code}' "$BASE_URL/fit")
 [ "$got" = 202 ] || fail "POST /fit (long fit): HTTP $got: $(cat "$WORK/body")"

@@ -47,7 +47,7 @@ class DrainingServer(uvicorn.Server):
         # full collection to what requests and jobs made since. Unfrozen, one scanned ~70,000
         # objects and held the GIL for 30-120 ms on the machine in the README's Performance.
         gc.freeze()
-        self._watchdog = asyncio.create_task(self._watch_runner())
+        self._watchdog = asyncio.create_task(self._watch_runner())  # the loop holds tasks weakly
 
     async def _watch_runner(self) -> None:
         """A replica that answers but can never train again exits non-zero, so that a supervisor
