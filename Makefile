@@ -36,7 +36,7 @@ test: lint typecheck pytest
 
 # The fault test of `make test` (20 kills of the training worker), 200 times over.
 faults: install
-	SGD_FAULT_ROUNDS=200 $(BIN)/pytest tests/test_faults.py -k random_moments
+	SGD_FAULT_ROUNDS=200 $(BIN)/pytest -s tests/test_faults.py -k random_moments
 
 bench: install
 	$(BIN)/python bench/run.py
