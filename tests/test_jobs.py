@@ -75,6 +75,13 @@ def submit(runner: JobRunner, store: MemoryStore, p: JobParams, big: bool = Fals
     return job
 
 
+def start_slow(r: JobRunner, store: MemoryStore) -> Job:
+    """Submit a fit of minutes and wait until it has recorded progress."""
+    job = submit(r, store, SLOW, big=True)
+    wait_until(lambda: store.get_job(job.id).progress.epoch > 0, what="progress")
+    return job
+
+
 def ended(store: MemoryStore, job_id: str, deadline: float = 60.0) -> Job:
     wait_until(lambda: store.get_job(job_id).status.ended, deadline, f"job {job_id} to end")
     return store.get_job(job_id)
@@ -106,8 +113,7 @@ def test_a_job_runs_in_the_worker_and_publishes_its_model(
 
 def test_cancel_a_running_job_within_seconds(runner: tuple[JobRunner, MemoryStore]) -> None:
     r, store = runner
-    job = submit(r, store, SLOW, big=True)
-    wait_until(lambda: store.get_job(job.id).progress.epoch > 0, what="progress")
+    job = start_slow(r, store)
     asked = time.monotonic()
     r.cancel(job.id)
     done = ended(store, job.id, deadline=5.0)
@@ -124,8 +130,7 @@ def test_queue_is_bounded_and_queued_jobs_cancel_at_once(
     runner: tuple[JobRunner, MemoryStore],
 ) -> None:
     r, store = runner
-    running = submit(r, store, SLOW, big=True)
-    wait_until(lambda: store.get_job(running.id).status is JobStatus.running, what="running")
+    running = start_slow(r, store)
     queued = [submit(r, store, params()) for _ in range(2)]
     extra, _ = store.create_job(params(), 3)
     with pytest.raises(QueueFull) as info:
@@ -244,8 +249,7 @@ def test_ending_a_job_never_evicts_it_nor_stops_the_dispatcher(
     # keep_jobs=1: a cancelled queued job ends before the long one; by creation order the long
     # one was the oldest ended job, evicted inside its own end, and the dispatcher died.
     r, store = make_runner(keep_jobs=1)
-    running = submit(r, store, SLOW, big=True)
-    wait_until(lambda: store.get_job(running.id).status is JobStatus.running, what="running")
+    running = start_slow(r, store)
     queued = submit(r, store, params())
     assert r.cancel(queued.id).status is JobStatus.cancelled
     r.cancel(running.id)
@@ -285,8 +289,7 @@ def test_a_cancel_racing_a_worker_death_ends_the_job_cancelled(
     runner: tuple[JobRunner, MemoryStore],
 ) -> None:
     r, store = runner
-    job = submit(r, store, SLOW, big=True)
-    wait_until(lambda: store.get_job(job.id).progress.epoch > 0, what="progress")
+    job = start_slow(r, store)
     kill_worker(r)
     r.cancel(job.id)
     assert ended(store, job.id).status is JobStatus.cancelled
@@ -296,8 +299,7 @@ def test_a_cancel_racing_a_worker_death_ends_the_job_cancelled(
 
 def test_a_shutdown_never_starts_a_worker(runner: tuple[JobRunner, MemoryStore]) -> None:
     r, store = runner
-    job = submit(r, store, SLOW, big=True)
-    wait_until(lambda: store.get_job(job.id).progress.epoch > 0, what="progress")
+    job = start_slow(r, store)
     r.drain()
     kill_worker(r)
     assert ended(store, job.id, deadline=5.0).status is JobStatus.cancelled
