@@ -2,11 +2,12 @@
 
 import json
 import re
+from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TUTORIAL, Server, wait_job
+from tests.conftest import TUTORIAL, Server, wait_job, wait_until
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -60,14 +61,19 @@ def test_one_json_line_per_request_and_per_job_transition(server: Server) -> Non
     with server.client() as http:
         job = wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
         http.get("/predict", params={"hours": 4}, headers={"X-Request-ID": "trace-me"})
-    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    requests = [x for x in lines if x.get("request_id") == "trace-me"]
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+
+    # the request's line is written once its response has gone, so it may trail the response
+    wait_until(lambda: any(x.get("request_id") == "trace-me" for x in lines()), 10.0, "log line")
+    requests = [x for x in lines() if x.get("request_id") == "trace-me"]
     assert len(requests) == 1
     line = requests[0]
     assert line["method"] == "GET"
     assert line["route"] == "/predict"
     assert line["status"] == 200
     assert line["duration_ms"] >= 0
-    transitions = [x["status"] for x in lines if x.get("job_id") == job["id"]]
+    transitions = [x["status"] for x in lines() if x.get("job_id") == job["id"]]
     assert transitions == ["running", "succeeded"]
-    assert any("SGD_API_TOKEN is not set" in x["msg"] for x in lines)
+    assert any("SGD_API_TOKEN is not set" in x["msg"] for x in lines())
