@@ -1,4 +1,4 @@
-"""The fit engine alone: the scan against the eager reference, the tutorial, seeds, divergence."""
+"""The fit engine alone: affine against the eager reference, the tutorial, seeds, divergence."""
 
 import itertools
 import math
@@ -28,7 +28,7 @@ def noisy_line(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(
-    x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: training.Engine = "scan"
+    x: torch.Tensor, y: torch.Tensor, params: FitParams, engine: training.Engine = "affine"
 ) -> list[Chunk]:
     return list(train(x, y, params, engine))
 
@@ -43,7 +43,7 @@ def diverged_run(
 
 
 @pytest.mark.parametrize(("batch_size", "intercept"), ALL_MODES)
-def test_scan_follows_the_eager_trajectory(batch_size: int | None, intercept: bool) -> None:
+def test_affine_follows_the_eager_trajectory(batch_size: int | None, intercept: bool) -> None:
     x, y = noisy_line(50)
     # several blocks of either engine, and a last block that is shorter
     params = FitParams(5000, 0.02, -1.0, batch_size, intercept, seed=7)
@@ -103,7 +103,7 @@ def test_divergence_names_the_same_epoch_as_the_reference(
     batch_size: int | None, intercept: bool
 ) -> None:
     params = FitParams(5000, 10.0, 1.0, batch_size, intercept, seed=3)
-    fast, fast_error = diverged_run(TUTORIAL_X, TUTORIAL_Y, params, "scan")
+    fast, fast_error = diverged_run(TUTORIAL_X, TUTORIAL_Y, params, "affine")
     ref, ref_error = diverged_run(TUTORIAL_X, TUTORIAL_Y, params, "eager")
     assert fast_error.epoch == ref_error.epoch
     fast_cols, ref_cols = history(fast), history(ref)
@@ -114,7 +114,7 @@ def test_divergence_names_the_same_epoch_as_the_reference(
 
 
 def test_tutorial_divergence_with_lr_10() -> None:
-    chunks, error = diverged_run(TUTORIAL_X, TUTORIAL_Y, FitParams(learning_rate=10.0), "scan")
+    chunks, error = diverged_run(TUTORIAL_X, TUTORIAL_Y, FitParams(learning_rate=10.0), "affine")
     w, _, loss = history(chunks)
     assert 0 < error.epoch < 100
     assert len(w) == len(loss) == error.epoch
@@ -140,11 +140,11 @@ def test_an_update_that_overflows_keeps_the_history_before_it(engine: training.E
 
 def test_a_slow_divergence_hands_over_to_eager_before_the_sum_overflows() -> None:
     # |1 - lr * 2 mean(x^2)| is about 1.05: thousands of epochs before anything overflows, and
-    # the eager loss (a mean of 1000 squares) overflows before the scan's quadratic would.
+    # the eager loss (a mean of 1000 squares) overflows before the affine engine's quadratic would.
     x, y = noisy_line(1000, seed=6)
     lr = 2.05 / float(2 * (x * x).mean())
     params = FitParams(30_000, lr, 1.0, None)
-    fast, fast_error = diverged_run(x, y, params, "scan")
+    fast, fast_error = diverged_run(x, y, params, "affine")
     ref, ref_error = diverged_run(x, y, params, "eager")
     assert fast_error.epoch == ref_error.epoch > 5000
     assert max(map(abs, history(fast)[2])) > 1e300 / 1000  # the last losses were near overflow
@@ -152,14 +152,22 @@ def test_a_slow_divergence_hands_over_to_eager_before_the_sum_overflows() -> Non
         assert rel_diff(fast_col, ref_col) < 1e-9
 
 
-def test_the_traced_graph_computes_what_torch_func_does() -> None:
-    x, y = noisy_line(300, seed=8)
+def test_step_terms_are_each_epochs_own_autograd_derivatives() -> None:
+    # one autograd pass over a block's batches gives what a pass per batch gives
+    x, y = noisy_line(20, seed=8)
+    xb, yb = x.view(5, 4), y.view(5, 4)  # five epochs of a batch of four
     for intercept in (False, True):
-        traced = training._derivatives(intercept)(x, y)
-        direct = training._sample_derivatives(x, y, intercept)
-        assert len(traced) == len(direct) == (5 if intercept else 2)
-        for a, b in zip(traced, direct, strict=True):
-            assert torch.equal(a, b)
+        terms = training.step_terms(xb, yb, intercept)
+        assert terms.shape == ((6 if intercept else 2), 5)
+        for e in range(5):
+            w = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            b = torch.zeros((), dtype=torch.float64, requires_grad=intercept)
+            theta = [w, b] if intercept else [w]
+            loss = ((w * xb[e] + b - yb[e]) ** 2).mean()
+            expected = []
+            for g in torch.autograd.grad(loss, theta, create_graph=True):
+                expected += [*torch.autograd.grad(g, theta, retain_graph=True), g.detach()]
+            assert torch.equal(terms[:, e], torch.stack(expected))
 
 
 def test_full_batch_on_diabetes_bmi_lands_on_least_squares() -> None:
@@ -185,9 +193,11 @@ def test_full_batch_loss_is_the_mse_at_the_recorded_parameters() -> None:
         assert math.isclose(loss[e], training.mse(x, y, w[e], b[e]), rel_tol=1e-12)
 
 
-def test_the_scan_uses_autograd_gradients_that_are_affine_in_theta() -> None:
+def test_the_affine_engine_uses_autograd_gradients_that_are_affine_in_theta() -> None:
     x, y = noisy_line(40, seed=2)
-    h_ww, h_wb, h_bb, g_w, g_b = training._derivatives(True)(x, y)
+    # each sample as an epoch of its own
+    h_ww, h_wb, g_w, h_bw, h_bb, g_b = training.step_terms(x[:, None], y[:, None], True)
+    assert torch.equal(h_wb, h_bw)
     theta = torch.tensor([0.8, -2.5], dtype=torch.float64, requires_grad=True)
     for i in (0, 17, 39):
         loss = (theta[0] * x[i] + theta[1] - y[i]) ** 2
@@ -199,8 +209,8 @@ def test_the_scan_uses_autograd_gradients_that_are_affine_in_theta() -> None:
 
 def test_prepare_reports_its_set_up_and_a_passing_self_check() -> None:
     info = training.prepare()
-    assert info["engine"] == "scan"
-    assert isinstance(info["trace_seconds"], float)
+    assert info["engine"] == "affine"
+    assert isinstance(info["prepare_seconds"], float)
     assert isinstance(info["self_check_rel_diff"], float)
     assert info["self_check_rel_diff"] < 1e-9
 
@@ -211,7 +221,7 @@ def test_unknown_engine_is_refused() -> None:
 
 
 def test_a_large_data_set_derives_per_block_like_a_small_one() -> None:
-    # Above BLOCK_SAMPLES the per-sample terms are derived per block instead of once up front.
+    # more samples than a block's sample-steps: a block draws from all of them
     x, y = noisy_line(training.BLOCK_SAMPLES + 10, seed=4)
     params = FitParams(3000, 0.05, 0.0, 1, True, seed=9)
     fast, ref = history(run(x, y, params)), history(run(x, y, params, "eager"))
