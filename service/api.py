@@ -13,7 +13,6 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import (
-    PROBLEM_JSON,
     InvalidInput,
     JobNotFound,
     ModelNotReady,
@@ -21,6 +20,7 @@ from service.errors import (
     Unauthorized,
 )
 from service.jobs import JobRunner
+from service.problems import PROBLEM_JSON
 from service.schemas import (
     MAX_SEED,
     FitRequest,

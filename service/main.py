@@ -9,11 +9,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, views
-from service.errors import install_handlers
 from service.fastpath import FastPredict
 from service.jobs import JobRunner
 from service.middleware import BodyLimit
 from service.observability import Metrics, RequestObserver
+from service.problems import install_handlers
 from service.schemas import document_limits
 from service.settings import Settings
 from service.store import MemoryStore, Store

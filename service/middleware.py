@@ -2,7 +2,7 @@
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PROBLEM_JSON
+from service.problems import PROBLEM_JSON
 
 
 class BodyLimit:
