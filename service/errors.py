@@ -1,8 +1,9 @@
 """Domain errors: plain Python, no web framework.
 
 Each error is data: a stable `type`, a `title`, the `status` a caller gets, `headers` it needs
-(Retry-After, WWW-Authenticate) and an RFC 9457 problem object. service.problems renders them
-over HTTP; the engine and the worker import them without importing the web stack.
+(Allow, Retry-After, WWW-Authenticate) and an RFC 9457 problem object. service.problems renders
+them over HTTP; the engine, the worker, the store and the runner import them without importing
+the web stack (tests/test_layers.py).
 """
 
 from collections.abc import Sequence
@@ -40,6 +41,30 @@ class InvalidInput(ServiceError):
 
     def __init__(self, detail: str, errors: Sequence[dict[str, Any]]) -> None:
         super().__init__(detail, errors=list(errors))
+
+
+class NotFound(ServiceError):
+    """Nothing at this path: no route, or no such static asset."""
+
+    type = "not-found"
+    title = "Not found"
+    status = 404
+
+
+class MethodNotAllowed(ServiceError):
+    type = "method-not-allowed"
+    title = "Method not allowed"
+    status = 405
+
+    def __init__(self, detail: str, allow: str) -> None:
+        super().__init__(detail)
+        self.headers["Allow"] = allow
+
+
+class PayloadTooLarge(ServiceError):
+    type = "payload-too-large"
+    title = "Request body too large"
+    status = 413
 
 
 class IdempotencyKeyReused(ServiceError):

@@ -2,7 +2,8 @@
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.problems import PROBLEM_JSON
+from service.errors import PayloadTooLarge
+from service.problems import problem_response
 
 
 class BodyLimit:
@@ -18,7 +19,7 @@ class BodyLimit:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
                 return
         seen = 0
         started = rejected = False
@@ -33,7 +34,7 @@ class BodyLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     if not started:
-                        await self._reject(send)
+                        await self._reject(scope, receive, send)
                     rejected = True
                     return {"type": "http.disconnect"}
             return message
@@ -47,21 +48,10 @@ class BodyLimit:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _reject(self, send: Send) -> None:
-        body = (
-            b'{"type":"payload-too-large","title":"Request body too large","status":413,'
-            b'"detail":"the body is over SGD_MAX_BODY_BYTES=%d bytes; send less data per request"}'
-            % self.max_bytes
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        too_large = PayloadTooLarge(
+            f"the body is over SGD_MAX_BODY_BYTES={self.max_bytes} bytes; "
+            "send less data per request"
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_JSON.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        # The rest of the body is never read: the connection cannot carry another request.
+        await problem_response(too_large, {"connection": "close"})(scope, receive, send)

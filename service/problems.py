@@ -1,10 +1,11 @@
 """HTTP rendering of errors: every error answer is application/problem+json (RFC 9457).
 
-The domain errors (service.errors) are data; this module turns them, FastAPI's validation errors
-and Starlette's HTTP errors into responses.
+The domain errors (service.errors) are data; problem_response is the one place that turns an
+error into a response. The exception handlers use it for domain errors, FastAPI's validation
+errors and Starlette's HTTP errors, and the body-limit middleware for its 413.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,23 +14,27 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from service.errors import InvalidInput, ServiceError
+from service.errors import (
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+)
 
 PROBLEM_JSON = "application/problem+json"
 
-_HTTP_TYPES = {
-    404: ("not-found", "Not found"),
-    405: ("method-not-allowed", "Method not allowed"),
-    413: ("payload-too-large", "Request body too large"),
-}
 
+def problem_response(error: ServiceError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The error as problem+json with its status and headers (over `headers`, the transport's).
 
-def problem_response(
-    problem: dict[str, Any], headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """Render a problem object with its status and media type."""
+    The response is an ASGI app too: pure ASGI middleware sends it as it is.
+    """
     return JSONResponse(
-        problem, status_code=problem["status"], headers=headers, media_type=PROBLEM_JSON
+        error.problem(),
+        status_code=error.status,
+        headers={**(headers or {}), **error.headers},
+        media_type=PROBLEM_JSON,
     )
 
 
@@ -63,37 +68,47 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(allowed)
 
 
+def _http_error(request: Request, exc: HTTPException) -> ServiceError:
+    """Starlette's HTTP error as the service's error of the same status."""
+    path = request.url.path
+    if exc.status_code == 404:
+        return NotFound(f"no route {path}; see /docs for the API")
+    if exc.status_code == 405:
+        allow = _allowed_methods(request)
+        return MethodNotAllowed(f"{request.method} is not allowed on {path}; use {allow}", allow)
+    if exc.status_code == 413:
+        return PayloadTooLarge(str(exc.detail))
+    # A status the service gives no type of its own (Starlette raises none of these today).
+    unnamed = type(
+        "HTTPError",
+        (ServiceError,),
+        {"type": "http-error", "title": "HTTP error", "status": exc.status_code},
+    )
+    error: ServiceError = unnamed(str(exc.detail))
+    return error
+
+
 def install_handlers(app: FastAPI) -> None:
     """Render domain errors, validation errors and Starlette's HTTP errors as problem+json."""
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return problem_response(exc.problem(), exc.headers)
+        return problem_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errors = [_issue(e) for e in exc.errors()]
         fields = ", ".join(sorted({e["field"] for e in errors}))
         detail = f"fix these fields and retry: {fields}"
-        return problem_response(InvalidInput(detail, errors).problem())
+        return problem_response(InvalidInput(detail, errors))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 400:  # FastAPI's answer to a body that is not even text
             issue = {"field": "body", "message": "not UTF-8 JSON", "code": "json_invalid"}
             invalid = InvalidInput("the body must be a JSON object encoded as UTF-8", [issue])
-            return problem_response(invalid.problem())
-        type_, title = _HTTP_TYPES.get(exc.status_code, ("http-error", "HTTP error"))
-        headers = dict(exc.headers or {})
-        detail = str(exc.detail)
-        if exc.status_code == 405:
-            headers["Allow"] = _allowed_methods(request)
-            allow = headers["Allow"]
-            detail = f"{request.method} is not allowed on {request.url.path}; use {allow}"
-        elif exc.status_code == 404:
-            detail = f"no route {request.url.path}; see /docs for the API"
-        problem = {"type": type_, "title": title, "status": exc.status_code, "detail": detail}
-        return problem_response(problem, headers)
+            return problem_response(invalid)
+        return problem_response(_http_error(request, exc), exc.headers)
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
