@@ -51,6 +51,10 @@ class NotFound(ServiceError):
     status = 404
 
 
+class AssetNotFound(NotFound):
+    """The page asked for a static asset the service does not have."""
+
+
 class MethodNotAllowed(ServiceError):
     type = "method-not-allowed"
     title = "Method not allowed"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from service.api import StoreDep, problems
-from service.errors import ServiceError
+from service.errors import AssetNotFound, ServiceError
 from service.schemas import History, Job, Progress
 from service.store import Store
 
@@ -35,12 +35,6 @@ END_ID = "end"
 ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 router = APIRouter()
-
-
-class AssetNotFound(ServiceError):
-    type = "not-found"
-    title = "Not found"
-    status = 404
 
 
 class ProgressEvent(BaseModel):
