@@ -1,26 +1,19 @@
-"""HTTP routes: thin, typed, async; state comes in through small dependencies; never torch."""
+"""HTTP routes: thin, typed, async; state comes in through service.deps; never torch."""
 
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import secrets
 from array import array
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import (
-    InvalidInput,
-    JobNotFound,
-    ModelNotReady,
-    NotReady,
-    Unauthorized,
-)
-from service.jobs import JobRunner
-from service.problems import PROBLEM_JSON
+from service.deps import AuthDep, RunnerDep, SettingsDep, StoreDep
+from service.errors import InvalidInput, JobNotFound, ModelNotReady, NotReady
+from service.problems import problems
 from service.schemas import (
     MAX_SEED,
     FitRequest,
@@ -33,7 +26,6 @@ from service.schemas import (
     Prediction,
     Predictions,
     PredictRequest,
-    Problem,
     finite_or_raise,
 )
 from service.settings import Settings
@@ -43,50 +35,6 @@ CANCEL_WAIT_SECONDS = 10.0
 MAX_LISTED_JOBS = 100
 MAX_HISTORY_POINTS = 1_000_000
 
-
-def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for the problem+json answers a route can give."""
-    schema = {"$ref": "#/components/schemas/Problem"}
-    return {
-        code: {"model": Problem, "content": {PROBLEM_JSON: {"schema": schema}}} for code in codes
-    }
-
-
-# async: FastAPI runs plain `def` dependencies in its threadpool, a hop per request
-async def get_store(request: Request) -> Store:
-    store: Store = request.state.store
-    return store
-
-
-async def get_runner(request: Request) -> JobRunner:
-    runner: JobRunner = request.state.runner
-    return runner
-
-
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.state.settings
-    return settings
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-async def require_token(
-    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
-) -> None:
-    """When SGD_API_TOKEN is set, writes need `Authorization: Bearer <token>`."""
-    if settings.api_token is None:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    expected = settings.api_token.get_secret_value().encode()
-    # Starlette decodes headers as latin-1; re-encoding gives the bytes that were sent.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode("latin-1"), expected):
-        raise Unauthorized("send the header 'Authorization: Bearer <SGD_API_TOKEN>'")
-
-
-AuthDep = Depends(require_token)
 router = APIRouter()
 
 

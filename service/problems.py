@@ -2,7 +2,8 @@
 
 The domain errors (service.errors) are data; problem_response is the one place that turns an
 error into a response. The exception handlers use it for domain errors, FastAPI's validation
-errors and Starlette's HTTP errors, and the body-limit middleware for its 413.
+errors and Starlette's HTTP errors, and the body-limit middleware for its 413; problems()
+documents those answers in OpenAPI.
 """
 
 from collections.abc import Mapping, Sequence
@@ -21,8 +22,17 @@ from service.errors import (
     PayloadTooLarge,
     ServiceError,
 )
+from service.schemas import Problem
 
 PROBLEM_JSON = "application/problem+json"
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem+json answers a route can give."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        code: {"model": Problem, "content": {PROBLEM_JSON: {"schema": schema}}} for code in codes
+    }
 
 
 def problem_response(error: ServiceError, headers: Mapping[str, str] | None = None) -> JSONResponse:

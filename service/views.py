@@ -13,8 +13,9 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
-from service.api import StoreDep, problems
+from service.deps import StoreDep
 from service.errors import AssetNotFound, ServiceError
+from service.problems import problems
 from service.schemas import History, Job, Progress
 from service.store import Store
 
