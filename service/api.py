@@ -7,11 +7,11 @@ import secrets
 from array import array
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import AuthDep, RunnerDep, SettingsDep, StoreDep
+from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import InvalidInput, JobNotFound, ModelNotReady, NotReady
 from service.problems import problems
 from service.schemas import (
@@ -167,10 +167,9 @@ async def history(
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request) -> PlainTextResponse:
+async def metrics(metrics: MetricsDep) -> PlainTextResponse:
     """Prometheus metrics: requests, latencies, jobs, fits, queue depth, the model version."""
-    registry = request.state.metrics.registry
-    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

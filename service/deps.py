@@ -13,6 +13,7 @@ from fastapi import Depends, Header, Request
 
 from service.errors import Unauthorized
 from service.jobs import JobRunner
+from service.observability import Metrics
 from service.settings import Settings
 from service.store import Store
 
@@ -33,9 +34,15 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.state.metrics
+    return metrics
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[JobRunner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 async def require_token(
