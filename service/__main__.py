@@ -11,12 +11,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI
 
 from service.client import ClientError, FitOptions, ImageFormat, ProblemError, SGDClient
+from service.jobs import JobRunner
 from service.main import create_app
 from service.observability import configure_logging
 from service.settings import Settings
@@ -26,11 +27,14 @@ WATCHDOG_SECONDS = 0.5
 
 
 class DrainingServer(uvicorn.Server):
-    """On the first SIGTERM/SIGINT: refuse fits, cancel jobs, fail /readyz, then stop serving."""
+    """On the first SIGTERM/SIGINT: refuse fits, cancel jobs, fail /readyz, then stop serving.
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+    The job runner is the one the app's lifespan yielded in its state: uvicorn keeps that dict
+    (self.lifespan.state, which Starlette fills at start-up) and hands a copy to every request.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
         super().__init__(config)
-        self._app = app
         self._drain_seconds = drain_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -53,7 +57,7 @@ class DrainingServer(uvicorn.Server):
         """A replica that answers but can never train again exits non-zero, so that a supervisor
         (Docker's restart policy, Kubernetes, systemd) replaces it."""
         while not self._draining:
-            runner = getattr(self._app.state, "runner", None)
+            runner = self._runner()
             reason = runner.broken if runner is not None else None
             if reason is not None:
                 log.critical("cannot train any more (%s): draining, then exiting with 1", reason)
@@ -71,8 +75,15 @@ class DrainingServer(uvicorn.Server):
         # Signal handlers must not take locks the interrupted code may hold: hand over to the loop.
         self._loop.call_soon_threadsafe(self._drain)
 
+    def _runner(self) -> JobRunner | None:
+        """The lifespan's job runner; None before start-up has run (or if it failed)."""
+        lifespan = getattr(self, "lifespan", None)  # uvicorn makes it as serving begins
+        state: dict[str, Any] = getattr(lifespan, "state", {})
+        runner: JobRunner | None = state.get("runner")
+        return runner
+
     def _drain(self) -> None:
-        runner = getattr(self._app.state, "runner", None)
+        runner = self._runner()
         if runner is not None:
             runner.drain()
         log.info("draining: /readyz is 503, stopping in %.1fs", self._drain_seconds)
@@ -97,8 +108,9 @@ def serve(settings: Settings) -> None:
         log_config=None,  # keep configure_logging's JSON lines
         access_log=False,  # RequestObserver writes one structured line per request
         timeout_graceful_shutdown=10,
+        lifespan="on",  # the app's state, the runner that DrainingServer drains included
     )
-    server = DrainingServer(config, app, settings.drain_seconds)
+    server = DrainingServer(config, settings.drain_seconds)
     server.run()
     if server.exit_code:
         sys.exit(server.exit_code)

@@ -22,6 +22,10 @@ log = logging.getLogger("sgd_service")
 
 
 class State(TypedDict):
+    """The long-lived objects, in one place: what the lifespan yields. Each request gets a copy
+    as request.state (read in service.deps); DrainingServer finds the runner where uvicorn keeps
+    it."""
+
     store: Store
     runner: JobRunner
     settings: Settings
@@ -41,7 +45,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runner = JobRunner(store, settings, on_end=metrics.job_ended)
         metrics.watch(store, runner)
         runner.start()
-        app.state.runner = runner  # for the SIGTERM handler, which runs outside any request
         try:
             yield {"store": store, "runner": runner, "settings": settings, "metrics": metrics}
         finally:

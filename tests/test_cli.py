@@ -169,7 +169,7 @@ def test_serve_freezes_what_start_up_made() -> None:
     """After start-up, a full collection scans only what requests and jobs make since."""
     app = FastAPI()
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None)
-    server = DrainingServer(config, app, drain_seconds=0)
+    server = DrainingServer(config, drain_seconds=0)
 
     async def start_and_stop() -> int:
         serving = asyncio.create_task(server.serve())
