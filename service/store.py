@@ -84,22 +84,41 @@ class _History:
 
 
 class Store(Protocol):
-    """What the API and the runner need from state; a shared (Redis) store would implement it."""
+    """Everything the routes, the views, the runner and the metrics need from state; MemoryStore
+    is the one implementation today, and a shared (Redis) store would be another.
+
+    Routes on the event loop and the runner's dispatcher thread call it at the same time: every
+    method is safe to call concurrently, and what it returns (jobs, the model, history pages) are
+    immutable snapshots. Ended jobs beyond the store's keep_jobs are evicted, those that ended
+    longest ago first, never the served model's; an evicted job is then JobNotFound, and its
+    idempotency key is forgotten.
+    """
 
     @property
-    def model(self) -> Model | None: ...
+    def model(self) -> Model | None:
+        """The served model, None before a fit succeeds; a plain read that never waits."""
 
     def create_job(
         self, params: JobParams, n_samples: int, idempotency: tuple[str, str] | None = None
-    ) -> tuple[Job, bool]: ...
+    ) -> tuple[Job, bool]:
+        """A new queued job and True, or for a (key, body fingerprint) seen before the original
+        job and False; raises IdempotencyKeyReused for a known key with another fingerprint."""
 
-    def get_job(self, job_id: str) -> Job: ...
+    def discard_job(self, job_id: str) -> None:
+        """Forget a job the runner refused to queue, and its idempotency key; unknown ids pass."""
 
-    def list_jobs(self, limit: int) -> list[Job]: ...
+    def get_job(self, job_id: str) -> Job:
+        """The job as it is now; raises JobNotFound (never created, or evicted)."""
 
-    def job_counts(self) -> dict[JobStatus, int]: ...
+    def list_jobs(self, limit: int) -> list[Job]:
+        """At most `limit` kept jobs, newest first."""
 
-    def start_job(self, job_id: str) -> Job | None: ...
+    def job_counts(self) -> dict[JobStatus, int]:
+        """How many kept jobs are in each status; a status with none may be missing."""
+
+    def start_job(self, job_id: str) -> Job | None:
+        """Mark a queued job running (attempt 1) with an empty history; None if it is no longer
+        queued (cancelled or evicted meanwhile)."""
 
     def append_history(
         self,
@@ -107,23 +126,28 @@ class Store(Protocol):
         w: Sequence[float],
         b: Sequence[float] | None,
         loss: Sequence[float],
-    ) -> None: ...
+    ) -> None:
+        """Record the next epochs of a running job (columns of equal length, b only with an
+        intercept) and advance its progress; only after start_job or retry_job."""
 
-    def retry_job(self, job_id: str) -> Job: ...
+    def retry_job(self, job_id: str) -> Job:
+        """Start the next attempt of a running job: attempts + 1, progress and history from 0;
+        raises JobNotFound, or JobAlreadyEnded if the job is not running."""
 
-    def discard_job(self, job_id: str) -> None: ...
+    def succeed_job(self, job_id: str, w: float, b: float, final_loss: float, mse: float) -> Job:
+        """End a job as succeeded and publish its model as the next version, atomically; the
+        ended job. Raises JobNotFound, or JobAlreadyEnded if it has ended already."""
 
-    def succeed_job(
-        self, job_id: str, w: float, b: float, final_loss: float, mse: float
-    ) -> Job: ...
-
-    def end_job(
-        self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None
-    ) -> Job: ...
+    def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
+        """End a job as `status` (failed or cancelled) with its problem, publishing nothing; the
+        ended job. Raises JobNotFound, or JobAlreadyEnded if it has ended already."""
 
     def history(
         self, job_id: str | None, since: int, limit: int | None, max_points: int
-    ) -> History: ...
+    ) -> History:
+        """A page of a job's history (default: the latest started): at most `limit` epochs from
+        `since`, thinned evenly to at most max_points, the page's last one kept. Raises
+        JobNotFound, or HistoryNotFound if no job (or not this one) has started yet."""
 
 
 class MemoryStore:
