@@ -14,7 +14,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.jobs import JobRunner
 from service.schemas import Job, JobStatus
+from service.store import Store
 
 access_log = logging.getLogger("sgd_service.access")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -64,13 +66,13 @@ class Metrics:
         if seconds > 0 and job.progress.epoch:
             self.epochs_per_second.set(job.progress.epoch / seconds)
 
-    def watch(self, store: Any, runner: Any) -> None:
+    def watch(self, store: Store, runner: JobRunner) -> None:
         """Gauges read at scrape time from the store and the runner."""
         self.registry.register(_StateCollector(store, runner))
 
 
 class _StateCollector(Collector):
-    def __init__(self, store: Any, runner: Any) -> None:
+    def __init__(self, store: Store, runner: JobRunner) -> None:
         self._store = store
         self._runner = runner
 
