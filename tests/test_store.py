@@ -1,20 +1,34 @@
-"""The store alone: transitions, publishing, idempotency, eviction and history paging."""
+"""The store alone: transitions, publishing, idempotency, eviction and history paging.
+
+Every test runs once per implementation of the Store protocol (the `make_store` fixture): a new
+store is one more entry in STORES. None of them looks inside MemoryStore.
+"""
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
 from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
 from service.schemas import JobParams, JobStatus
-from service.store import MemoryStore
+from service.store import MemoryStore, Store
+
+MakeStore = Callable[[int], Store]  # keep_jobs -> an empty store
+STORES: dict[str, MakeStore] = {"memory": MemoryStore}
 
 PARAMS = JobParams(
     epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
 )
 
 
-def run(store: MemoryStore, epochs: int = 10, w: float = 2.0) -> str:
+@pytest.fixture(scope="module", params=sorted(STORES))
+def make_store(request: pytest.FixtureRequest) -> MakeStore:
+    """Empty stores of one implementation, by keep_jobs (module scope: `chunked` uses it)."""
+    make: MakeStore = STORES[request.param]
+    return make
+
+
+def run(store: Store, epochs: int = 10, w: float = 2.0) -> str:
     job, _ = store.create_job(PARAMS.model_copy(update={"epochs": epochs}), 3)
     assert store.start_job(job.id) is not None
     store.append_history(job.id, [1.0] * epochs, None, [0.5] * epochs)
@@ -22,8 +36,8 @@ def run(store: MemoryStore, epochs: int = 10, w: float = 2.0) -> str:
     return job.id
 
 
-def test_publishing_makes_a_new_immutable_version() -> None:
-    store = MemoryStore(keep_jobs=10)
+def test_publishing_makes_a_new_immutable_version(make_store: MakeStore) -> None:
+    store = make_store(10)
     assert store.model is None
     first = run(store, w=2.0)
     model1 = store.model
@@ -37,8 +51,8 @@ def test_publishing_makes_a_new_immutable_version() -> None:
     assert store.get_job(first).result.model_version == 1
 
 
-def test_transitions() -> None:
-    store = MemoryStore(keep_jobs=10)
+def test_transitions(make_store: MakeStore) -> None:
+    store = make_store(10)
     job, created = store.create_job(PARAMS, 3)
     assert created
     assert job.status is JobStatus.queued
@@ -50,8 +64,8 @@ def test_transitions() -> None:
         store.get_job("nope")
 
 
-def test_failed_job_keeps_its_problem_and_publishes_nothing() -> None:
-    store = MemoryStore(keep_jobs=10)
+def test_failed_job_keeps_its_problem_and_publishes_nothing(make_store: MakeStore) -> None:
+    store = make_store(10)
     job, _ = store.create_job(PARAMS, 3)
     store.start_job(job.id)
     problem = {"type": "diverged", "title": "t", "status": 422, "detail": "d", "epoch": 7}
@@ -62,8 +76,10 @@ def test_failed_job_keeps_its_problem_and_publishes_nothing() -> None:
     assert store.model is None
 
 
-def test_idempotency_key_returns_the_original_or_refuses_another_body() -> None:
-    store = MemoryStore(keep_jobs=10)
+def test_idempotency_key_returns_the_original_or_refuses_another_body(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(10)
     job, created = store.create_job(PARAMS, 3, ("k1", "body-a"))
     again, created_again = store.create_job(PARAMS, 3, ("k1", "body-a"))
     assert created
@@ -74,8 +90,8 @@ def test_idempotency_key_returns_the_original_or_refuses_another_body() -> None:
     assert len(store.list_jobs(100)) == 1
 
 
-def test_eviction_is_oldest_first_and_spares_the_served_model() -> None:
-    store = MemoryStore(keep_jobs=2)
+def test_eviction_is_oldest_first_and_spares_the_served_model(make_store: MakeStore) -> None:
+    store = make_store(2)
     served = run(store)
     # a failed job ends later than the served model's: the served one is older but kept
     ids: list[str] = []
@@ -95,8 +111,8 @@ def test_eviction_is_oldest_first_and_spares_the_served_model() -> None:
     assert fresh.id != ids[0]
 
 
-def test_history_pages_and_thins() -> None:
-    store = MemoryStore(keep_jobs=10)
+def test_history_pages_and_thins(make_store: MakeStore) -> None:
+    store = make_store(10)
     with pytest.raises(HistoryNotFound):
         store.history(None, 0, None, 100)
     job, _ = store.create_job(PARAMS.model_copy(update={"epochs": 1000}), 3)
@@ -120,9 +136,9 @@ CHUNKS = [1, 7, 1000, 3, 1, 250, 4096, 2]  # the dispatcher appends chunks of an
 
 
 @pytest.fixture(scope="module")
-def chunked() -> tuple[MemoryStore, str, int]:
+def chunked(make_store: MakeStore) -> tuple[Store, str, int]:
     """A job whose history arrived in uneven chunks: w = epoch, loss = -epoch, b = epoch / 2."""
-    store = MemoryStore(keep_jobs=10)
+    store = make_store(10)
     total = sum(CHUNKS)
     params = PARAMS.model_copy(update={"epochs": total, "fit_intercept": True})
     job, _ = store.create_job(params, 3)
@@ -135,7 +151,7 @@ def chunked() -> tuple[MemoryStore, str, int]:
             [e / 2 for e in epochs],
             [-float(e) for e in epochs],
         ]
-        if i % 2:  # as the runner hands them over: read-only views of bytes, kept uncopied
+        if i % 2:  # as the runner hands them over: read-only views of bytes (MemoryStore keeps)
             columns = [memoryview(array("d", c).tobytes()).cast("d") for c in columns]
         w, b, loss = columns
         store.append_history(job.id, w, b, loss)
@@ -161,7 +177,7 @@ def chunked() -> tuple[MemoryStore, str, int]:
     ],
 )
 def test_history_across_chunks_keeps_first_and_last_within_the_budget(
-    chunked: tuple[MemoryStore, str, int], since: int, limit: int | None, max_points: int
+    chunked: tuple[Store, str, int], since: int, limit: int | None, max_points: int
 ) -> None:
     store, job_id, total = chunked
     assert total == 5360
@@ -181,10 +197,10 @@ def test_history_across_chunks_keeps_first_and_last_within_the_budget(
     assert page.b == [e / 2 for e in page.epoch]
 
 
-def test_eviction_goes_by_the_order_jobs_ended_not_were_created() -> None:
+def test_eviction_goes_by_the_order_jobs_ended_not_were_created(make_store: MakeStore) -> None:
     # A long job created first and ended last is the newest ended job: ending it never evicts it
     # (by creation order it was dropped inside its own end, and the dispatcher died of it).
-    store = MemoryStore(keep_jobs=1)
+    store = make_store(1)
     long, _ = store.create_job(PARAMS, 3)
     store.start_job(long.id)
     short, _ = store.create_job(PARAMS, 3)
@@ -195,8 +211,8 @@ def test_eviction_goes_by_the_order_jobs_ended_not_were_created() -> None:
     assert [j.id for j in store.list_jobs(10)] == [long.id]
 
 
-def test_a_retried_job_starts_its_history_over() -> None:
-    store = MemoryStore(keep_jobs=10)
+def test_a_retried_job_starts_its_history_over(make_store: MakeStore) -> None:
+    store = make_store(10)
     job, _ = store.create_job(PARAMS, 3)
     assert store.start_job(job.id).attempts == 1  # type: ignore[union-attr]
     store.append_history(job.id, [1.0, 1.5], None, [4.0, 1.0])
