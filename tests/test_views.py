@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from service import views
 from service.main import create_app
 from service.schemas import Job, JobParams, JobStatus
-from service.store import MemoryStore
+from service.store import Store
 from tests.conftest import (
     TIMEOUT,
     TUTORIAL,
@@ -44,9 +44,9 @@ def app() -> Iterator[TestClient]:
         yield c
 
 
-def store_of(client: TestClient) -> MemoryStore:
+def store_of(client: TestClient) -> Store:
     """The store the app's lifespan built (the one its routes read)."""
-    store: MemoryStore = client.app_state["store"]
+    store: Store = client.app_state["store"]
     return store
 
 
@@ -61,7 +61,7 @@ def job_params(epochs: int, fit_intercept: bool = False) -> JobParams:
     )
 
 
-def fake_job(store: MemoryStore, epochs: int, fit_intercept: bool = False) -> Job:
+def fake_job(store: Store, epochs: int, fit_intercept: bool = False) -> Job:
     """A running job the worker never sees: the test writes its history."""
     job, _ = store.create_job(job_params(epochs, fit_intercept), 3)
     started = store.start_job(job.id)
@@ -69,7 +69,7 @@ def fake_job(store: MemoryStore, epochs: int, fit_intercept: bool = False) -> Jo
     return started
 
 
-def feed(store: MemoryStore, job_id: str, start: int, stop: int, with_b: bool = False) -> None:
+def feed(store: Store, job_id: str, start: int, stop: int, with_b: bool = False) -> None:
     """Epochs start..stop-1 with w = epoch, b = -epoch and loss = 1/(epoch+1): easy to check."""
     epochs = range(start, stop)
     w = array("d", map(float, epochs))
@@ -77,7 +77,7 @@ def feed(store: MemoryStore, job_id: str, start: int, stop: int, with_b: bool = 
     store.append_history(job_id, w, b, array("d", (1.0 / (e + 1) for e in epochs)))
 
 
-def feeder(store: MemoryStore, job_id: str, epochs: int, per_tick: int, tick: float) -> Any:
+def feeder(store: Store, job_id: str, epochs: int, per_tick: int, tick: float) -> Any:
     """A thread that records `per_tick` epochs every `tick` seconds, then ends the job."""
 
     def run() -> None:
