@@ -1,4 +1,5 @@
-"""The HTTP API through the app factory: the tutorial, the knobs, and every error of DESIGN.md."""
+"""The HTTP API through the app factory: the tutorial, the knobs, and the errors callers get
+(their types are listed in the README's Errors section and defined in service/errors.py)."""
 
 import json
 import math
