@@ -18,8 +18,15 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from service.schemas import History, Job, Model, Prediction, Predictions, Problem
-from service.views import ProgressEvent
+from service.schemas import (
+    History,
+    Job,
+    Model,
+    Prediction,
+    Predictions,
+    Problem,
+    ProgressEvent,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -198,6 +198,17 @@ class History(_Output):
     loss: list[float]
 
 
+class ProgressEvent(BaseModel):
+    """The data of a `progress` event: new grid epochs as columns, like GET /history."""
+
+    model_config = ConfigDict(frozen=True)
+    epoch: list[int]
+    w: list[float]
+    b: list[float] | None = None
+    loss: list[float]
+    progress: Progress
+
+
 class Health(_Output):
     status: str
 

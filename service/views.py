@@ -10,13 +10,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import StoreDep
 from service.errors import AssetNotFound, ServiceError
 from service.problems import problems
-from service.schemas import History, Job, Progress
+from service.schemas import History, Job, ProgressEvent
 from service.store import Store
 
 # A plot never needs more points than a figure has pixels across; fewer keeps it fast.
@@ -36,17 +35,6 @@ END_ID = "end"
 ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 router = APIRouter()
-
-
-class ProgressEvent(BaseModel):
-    """The data of a `progress` event: new grid epochs as columns, like GET /history."""
-
-    model_config = ConfigDict(frozen=True)
-    epoch: list[int]
-    w: list[float]
-    b: list[float] | None = None
-    loss: list[float]
-    progress: Progress
 
 
 # -- the plot ------------------------------------------------------------------------------

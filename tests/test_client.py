@@ -26,8 +26,7 @@ from service.client import (
     UnexpectedResponse,
     WaitTimeout,
 )
-from service.schemas import Job, JobStatus
-from service.views import ProgressEvent
+from service.schemas import Job, JobStatus, ProgressEvent
 from tests.conftest import TIMEOUT, TUTORIAL, Server, free_port, start_server
 
 X, Y = TUTORIAL["x"], TUTORIAL["y"]

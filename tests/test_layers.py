@@ -1,4 +1,5 @@
-"""Layers: the domain (errors, the engine, the worker, the store, the runner) needs no web stack.
+"""Layers: the domain (errors, the engine, the worker, the store, the runner) and the client
+need no web framework.
 
 Each module is imported in a fresh interpreter, so that what the test process has imported
 already cannot hide an import.
@@ -10,7 +11,14 @@ import sys
 import pytest
 
 WEB_FRAMEWORKS = ("fastapi", "starlette")
-DOMAIN = ["service.errors", "service.training", "service.worker", "service.store", "service.jobs"]
+DOMAIN = [
+    "service.errors",
+    "service.training",
+    "service.worker",
+    "service.store",
+    "service.jobs",
+    "service.client",  # other services import it: it must not drag a server framework in
+]
 
 
 @pytest.mark.parametrize("module", DOMAIN)
