@@ -197,12 +197,14 @@ class _Affine:
         self.limits = SAFE_MAGNITUDE / torch.tensor([[1.0], [1.0], [batch]], dtype=DTYPE)
         if params.batch_size is None:  # one map for every epoch, and the loss as a quadratic
             terms = step_terms(x[None], y[None], self.intercept)[:, 0]
-            self.full_map = terms.mul_(-self.lr).tolist()
-            # the least-squares optimum theta* and the spread of x about it, for the loss
+            self.full_map = (-self.lr * terms).tolist()
+            # the optimum theta* solves H theta* = -g(0); SVD copes with a singular H (constant x)
+            p = 1 + self.intercept
+            m = terms.view(p, p + 1)
+            opt = torch.linalg.lstsq(m[:, :p], -m[:, p:], driver="gelsd").solution[:, 0].tolist()
+            self.opt = opt[0], (opt[1] if self.intercept else 0.0)
             self.mean_x = float(x.mean()) if self.intercept else 0.0
             self.spread_x = float(((x - self.mean_x) ** 2).mean())  # about 0 without b
-            w_opt = float(((x - self.mean_x) * y).mean()) / self.spread_x if self.spread_x else 0.0
-            self.opt = w_opt, float(y.mean()) - w_opt * self.mean_x if self.intercept else 0.0
             self.loss_opt = mse(x, y, *self.opt)
 
     def block(
