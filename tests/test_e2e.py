@@ -1,6 +1,7 @@
 """End to end: a real `python -m service` process on a free port, driven over HTTP."""
 
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,9 @@ def test_every_prediction_comes_from_one_published_version(server: Server) -> No
                     elif r.status_code != 503:  # 503: no model yet
                         failures.append(r.text)
 
+    def read_at_least(n: int) -> bool:
+        return len(singles) >= n
+
     threads = [threading.Thread(target=predict_forever) for _ in range(4)]
     for t in threads:
         t.start()
@@ -81,6 +85,8 @@ def test_every_prediction_comes_from_one_published_version(server: Server) -> No
                 body = {"x": [1.0, 2.0, 3.0], "y": [k * 1.0, k * 2.0, k * 3.0]}
                 r = http.post("/fit", json={**body, "batch_size": None, "epochs": 400})
                 wait_job(http, r.json()["id"])
+                # a fit takes milliseconds: let each version be read before the next one races it
+                wait_until(partial(read_at_least, 8 * k), 30.0, f"predictions of fit {k}")
             jobs = http.get("/jobs", params={"limit": 100}).json()["jobs"]
     finally:
         stop.set()
