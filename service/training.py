@@ -204,7 +204,7 @@ class _Affine:
             opt = torch.linalg.lstsq(m[:, :p], -m[:, p:], driver="gelsd").solution[:, 0].tolist()
             self.opt = opt[0], (opt[1] if self.intercept else 0.0)
             self.mean_x = float(x.mean()) if self.intercept else 0.0
-            self.spread_x = float(((x - self.mean_x) ** 2).mean())  # about 0 without b
+            self.spread_x = float(((x - self.mean_x) ** 2).mean())  # taken about 0 without b
             self.loss_opt = mse(x, y, *self.opt)
 
     def block(
@@ -246,12 +246,12 @@ def _walk(
 ) -> tuple[float, float]:
     """Steps of theta <- theta + D theta + C from (w, b); records both before each step."""
     if len(rows) == 2:  # w alone; b stays 0
-        for d, c in zip(*rows, strict=False):
+        for d, c in zip(*rows, strict=True):
             ws.append(w)
             w += d * w + c
         bs.frombytes(bytes(8 * len(ws)))
         return w, b
-    for dww, dwb, cw, dbw, dbb, cb in zip(*rows, strict=False):
+    for dww, dwb, cw, dbw, dbb, cb in zip(*rows, strict=True):
         ws.append(w)
         bs.append(b)
         w, b = w + (dww * w + dwb * b + cw), b + (dbw * w + dbb * b + cb)
@@ -269,7 +269,7 @@ def _to_array(t: torch.Tensor) -> "array[float]":
 def _to_chunk(
     first: int, hist: torch.Tensor, w_after: float, b_after: float, params: FitParams
 ) -> tuple[Chunk, int | None]:
-    """A block as plain arrays, cut before the first non-finite epoch (returned too, if any)."""
+    """The block as arrays, cut at its first non-finite epoch; that epoch, or a bad update's."""
     keep = bad = hist.shape[1]  # bad: the first epoch that is not finite, or whose update is not
     if not math.isfinite(float(hist.abs().amax())):  # NaN propagates through amax
         keep = bad = int((~torch.isfinite(hist).all(dim=0)).nonzero()[0, 0])

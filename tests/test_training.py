@@ -240,7 +240,7 @@ def test_unknown_engine_is_refused() -> None:
         run(TUTORIAL_X, TUTORIAL_Y, FitParams(), "jit")  # type: ignore[arg-type]
 
 
-def test_a_large_data_set_derives_per_block_like_a_small_one() -> None:
+def test_a_data_set_larger_than_a_block_follows_the_reference() -> None:
     # more samples than a block's sample-steps: a block draws from all of them
     x, y = noisy_line(training.BLOCK_SAMPLES + 10, seed=4)
     params = FitParams(3000, 0.05, 0.0, 1, True, seed=9)
