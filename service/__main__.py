@@ -20,7 +20,7 @@ from service.client import ClientError, FitOptions, ImageFormat, ProblemError, S
 from service.jobs import JobRunner
 from service.main import create_app
 from service.observability import configure_logging
-from service.settings import Settings
+from service.settings import Settings, SettingsError, load_settings, unknown_variables
 
 log = logging.getLogger("sgd_service")
 WATCHDOG_SECONDS = 0.5
@@ -99,6 +99,8 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> None:
     """Run one uvicorn worker: the model lives in this process."""
     configure_logging(settings.log_level)
+    for line in unknown_variables():
+        log.warning(line)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -227,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_client_commands(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "serve"):
-        serve(Settings())
+        try:
+            settings = load_settings()
+        except SettingsError as exc:
+            print(f"sgd-service: cannot start: {exc}", file=sys.stderr)
+            sys.exit(2)
+        serve(settings)
         return
     sys.exit(run_client_command(args))
 

@@ -1,9 +1,16 @@
 """Service settings, read from SGD_* environment variables and validated at start-up."""
 
+import difflib
+import os
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PREFIX = "SGD_"
+# SGD_* variables that are not settings of the server but are read by its command line.
+CLIENT_VARIABLES = {"SGD_URL": "the client commands' --url"}
 
 
 class Settings(BaseSettings):
@@ -11,7 +18,7 @@ class Settings(BaseSettings):
 
     # An empty variable (SGD_API_TOKEN= in a compose file) means "not set", not "empty token".
     model_config = SettingsConfigDict(
-        env_prefix="SGD_", frozen=True, extra="forbid", env_ignore_empty=True
+        env_prefix=PREFIX, frozen=True, extra="forbid", env_ignore_empty=True
     )
 
     host: str = "127.0.0.1"
@@ -47,3 +54,33 @@ class Settings(BaseSettings):
     # After SIGTERM, /readyz answers 503 for this long before the server stops listening,
     # so a load balancer can take the replica out of rotation first.
     drain_seconds: float = Field(default=1.0, ge=0, le=60)
+
+
+class SettingsError(Exception):
+    """The environment holds a setting the service cannot use; the message says which and why."""
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; SettingsError names each bad variable, its value and why."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = PREFIX + "_".join(str(part) for part in error["loc"]).upper()
+            value = "(hidden)" if name == "SGD_API_TOKEN" else repr(error.get("input"))
+            problems.append(f"{name}={value}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line for each SGD_* variable that is no setting (a typo is otherwise silently ignored)."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields} | set(CLIENT_VARIABLES)
+    lines = []
+    for name in sorted(n for n in environ if n.upper().startswith(PREFIX)):
+        if name.upper() in known:
+            continue
+        near = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        lines.append(f"{name} is not a setting and is ignored{hint}")
+    return lines

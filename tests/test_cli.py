@@ -21,7 +21,8 @@ TUTORIAL_ARGS = ["--x", "1", "2", "3", "--y", "2", "4", "6"]
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(str(tmp_path_factory.mktemp("cli")))
+    # SGD_MAX_EPOCH: a misspelled setting, which start-up must name (test below)
+    srv = start_server(str(tmp_path_factory.mktemp("cli")), SGD_MAX_EPOCH="5")
     yield srv
     srv.stop()
 
@@ -185,3 +186,31 @@ def test_serve_freezes_what_start_up_made() -> None:
         assert asyncio.run(start_and_stop()) > 10_000  # the modules and the app, at least
     finally:
         gc.unfreeze()
+
+
+def test_a_misspelled_setting_is_named_at_start_up(live_server: Server) -> None:
+    wanted = "SGD_MAX_EPOCH is not a setting and is ignored; did you mean SGD_MAX_EPOCHS?"
+    lines = [json.loads(x) for x in live_server.log().splitlines() if x.startswith("{")]
+    assert [x["level"] for x in lines if x["msg"] == wanted] == ["warning"]
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SGD_PORT": "abc"}, "SGD_PORT='abc': Input should be a valid integer"),
+        ({"SGD_MAX_EPOCHS": "0"}, "SGD_MAX_EPOCHS='0': Input should be greater than or equal to 1"),
+        ({"SGD_LOG_LEVEL": "loud"}, "SGD_LOG_LEVEL='loud': Input should be 'critical'"),
+    ],
+)
+def test_an_invalid_setting_stops_start_up_with_one_line(env: dict[str, str], named: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"sgd-service: cannot start: {named}")
+    assert done.stderr.count("\n") == 1  # one line, no traceback
+    assert done.stdout == ""
