@@ -1,5 +1,5 @@
 """`python -m service` / `sgd-service`: serve (the default), or fit, predict and history against
-a running service (--url, default $SGD_URL or http://127.0.0.1:8000)."""
+a running service (--url, default $SGD_URL, else SGD_HOST and SGD_PORT as `serve` reads them)."""
 
 import argparse
 import asyncio
@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -120,8 +120,17 @@ def serve(settings: Settings) -> None:
 
 # -- client commands: talk to a running service ---------------------------------------------
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 CLIENT_TIMEOUT = 30.0
+
+
+def default_url(environ: Mapping[str, str] = os.environ) -> str:
+    """$SGD_URL, else where `sgd-service serve` listens with the same SGD_HOST and SGD_PORT."""
+    if environ.get("SGD_URL"):
+        return environ["SGD_URL"]
+    host = environ.get("SGD_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # noqa: S104  # every interface: reach it on the loopback
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{environ.get('SGD_PORT') or 8000}"
 
 
 def add_client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -129,8 +138,9 @@ def add_client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
-        default=os.environ.get("SGD_URL", DEFAULT_URL),
-        help="the service (default: $SGD_URL or %(default)s); $SGD_API_TOKEN is sent if set",
+        default=default_url(),
+        help="the service (default: $SGD_URL, else SGD_HOST and SGD_PORT as `serve` reads them: "
+        "%(default)s); $SGD_API_TOKEN is sent if set",
     )
     fit = sub.add_parser("fit", parents=[common], help="start a fit; prints the job as JSON")
     fit.add_argument("--x", type=float, nargs="+", required=True, help="hours studied")

@@ -214,3 +214,15 @@ def test_an_invalid_setting_stops_start_up_with_one_line(env: dict[str, str], na
     assert done.stderr.startswith(f"sgd-service: cannot start: {named}")
     assert done.stderr.count("\n") == 1  # one line, no traceback
     assert done.stdout == ""
+
+
+def test_client_commands_find_the_server_where_its_settings_put_it(
+    live_server: Server, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, port = live_server.url.removeprefix("http://").rsplit(":", 1)
+    monkeypatch.delenv("SGD_URL", raising=False)
+    monkeypatch.setenv("SGD_HOST", host)
+    monkeypatch.setenv("SGD_PORT", port)
+    code, out, err = run(["fit", *TUTORIAL_ARGS], capsys)
+    assert (code, err) == (0, "")
+    assert json.loads(out)["n_samples"] == 3
