@@ -111,12 +111,16 @@ def _served(store: Store) -> Model:
     return model
 
 
-def _check_hours(hours: list[float], settings: Settings) -> None:
+def _check_hours(hours: list[float], settings: Settings, indexed: bool) -> None:
+    """Each |hours| within the limit; the problem names the first that is not, as the caller
+    wrote it: `hours` for the query parameter, `hours[2]` for the body's list."""
     limit = settings.max_abs_value
-    if max(map(abs, hours)) > limit:
+    over = next((i for i, h in enumerate(hours) if abs(h) > limit), None)
+    if over is not None:
+        name = f"hours[{over}]" if indexed else "hours"
         raise InvalidInput(
             f"every |hours| must be at most SGD_MAX_ABS_VALUE={limit:g}",
-            [{"field": "hours", "message": f"|hours| at most {limit:g}", "code": "limit"}],
+            [{"field": name, "message": f"|hours| at most {limit:g}", "code": "limit"}],
         )
 
 
@@ -128,7 +132,7 @@ async def predict(
 ) -> Prediction:
     """The served model's score for one number of hours."""
     model = _served(store)
-    _check_hours([hours], settings)
+    _check_hours([hours], settings, indexed=False)
     score = finite_or_raise(model.predict(hours), "the score")
     return Prediction(hours=hours, score=score, model_version=model.version)
 
@@ -142,7 +146,7 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
             f"at most {settings.max_predict_batch} hours per request; split the request",
             [{"field": "hours", "message": "too many values", "code": "limit"}],
         )
-    _check_hours(body.hours, settings)
+    _check_hours(body.hours, settings, indexed=True)
     scores = [finite_or_raise(model.predict(h), "a score") for h in body.hours]
     return Predictions(scores=scores, model_version=model.version)
 

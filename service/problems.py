@@ -48,8 +48,12 @@ def problem_response(error: ServiceError, headers: Mapping[str, str] | None = No
     )
 
 
+# Where FastAPI found a value; a caller names the value alone (`hours`, not `query.hours`).
+_LOCATIONS = ("body", "query", "path", "header", "cookie")
+
+
 def _field(loc: Sequence[int | str]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    parts = [str(p) for p in (loc[1:] if loc and loc[0] in _LOCATIONS else loc)]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)

@@ -251,7 +251,7 @@ BAD_FITS: list[tuple[str, str | dict[str, Any], str]] = [
     ("null", {"x": [1, None], "y": [2, 4]}, "x[1]"),
     ("length mismatch", {"x": [1, 2], "y": [2]}, "y"),
     ("empty", {"x": [], "y": []}, "x"),
-    ("out of range", {"x": [1, 2e9], "y": [2, 4]}, "x"),
+    ("out of range", {"x": [1, 2e9], "y": [2, 4]}, "x[1]"),
     ("all x zero", {"x": [0, 0], "y": [2, 4]}, "x"),
     ("unknown field", {**TUTORIAL, "momentum": 0.9}, "momentum"),
     ("missing y", {"x": [1]}, "y"),
@@ -283,6 +283,26 @@ def test_bad_fit_is_422_and_changes_nothing(
     assert any(f.startswith(field) for f in fields), fields
     assert all(e["message"] for e in problem["errors"])
     assert state(served) == before
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (("GET", "/predict?hours=abc", None), "hours"),
+        (("GET", "/predict?hours=2e9", None), "hours"),
+        (("GET", "/predict", None), "hours"),
+        (("POST", "/predict", {"hours": [1, 2e9]}), "hours[1]"),
+        (("POST", "/predict", {"hours": [1, "a"]}), "hours[1]"),
+        (("POST", "/fit", {"x": [1, 2, 3e9], "y": [1, 2, 3]}), "x[2]"),
+        (("POST", "/fit", {"x": [1, 2], "y": [1, "b"]}), "y[1]"),
+    ],
+)
+def test_problems_name_fields_as_a_caller_writes_them(
+    served: TestClient, request_: tuple[str, str, Any], field: str
+) -> None:
+    method, url, body = request_
+    problem = assert_problem(served.request(method, url, json=body), 422, "validation-error")
+    assert [e["field"] for e in problem["errors"]] == [field]
 
 
 @pytest.mark.parametrize("hours", ["abc", "nan", "inf", "-Infinity", "1e400", "2e9", ""])
