@@ -2,19 +2,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+SERVE_STAMP := $(VENV)/.serve-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+# torch as pyproject.toml pins it; TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the
+# CPU build from PyTorch's index (the default index's is CUDA, several GB), as the Dockerfile does
+TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+TORCH_INDEX_URL ?=
 
 .PHONY: install run test lint typecheck pytest bench faults clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	# torch is pinned to ==2.13.0 in pyproject.toml: its CPU wheel is found locally (pip find-links)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+# `make run` installs what serving needs, nothing more
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(if $(TORCH_INDEX_URL),$(PIP) --index-url $(TORCH_INDEX_URL) '$(TORCH)')
+	$(PIP) -e .
 	touch $@
 
-install: $(STAMP)
+# tests, linters, the bench: the dev extras on top
+$(DEV_STAMP): $(SERVE_STAMP)
+	$(PIP) -e '.[dev]'
+	touch $@
 
-run: install
+install: $(DEV_STAMP)
+
+run: $(SERVE_STAMP)
 	$(BIN)/sgd-service serve
 
 lint: install
