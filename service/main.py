@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, views
@@ -50,7 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await run_in_threadpool(runner.stop)
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load their JavaScript and CSS from this service (a pinned
+    # package ships them), not from a CDN, so they work on a machine without internet access.
+    app = FastAPIOffline(
         title="sgd-service",
         version=__version__,
         summary="Fits y = w*x (+ b) by SGD with PyTorch autograd and serves its predictions.",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 from tests.conftest import TIMEOUT, Server
 
@@ -111,3 +111,29 @@ def test_fit_the_tutorial_watch_it_and_predict(browser: Browser, server: Server)
 def save_small(image: Image.Image, path: Path) -> None:
     """A README picture: 64 colours are plenty for a page and a line plot (a third the bytes)."""
     image.convert("RGB").quantize(colors=64).save(path, optimize=True)
+
+
+DOC_PAGES = [("/docs", ".swagger-ui .info .title"), ("/redoc", "h1")]
+
+
+@pytest.mark.parametrize(("path", "shows"), DOC_PAGES)
+def test_the_api_docs_render_without_internet(
+    browser: Browser, server: Server, path: str, shows: str
+) -> None:
+    """Every request the docs page makes goes to the service itself: no CDN (issue 15)."""
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT * 1000)
+    elsewhere: list[str] = []
+
+    def local_only(route: Route) -> None:
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:  # as on a machine without internet access
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", local_only)
+    page.goto(f"{server.url}{path}")
+    assert "sgd-service" in text(page, shows)
+    assert elsewhere == []
+    page.close()
