@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 
 from service.client import ClientError, FitOptions, ImageFormat, ProblemError, SGDClient
-from service.jobs import JobRunner
+from service.jobs import Runner
 from service.main import create_app
 from service.observability import configure_logging
 from service.settings import Settings, SettingsError, load_settings, unknown_variables
@@ -75,11 +75,11 @@ class DrainingServer(uvicorn.Server):
         # Signal handlers must not take locks the interrupted code may hold: hand over to the loop.
         self._loop.call_soon_threadsafe(self._drain)
 
-    def _runner(self) -> JobRunner | None:
+    def _runner(self) -> Runner | None:
         """The lifespan's job runner; None before start-up has run (or if it failed)."""
         lifespan = getattr(self, "lifespan", None)  # uvicorn makes it as serving begins
         state: dict[str, Any] = getattr(lifespan, "state", {})
-        runner: JobRunner | None = state.get("runner")
+        runner: Runner | None = state.get("runner")
         return runner
 
     def _drain(self) -> None:
@@ -236,15 +236,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sgd-service", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the service (the default); configured by SGD_* env")
+    sub.add_parser("worker", help="run a training worker on the shared queue (needs SGD_REDIS_URL)")
     add_client_commands(sub)
     args = parser.parse_args(argv)
-    if args.command in (None, "serve"):
+    if args.command in (None, "serve", "worker"):
         try:
             settings = load_settings()
         except SettingsError as exc:
             print(f"sgd-service: cannot start: {exc}", file=sys.stderr)
             sys.exit(2)
-        serve(settings)
+        if args.command == "worker":
+            from service import queue_worker
+
+            configure_logging(settings.log_level)
+            queue_worker.main(settings)
+        else:
+            serve(settings)
         return
     sys.exit(run_client_command(args))
 

@@ -1,4 +1,8 @@
-"""HTTP routes: thin, typed, async; state comes in through service.deps; never torch."""
+"""HTTP routes: thin, typed, async; state comes in through service.deps; never torch.
+
+Every call of the store but the served model's read runs in the threadpool: the store may be
+Redis, across a network, and the event loop must stay free for /predict.
+"""
 
 import asyncio
 import contextlib
@@ -10,9 +14,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import InvalidInput, JobNotFound, ModelNotReady, NotReady
+from service.jobs import Runner
 from service.problems import problems
 from service.schemas import (
     MAX_SEED,
@@ -65,14 +71,28 @@ async def fit(
         fit_intercept=body.fit_intercept,
         seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
     )
-    job, created = store.create_job(params, len(body.x), idem)
+    x, y = array("d", body.x).tobytes(), array("d", body.y).tobytes()
+    job = await run_in_threadpool(_create, store, runner, params, x, y, idem)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+def _create(
+    store: Store,
+    runner: Runner,
+    params: JobParams,
+    x: bytes,
+    y: bytes,
+    idem: tuple[str, str] | None,
+) -> Job:
+    """A queued job (or the Idempotency-Key's original); a refused one leaves no trace."""
+    job, created = store.create_job(params, len(x) // 8, idem)
     if created:
         try:
-            runner.submit(job, array("d", body.x).tobytes(), array("d", body.y).tobytes())
+            runner.submit(job, x, y)
         except Exception:
             store.discard_job(job.id)
             raise
-    response.headers["Location"] = f"/jobs/{job.id}"
     return job
 
 
@@ -81,13 +101,13 @@ async def list_jobs(
     store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20
 ) -> JobList:
     """Recent jobs, newest first."""
-    return JobList(jobs=store.list_jobs(limit))
+    return JobList(jobs=await run_in_threadpool(store.list_jobs, limit))
 
 
 @router.get("/jobs/{job_id}", responses=problems(404, 422))
 async def get_job(job_id: str, store: StoreDep) -> Job:
     """One job: status, progress, result or error."""
-    return store.get_job(job_id)
+    return await run_in_threadpool(store.get_job, job_id)
 
 
 @router.post(
@@ -95,12 +115,12 @@ async def get_job(job_id: str, store: StoreDep) -> Job:
 )
 async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> Job:
     """Cancel a queued or running job; answers once it has stopped."""
-    job = runner.cancel(job_id)
+    job = await run_in_threadpool(runner.cancel, job_id)
     deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS
     while not job.status.ended and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)
         with contextlib.suppress(JobNotFound):  # evicted since: answer what we saw last
-            job = store.get_job(job_id)
+            job = await run_in_threadpool(store.get_job, job_id)
     return job
 
 
@@ -167,13 +187,15 @@ async def history(
     max_points: Annotated[int | None, Query(ge=2, le=MAX_HISTORY_POINTS)] = None,
 ) -> History:
     """Loss and w per epoch of the latest job (or ?job_id=), paged and thinned."""
-    return store.history(job_id, since, limit, max_points or settings.history_max_points)
+    points = max_points or settings.history_max_points
+    return await run_in_threadpool(store.history, job_id, since, limit, points)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(metrics: MetricsDep) -> PlainTextResponse:
     """Prometheus metrics: requests, latencies, jobs, fits, queue depth, the model version."""
-    return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body = await run_in_threadpool(generate_latest, metrics.registry)  # gauges may ask Redis
+    return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

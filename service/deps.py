@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.errors import Unauthorized
-from service.jobs import JobRunner
+from service.jobs import Runner
 from service.observability import Metrics
 from service.settings import Settings
 from service.store import Store
@@ -24,8 +24,8 @@ async def get_store(request: Request) -> Store:
     return store
 
 
-async def get_runner(request: Request) -> JobRunner:
-    runner: JobRunner = request.state.runner
+async def get_runner(request: Request) -> Runner:
+    runner: Runner = request.state.runner
     return runner
 
 
@@ -40,7 +40,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
-RunnerDep = Annotated[JobRunner, Depends(get_runner)]
+RunnerDep = Annotated[Runner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 

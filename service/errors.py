@@ -129,6 +129,27 @@ class NotReady(ServiceError):
     status = 503
 
 
+class StoreUnavailable(ServiceError):
+    """The shared store (Redis) cannot be reached; predictions still come from memory."""
+
+    type = "store-unavailable"
+    title = "The shared store is unreachable"
+    status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = "1"
+
+
+class Fenced(ServiceError):
+    """A worker's attempt at a job is no longer the current one (it was paused or cut off past
+    its lease and the job was run again): none of its writes may land."""
+
+    type = "fenced"
+    title = "This attempt no longer owns the job"
+    status = 409
+
+
 class Unauthorized(ServiceError):
     type = "unauthorized"
     title = "Missing or wrong bearer token"

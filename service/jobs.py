@@ -25,7 +25,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from service import worker
 from service.errors import (
@@ -52,6 +52,37 @@ WORKER_STOP_SECONDS = 1.0
 # How long a worker gets to stop a fit that ran out of time (it checks between blocks, each well
 # under a second) before it is replaced.
 TIMEOUT_GRACE_SECONDS = 10.0
+
+
+class Runner(Protocol):
+    """What the routes, the metrics and the server need from a runner of fits: JobRunner here
+    (one process, memory), service.fleet.QueueRunner with a shared store (Redis)."""
+
+    @property
+    def ready(self) -> bool:
+        """Can take fits now (/readyz)."""
+
+    @property
+    def broken(self) -> str | None:
+        """Why this replica can never train again (the process should exit), or None."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def submit(self, job: Job, x: bytes, y: bytes) -> None:
+        """Queue a created job with its samples (float64 bytes), or raise QueueFull or
+        ShuttingDown."""
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now or ask a running one to stop; raises JobNotFound or
+        JobAlreadyEnded."""
+
+    def drain(self) -> None:
+        """Refuse new fits from now on."""
+
+    def stop(self, timeout: float = 10.0) -> None: ...
 
 
 class WorkerLost(Exception):

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, views
 from service.fastpath import FastPredict
-from service.jobs import JobRunner
+from service.jobs import JobRunner, Runner
 from service.middleware import BodyLimit
 from service.observability import Metrics, RequestObserver
 from service.problems import install_handlers
@@ -28,9 +28,22 @@ class State(TypedDict):
     it."""
 
     store: Store
-    runner: JobRunner
+    runner: Runner
     settings: Settings
     metrics: Metrics
+
+
+def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
+    """The store and the runner: in this process's memory, or shared in Redis."""
+    if settings.redis_url is None:
+        store = MemoryStore(keep_jobs=settings.keep_jobs)
+        return store, JobRunner(store, settings, on_end=metrics.job_ended)
+    from service.fleet import QueueRunner  # imports redis only in Redis mode
+    from service.redis_store import RedisStore
+
+    url = settings.redis_url.get_secret_value()
+    shared = RedisStore(url, settings.redis_prefix, settings.keep_jobs, settings.lease_seconds)
+    return shared, QueueRunner(shared, settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,8 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         if settings.api_token is None:
             log.warning("SGD_API_TOKEN is not set: anyone who reaches the service can start fits")
-        store = MemoryStore(keep_jobs=settings.keep_jobs)
-        runner = JobRunner(store, settings, on_end=metrics.job_ended)
+        store, runner = _state(settings, metrics)
         metrics.watch(store, runner)
         runner.start()
         try:

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobs import JobRunner
+from service.jobs import Runner
 from service.schemas import Job, JobStatus
 from service.store import Store
 
@@ -66,13 +66,13 @@ class Metrics:
         if seconds > 0 and job.progress.epoch:
             self.epochs_per_second.set(job.progress.epoch / seconds)
 
-    def watch(self, store: Store, runner: JobRunner) -> None:
+    def watch(self, store: Store, runner: Runner) -> None:
         """Gauges read at scrape time from the store and the runner."""
         self.registry.register(_StateCollector(store, runner))
 
 
 class _StateCollector(Collector):
-    def __init__(self, store: Store, runner: JobRunner) -> None:
+    def __init__(self, store: Store, runner: Runner) -> None:
         self._store = store
         self._runner = runner
 

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     # so a load balancer can take the replica out of rotation first.
     drain_seconds: float = Field(default=1.0, ge=0, le=60)
 
+    # Shared state for many replicas (README, "Scaling out"): when set, model versions, jobs,
+    # histories, idempotency keys and the queue of fits live in this Redis; unset, in memory.
+    redis_url: SecretStr | None = None
+    # Namespaces every key, so that two services can share one Redis.
+    redis_prefix: str = Field(default="sgd:", min_length=1, max_length=64)
+    # Training workers `serve` runs beside the API in Redis mode (0: this replica only serves).
+    workers: int = Field(default=1, ge=0, le=64)
+    # A worker silent this long (no heartbeat: killed, paused, cut off) has lost its job, which
+    # another worker runs again; its late writes are refused (fenced).
+    lease_seconds: float = Field(default=10.0, ge=1, le=600)
+
 
 class SettingsError(Exception):
     """The environment holds a setting the service cannot use; the message says which and why."""
@@ -68,7 +79,8 @@ def load_settings() -> Settings:
         problems = []
         for error in exc.errors():
             name = PREFIX + "_".join(str(part) for part in error["loc"]).upper()
-            value = "(hidden)" if name == "SGD_API_TOKEN" else repr(error.get("input"))
+            hidden = name in ("SGD_API_TOKEN", "SGD_REDIS_URL")  # a URL may hold a password
+            value = "(hidden)" if hidden else repr(error.get("input"))
             problems.append(f"{name}={value}: {error['msg']}")
         raise SettingsError("; ".join(problems)) from None
 

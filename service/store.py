@@ -297,7 +297,7 @@ class MemoryStore:
             total = len(hist.w)
             start = min(since, total)
             end = total if limit is None else min(total, start + limit)
-            stride = _stride(end - start, max_points)
+            stride = stride_for(end - start, max_points)
             picks = list(range(start, end, stride))
             last = [end - 1] if picks and picks[-1] != end - 1 else []  # always keep the last
 
@@ -349,6 +349,6 @@ class MemoryStore:
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
 
 
-def _stride(count: int, max_points: int) -> int:
+def stride_for(count: int, max_points: int) -> int:
     """The step that picks at most max_points of count epochs, the last one included."""
     return 1 if count <= max_points else -(-(count - 1) // (max_points - 1))

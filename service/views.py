@@ -57,7 +57,7 @@ async def history_plot(
     image_format: Annotated[Literal["png", "svg"], Query(alias="format")] = "png",
 ) -> Response:
     """The tutorial's figure of the latest job (or ?job_id=): loss and w per epoch."""
-    history = store.history(job_id, 0, None, PLOT_POINTS)
+    history = await run_in_threadpool(store.history, job_id, 0, None, PLOT_POINTS)
     image = await run_in_threadpool(render_history, history, image_format)
     return Response(
         image, media_type=IMAGE_TYPES[image_format], headers={"Cache-Control": "no-store"}
@@ -166,7 +166,7 @@ async def job_events(
     ] = None,
 ) -> Response:
     """Stream a job's progress as Server-Sent Events until it ends; resumes at Last-Event-ID."""
-    job = store.get_job(job_id)
+    job = await run_in_threadpool(store.get_job, job_id)
     if last_event_id == END_ID:
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
     # A progress event's id is the epoch after its last point: where a resumed stream starts.
@@ -192,8 +192,7 @@ async def _event_stream(store: Store, job: Job, resume: int) -> AsyncIterator[st
     while True:
         try:
             # The job first: once it has ended, its history is complete.
-            job = store.get_job(job.id)
-            points = _grid_points(store, job, stride, next_epoch)
+            job, points = await run_in_threadpool(_poll, store, job.id, stride, next_epoch)
         except ServiceError as exc:  # evicted while streaming: say so, then stop
             yield _sse("problem", json.dumps(exc.problem()), END_ID)
             return
@@ -208,6 +207,12 @@ async def _event_stream(store: Store, job: Job, resume: int) -> AsyncIterator[st
             yield ": keep-alive\n\n"  # keeps proxies and read timeouts from closing a quiet stream
             quiet_since = loop.time()
         await asyncio.sleep(EVENT_INTERVAL)
+
+
+def _poll(store: Store, job_id: str, stride: int, start: int) -> tuple[Job, ProgressEvent | None]:
+    """The job, then its new grid points (off the event loop: a store may be across a network)."""
+    job = store.get_job(job_id)
+    return job, _grid_points(store, job, stride, start)
 
 
 def _grid_points(store: Store, job: Job, stride: int, start: int) -> ProgressEvent | None:

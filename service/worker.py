@@ -139,7 +139,7 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     # under SCHED_IDLE on a busy machine it would take minutes: that long without training.
     if nice:
         os.nice(nice)
-    info["policy"] = _lower_policy() if sched_idle else "other"
+    info["policy"] = lower_policy() if sched_idle else "other"
     conn.send(Hello(info))
     chan = Channel(conn)
     while True:
@@ -202,7 +202,7 @@ def _interrupted(conn: Connection, job_id: str) -> bool:
     return False
 
 
-def _lower_policy() -> str:
+def lower_policy() -> str:
     """Put this process under SCHED_IDLE where the OS has it; the policy it runs under.
 
     Lowering one's own policy needs no privilege (not even CAP_SYS_NICE), so this works in a

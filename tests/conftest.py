@@ -1,6 +1,7 @@
 """Shared fixtures: settings, the app through its factory, and a real uvicorn server process."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,6 +68,60 @@ def wait_until(check: Callable[[], bool], deadline: float = 30.0, what: str = "c
             return
         time.sleep(0.02)
     raise AssertionError(f"{what} not reached within {deadline}s")
+
+
+class RedisServer:
+    """A real redis-server of our own (Debian's package) on a free port, with its data in a
+    temporary directory, so that a test can stop, kill and restart it."""
+
+    def __init__(self, directory: str, appendonly: bool = True) -> None:
+        self.dir = directory
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._prefixes = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def prefix(self) -> str:
+        """A fresh key prefix: a store of its own on the shared server."""
+        self._prefixes += 1
+        return f"t{os.getpid()}-{self._prefixes}-{time.monotonic_ns()}:"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", self.dir, "--save", "", "--daemonize", "no", "--loglevel", "warning"]
+        if self.appendonly:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        wait_until(self.answers, 20.0, "redis-server start")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the session; every store on it gets its own key prefix."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
+    srv = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    srv.start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,27 +5,40 @@ store is one more entry in STORES. None of them looks inside MemoryStore.
 """
 
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
 from service.schemas import JobParams, JobStatus
+from service.redis_store import RedisStore
 from service.store import MemoryStore, Store
+from tests.conftest import RedisServer
 
 MakeStore = Callable[[int], Store]  # keep_jobs -> an empty store
-STORES: dict[str, MakeStore] = {"memory": MemoryStore}
 
 PARAMS = JobParams(
     epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
 )
 
 
-@pytest.fixture(scope="module", params=sorted(STORES))
-def make_store(request: pytest.FixtureRequest) -> MakeStore:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     """Empty stores of one implementation, by keep_jobs (module scope: `chunked` uses it)."""
-    make: MakeStore = STORES[request.param]
-    return make
+    if request.param == "memory":
+        yield MemoryStore
+        return
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
+    made: list[RedisStore] = []
+
+    def make(keep_jobs: int) -> Store:
+        store = RedisStore(redis_server.url, redis_server.prefix(), keep_jobs, watch=False)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
 
 
 def run(store: Store, epochs: int = 10, w: float = 2.0) -> str:

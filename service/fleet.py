@@ -1,0 +1,179 @@
+"""Fits on a shared queue (Redis mode): any replica enqueues, any training worker runs.
+
+The queue, the delivery to one worker at a time, the heartbeats and the redelivery of a dead
+worker's job are Dramatiq's (its Redis broker): a worker acknowledges a fit's message only once
+the fit has ended, and a worker whose heartbeat is older than SGD_LEASE_SECONDS is dead to the
+others, which put its unacknowledged messages back on the queue. What Dramatiq does not know,
+who owns a job now, is the store's: each run claims the job (its attempt number is the fencing
+token, see service.redis_store), so a run that lost its job can never write again.
+
+QueueRunner is the API side: the JobRunner interface on the queue, plus the SGD_WORKERS
+training-worker processes (`sgd-service worker`) it starts beside the API and restarts.
+"""
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from service.errors import QueueFull, ShuttingDown
+from service.redis_store import RedisStore
+from service.schemas import Job, JobStatus
+from service.settings import Settings
+
+log = logging.getLogger("sgd_service.fleet")
+
+QUEUE = "fits"
+ACTOR = "fit"
+# A crash-looping worker is restarted no faster than this.
+RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
+# How long `stop` waits for a worker to hand its fit back before it is killed.
+WORKER_STOP_SECONDS = 20.0
+
+
+def make_broker(settings: Settings, store: RedisStore) -> Any:
+    """Dramatiq's Redis broker in the store's namespace: no middleware (retries, time limits and
+    cancels are the service's own, per attempt), heartbeats every fetch, a lease of
+    SGD_LEASE_SECONDS, and queue maintenance (the redelivery of dead workers' messages) on every
+    fetch rather than one in a thousand: a dead worker's fit is back on the queue at once."""
+    from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
+
+    return RedisBroker(  # type: ignore[no-untyped-call]
+        client=store.redis,
+        namespace=store.queue_namespace,
+        middleware=[],
+        heartbeat_timeout=int(settings.lease_seconds * 1000),
+        maintenance_chance=MAINTENANCE_SCALE,
+    )
+
+
+def enqueue(broker: Any, job_id: str) -> None:
+    from dramatiq import Message
+
+    broker.enqueue(
+        Message(queue_name=QUEUE, actor_name=ACTOR, args=(job_id,), kwargs={}, options={})
+    )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a `sgd-service worker` process these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = "SGD_" + name.upper()
+        if value is None:
+            env.pop(key, None)
+        elif hasattr(value, "get_secret_value"):
+            env[key] = value.get_secret_value()
+        else:
+            env[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+class QueueRunner:
+    """The runner of a replica in Redis mode: submit and cancel through the shared store and
+    queue, readiness from the store, and the embedded training workers."""
+
+    def __init__(self, store: RedisStore, settings: Settings) -> None:
+        self._store = store
+        self._settings = settings
+        self._broker = make_broker(settings, store)
+        self._draining = False
+        self._stopping = threading.Event()
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
+        self._supervisor = threading.Thread(target=self._supervise, name="sgd-workers", daemon=True)
+        self.worker_info: dict[str, Any] = {}
+
+    def start(self) -> None:
+        if self._settings.workers:
+            self._supervisor.start()
+
+    @property
+    def ready(self) -> bool:
+        """Serving the shared model: Redis answers and the served model has been read."""
+        return not self._draining and self._store.reachable and self._store.loaded
+
+    @property
+    def broken(self) -> str | None:
+        return None  # Redis coming back heals everything; the workers are restarted
+
+    @property
+    def queue_depth(self) -> int:
+        try:
+            return self._store.job_counts().get(JobStatus.queued, 0)
+        except Exception:
+            return 0
+
+    def submit(self, job: Job, x: bytes, y: bytes) -> None:
+        """Queue a job for whichever worker is free, or raise QueueFull/ShuttingDown."""
+        if self._draining:
+            raise ShuttingDown("the service is shutting down; send the fit to another replica")
+        queued = self._store.job_counts().get(JobStatus.queued, 0) - 1  # less this new one
+        limit = self._settings.max_queued_jobs
+        if queued >= limit:
+            raise QueueFull(
+                f"{queued} jobs are queued (SGD_MAX_QUEUED_JOBS={limit}); retry later or "
+                "cancel one",
+                retry_after=2,
+            )
+        self._store.put_data(job.id, x, y)
+        enqueue(self._broker, job.id)
+
+    def cancel(self, job_id: str) -> Job:
+        return self._store.request_cancel(job_id)
+
+    def drain(self) -> None:
+        """Refuse new fits. Queued and running jobs stay: other replicas and workers run them."""
+        self._draining = True
+
+    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
+        """Stop the embedded workers; each hands its running fit back to the queue."""
+        self.drain()
+        self._stopping.set()
+        if self._supervisor.ident is not None:
+            self._supervisor.join(timeout + 5)
+        self._store.close()
+
+    # -- the embedded workers --------------------------------------------------------------
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "worker"], env=worker_env(self._settings)
+        )
+
+    def _supervise(self) -> None:
+        """Keep SGD_WORKERS workers alive until stop(); then stop them."""
+        failures = [0] * len(self._procs)
+        while not self._stopping.is_set():
+            for i, proc in enumerate(self._procs):
+                if proc is not None and proc.poll() is None:
+                    continue
+                if proc is not None:
+                    log.warning(
+                        "training worker %d exited with %s; restarting it",
+                        proc.pid,
+                        proc.returncode,
+                    )
+                    failures[i] = min(failures[i] + 1, len(RESTART_BACKOFF) - 1)
+                    if self._stopping.wait(RESTART_BACKOFF[failures[i]]):
+                        break
+                self._procs[i] = self._spawn()
+                self.worker_info[f"worker{i}"] = self._procs[i].pid  # type: ignore[union-attr]
+            self._stopping.wait(0.1)
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        for proc in self._procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("training worker %d did not stop; killing it", proc.pid)
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.wait(5)

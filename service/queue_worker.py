@@ -1,0 +1,206 @@
+"""`sgd-service worker`: a training worker on the shared queue (Redis mode).
+
+Like the in-memory runner's worker it imports torch and prepares the engine once, then runs one
+fit at a time at a lower CPU priority. It takes fits from the queue (service.fleet), writes
+their history straight into Redis every FLUSH_SECONDS and publishes the result; every write
+carries the attempt number it claimed, so once it has lost the job nothing it writes lands.
+
+Between blocks of epochs it checks for a cancel, for the job's time limit, and for its own stop
+(SIGTERM, Ctrl-C): a stopping worker gives its fit back to the queue, where another worker runs
+it again, and exits. Killed outright it cannot: its heartbeat stops, and after SGD_LEASE_SECONDS
+the job library hands its fit to another worker.
+"""
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from service import fleet
+from service.errors import (
+    Diverged,
+    Fenced,
+    JobAlreadyEnded,
+    JobNotFound,
+    JobTimedOut,
+    StoreUnavailable,
+    WorkerCrashed,
+)
+from service.redis_store import RedisStore
+from service.schemas import Job, JobStatus
+from service.settings import Settings
+from service.worker import FLUSH_SECONDS, lower_policy
+
+log = logging.getLogger("sgd_service.worker")
+
+
+class _Stopped(Exception):
+    """This worker is stopping: give the fit back to the queue."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class FitActor:
+    """The body of the `fit` actor: one attempt at one job."""
+
+    def __init__(self, store: RedisStore, settings: Settings, broker: Any) -> None:
+        self.store = store
+        self.settings = settings
+        self.broker = broker
+        self.stopping = threading.Event()
+
+    def run(self, job_id: str) -> None:
+        job = None
+        try:
+            job = self.store.claim(job_id, self.broker.broker_id, self.settings.job_attempts)
+            if job is None:
+                return  # ended, cancelled or out of attempts meanwhile
+            log.info("job running", extra={"fields": {"job_id": job_id, "attempt": job.attempts}})
+            self._run(job)
+        except (Fenced, JobAlreadyEnded, JobNotFound) as exc:
+            log.warning("job %s: this attempt lost the job (%s); dropping it", job_id, exc)
+        except _Stopped:
+            self._hand_back(job_id, job)
+        except StoreUnavailable:
+            log.warning(
+                "job %s: Redis is unreachable; handing the fit back once it answers", job_id
+            )
+            self._hand_back(job_id, job)
+
+    def _hand_back(self, job_id: str, job: Job | None) -> None:
+        """Put the job back on the queue for the next free worker, as soon as Redis answers. A
+        worker that stops first leaves it to the lease: its message is redelivered then."""
+        while True:
+            try:
+                if job is not None:
+                    with contextlib.suppress(Fenced, JobAlreadyEnded, JobNotFound):
+                        self.store.requeue_job(job_id, job.attempts)
+                fleet.enqueue(self.broker, job_id)
+                log.info("job %s handed back to the queue", job_id)
+                return
+            except (StoreUnavailable, redis.RedisError):
+                if self.stopping.wait(0.5):
+                    return
+
+    def _run(self, job: Job) -> None:
+        from service import training
+
+        attempt = job.attempts
+        x_raw, y_raw = self.store.job_data(job.id)
+        x, y = training.as_tensor(x_raw), training.as_tensor(y_raw)
+        fit = training.FitParams(**job.params.model_dump())
+        started = job.started_at or datetime.now(UTC)
+        deadline = started.timestamp() + self.settings.job_timeout
+        parts: list[Any] = []
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal parts, last_flush
+            if parts:
+                w = b"".join(c.w.tobytes() for c in parts)
+                loss = b"".join(c.loss.tobytes() for c in parts)
+                b = b"".join(c.b.tobytes() for c in parts) if fit.fit_intercept else None
+                self.store.append_history(
+                    job.id,
+                    memoryview(w).cast("d"),
+                    None if b is None else memoryview(b).cast("d"),
+                    memoryview(loss).cast("d"),
+                    attempt=attempt,
+                )
+                parts = []
+            last_flush = time.monotonic()
+
+        try:
+            last = None
+            for last in training.train(x, y, fit):
+                parts.append(last)
+                if time.monotonic() - last_flush < FLUSH_SECONDS:
+                    continue
+                flush()
+                if self.store.cancel_requested(job.id):
+                    raise _Cancelled
+                if self.stopping.is_set():
+                    raise _Stopped
+                if time.time() > deadline:
+                    raise JobTimedOut(self.settings.job_timeout)
+            flush()
+            assert last is not None
+            out = training.result(x, y, last, fit)  # raises Diverged unless all finite
+            done = self.store.succeed_job(
+                job.id, out.w, out.b, out.final_loss, out.mse, attempt=attempt
+            )
+            _log_end(done)
+        except _Cancelled:
+            _log_end(self.store.end_job(job.id, JobStatus.cancelled, attempt=attempt))
+        except (Diverged, JobTimedOut) as exc:
+            flush()
+            _log_end(self.store.end_job(job.id, JobStatus.failed, exc.problem(), attempt=attempt))
+        except (_Stopped, Fenced, JobAlreadyEnded, JobNotFound, StoreUnavailable):
+            raise
+        except Exception as exc:  # report, and stay alive for the next job
+            log.exception("job %s: the fit raised", job.id)
+            problem = WorkerCrashed(f"the fit raised {exc!r}").problem()
+            _log_end(self.store.end_job(job.id, JobStatus.failed, problem, attempt=attempt))
+
+
+def _log_end(job: Job) -> None:
+    fields: dict[str, Any] = {"job_id": job.id, "status": job.status.value}
+    fields.update(epoch=job.progress.epoch, attempts=job.attempts)
+    if job.result is not None:
+        fields["model_version"] = job.result.model_version
+    log.info("job %s", job.status.value, extra={"fields": fields})
+
+
+def main(settings: Settings) -> None:
+    """Run one training worker until SIGTERM or Ctrl-C; a second signal exits at once."""
+    import dramatiq
+    import torch
+
+    from service import training
+
+    stop = threading.Event()
+
+    def on_signal(sig: int, frame: object) -> None:
+        if stop.is_set():
+            os._exit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if settings.redis_url is None:
+        raise SystemExit("sgd-service worker needs SGD_REDIS_URL: the queue of fits is in Redis")
+    started = time.perf_counter()
+    torch.set_num_threads(settings.torch_threads)
+    info: dict[str, Any] = {"pid": os.getpid(), "torch": str(torch.__version__)}
+    info.update(training.prepare())
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)
+    info["policy"] = lower_policy() if settings.worker_sched_idle else "other"
+    url = settings.redis_url.get_secret_value()
+    store = RedisStore(
+        url, settings.redis_prefix, settings.keep_jobs, settings.lease_seconds, watch=False
+    )
+    broker = fleet.make_broker(settings, store)
+    actor = FitActor(store, settings, broker)
+    dramatiq.actor(actor_name=fleet.ACTOR, queue_name=fleet.QUEUE, broker=broker)(actor.run)
+    worker = dramatiq.Worker(broker, queues={fleet.QUEUE}, worker_threads=1, worker_timeout=100)
+    worker.queue_prefetch = (
+        1  # never hold a second fit while this one runs: another worker may be free
+    )
+    worker.start()
+    info["worker_id"] = broker.broker_id
+    info["startup_seconds"] = round(time.perf_counter() - started, 3)
+    log.info("training worker ready", extra={"fields": info})
+    stop.wait()
+    log.info("training worker stopping: handing its fit back to the queue")
+    actor.stopping.set()
+    worker.stop(timeout=int(fleet.WORKER_STOP_SECONDS * 1000))
+    os._exit(0)  # skip torch's slow interpreter teardown: nothing is left to flush
