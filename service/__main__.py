@@ -236,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sgd-service", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the service (the default); configured by SGD_* env")
-    sub.add_parser("worker", help="run a training worker on the shared queue (needs SGD_REDIS_URL)")
+    worker = sub.add_parser(
+        "worker", help="run a training worker on the shared queue (needs SGD_REDIS_URL)"
+    )
+    worker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by `serve`
     add_client_commands(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "serve", "worker"):
@@ -249,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from service import queue_worker
 
             configure_logging(settings.log_level)
-            queue_worker.main(settings)
+            queue_worker.main(settings, args.ready_fd)
         else:
             serve(settings)
         return

@@ -14,6 +14,7 @@ training-worker processes (`sgd-service worker`) it starts beside the API and re
 import contextlib
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -29,6 +30,8 @@ log = logging.getLogger("sgd_service.fleet")
 
 QUEUE = "fits"
 ACTOR = "fit"
+# Workers that die this many times in a row before they are ready cannot start at all.
+MAX_START_FAILURES = 5
 # A crash-looping worker is restarted no faster than this.
 RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
 # How long `stop` waits for a worker to hand its fit back before it is killed.
@@ -84,6 +87,10 @@ class QueueRunner:
         self._draining = False
         self._stopping = threading.Event()
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
+        self._ready_pipes: list[int | None] = [None] * settings.workers
+        self._ready: set[int] = set()  # indexes of the workers that said they are ready
+        self._start_failures = 0  # deaths before readiness, in a row
+        self._broken: str | None = None
         self._supervisor = threading.Thread(target=self._supervise, name="sgd-workers", daemon=True)
         self.worker_info: dict[str, Any] = {}
 
@@ -93,12 +100,15 @@ class QueueRunner:
 
     @property
     def ready(self) -> bool:
-        """Serving the shared model: Redis answers and the served model has been read."""
-        return not self._draining and self._store.reachable and self._store.loaded
+        """Redis answers, the served model has been read, and an embedded worker is warm (if
+        this replica runs any: with SGD_WORKERS=0 the fits wait for standalone workers)."""
+        workers_ok = not self._settings.workers or bool(self._ready)
+        return not self._draining and self._store.reachable and self._store.loaded and workers_ok
 
     @property
     def broken(self) -> str | None:
-        return None  # Redis coming back heals everything; the workers are restarted
+        """Set when the embedded workers cannot start at all; a lost Redis heals by itself."""
+        return self._broken
 
     @property
     def queue_depth(self) -> int:
@@ -139,29 +149,54 @@ class QueueRunner:
 
     # -- the embedded workers --------------------------------------------------------------
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service", "worker"], env=worker_env(self._settings)
-        )
+    def _spawn(self, i: int) -> None:
+        """Start worker i; it writes a byte to its ready pipe once it can take fits."""
+        ready_r, ready_w = os.pipe()
+        cmd = [sys.executable, "-m", "service", "worker", "--ready-fd", str(ready_w)]
+        env = worker_env(self._settings)
+        self._procs[i] = subprocess.Popen(cmd, env=env, pass_fds=(ready_w,))  # noqa: S603  # ours
+        os.close(ready_w)
+        self._ready_pipes[i] = ready_r
+        self.worker_info[f"worker{i}"] = self._procs[i].pid  # type: ignore[union-attr]
+
+    def _check_ready(self) -> None:
+        pipes = [fd for fd in self._ready_pipes if fd is not None]
+        if not pipes:
+            return
+        readable, _, _ = select.select(pipes, [], [], 0)
+        for i, fd in enumerate(self._ready_pipes):
+            if fd in readable:
+                if os.read(fd, 1):
+                    self._ready.add(i)
+                    self._start_failures = 0
+                os.close(fd)  # ready, or EOF: it died before its hello
+                self._ready_pipes[i] = None
 
     def _supervise(self) -> None:
         """Keep SGD_WORKERS workers alive until stop(); then stop them."""
-        failures = [0] * len(self._procs)
         while not self._stopping.is_set():
+            self._check_ready()
             for i, proc in enumerate(self._procs):
                 if proc is not None and proc.poll() is None:
                     continue
                 if proc is not None:
-                    log.warning(
-                        "training worker %d exited with %s; restarting it",
-                        proc.pid,
-                        proc.returncode,
-                    )
-                    failures[i] = min(failures[i] + 1, len(RESTART_BACKOFF) - 1)
-                    if self._stopping.wait(RESTART_BACKOFF[failures[i]]):
+                    code = proc.returncode
+                    log.warning("training worker %d exited with %s; restarting", proc.pid, code)
+                    if i not in self._ready:
+                        self._start_failures += 1
+                    self._ready.discard(i)
+                    if self._ready_pipes[i] is not None:
+                        os.close(self._ready_pipes[i])  # type: ignore[arg-type]
+                        self._ready_pipes[i] = None
+                    if self._start_failures >= MAX_START_FAILURES:
+                        self._broken = (
+                            f"training workers died {self._start_failures} times before they "
+                            "were ready"
+                        )
+                    backoff = RESTART_BACKOFF[min(self._start_failures, len(RESTART_BACKOFF) - 1)]
+                    if self._stopping.wait(backoff):
                         break
-                self._procs[i] = self._spawn()
-                self.worker_info[f"worker{i}"] = self._procs[i].pid  # type: ignore[union-attr]
+                self._spawn(i)
             self._stopping.wait(0.1)
         for proc in self._procs:
             if proc is not None and proc.poll() is None:

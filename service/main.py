@@ -42,7 +42,8 @@ def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
     from service.redis_store import RedisStore
 
     url = settings.redis_url.get_secret_value()
-    shared = RedisStore(url, settings.redis_prefix, settings.keep_jobs, settings.lease_seconds)
+    s = settings
+    shared = RedisStore(url, s.redis_prefix, s.keep_jobs, s.lease_seconds, on_end=metrics.job_ended)
     return shared, QueueRunner(shared, settings)
 
 

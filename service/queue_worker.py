@@ -159,7 +159,7 @@ def _log_end(job: Job) -> None:
     log.info("job %s", job.status.value, extra={"fields": fields})
 
 
-def main(settings: Settings) -> None:
+def main(settings: Settings, ready_fd: int | None = None) -> None:
     """Run one training worker until SIGTERM or Ctrl-C; a second signal exits at once."""
     import dramatiq
     import torch
@@ -199,6 +199,9 @@ def main(settings: Settings) -> None:
     info["worker_id"] = broker.broker_id
     info["startup_seconds"] = round(time.perf_counter() - started, 3)
     log.info("training worker ready", extra={"fields": info})
+    if ready_fd is not None:  # the replica that started this worker waits for this byte
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     stop.wait()
     log.info("training worker stopping: handing its fit back to the queue")
     actor.stopping.set()

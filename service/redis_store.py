@@ -87,6 +87,7 @@ class RedisStore:
         keep_jobs: int,
         lease_seconds: float = 10.0,
         watch: bool = True,
+        on_end: Callable[[Job], None] | None = None,
     ) -> None:
         self.prefix = prefix
         self.queue_namespace = prefix + "queue"  # the job library's keys (service.fleet)
@@ -100,6 +101,7 @@ class RedisStore:
             socket_timeout=COMMAND_TIMEOUT,
             health_check_interval=10,
         )
+        self._on_end = on_end
         self._model: Model | None = None
         self.loaded = False  # the served model has been read once: the replica can be ready
         self.reachable = False
@@ -142,12 +144,15 @@ class RedisStore:
         while not self._closed.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self._key("served"))
+                pubsub.subscribe(self._key("served"), self._key("ended"))
                 self.refresh()
                 self.reachable = True
                 last = time.monotonic()
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=RECHECK_SECONDS / 2)
+                    if msg is not None and msg["channel"] == self._key("ended").encode():
+                        self._ended(msg["data"])
+                        continue
                     if msg is not None or time.monotonic() - last >= RECHECK_SECONDS:
                         self.refresh()
                         last = time.monotonic()
@@ -159,6 +164,15 @@ class RedisStore:
             finally:
                 with contextlib.suppress(redis.RedisError):
                     pubsub.close()
+
+    def _ended(self, raw: bytes) -> None:
+        """A job ended, on whichever worker: every replica reports it (metrics, the log)."""
+        if self._on_end is None:
+            return
+        try:
+            self._on_end(Job.model_validate_json(raw))
+        except Exception:
+            log.exception("reporting a job's end failed")
 
     # -- jobs: what the API needs ----------------------------------------------------------
 
@@ -506,6 +520,7 @@ class RedisStore:
         pipe.hdel(self._key("job", job.id), "worker", "cancel")
         pipe.delete(self._key("data", job.id))
         pipe.zadd(self._key("ended"), {job.id: time.time()})
+        pipe.publish(self._key("ended"), job.model_dump_json())
         return job
 
     def _evict(self) -> None:

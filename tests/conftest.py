@@ -117,29 +117,56 @@ class RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the session; every store on it gets its own key prefix."""
     if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
+        pytest.fail(
+            "redis-server is missing: `make test` installs it (apt-get install redis-server)"
+        )
     srv = RedisServer(str(tmp_path_factory.mktemp("redis")))
     srv.start()
     yield srv
     srv.stop()
 
 
-@pytest.fixture(scope="session")
-def client() -> Iterator[TestClient]:
-    """One app (and one worker process) shared by the read-mostly API tests."""
-    settings = settings_for_tests(max_queued_jobs=64, keep_jobs=200, max_epochs=2_000_000)
+# The stores every API-level test runs against: in memory (the default) and shared on Redis.
+STORES = ["memory", "redis"]
+
+
+def store_settings(request: pytest.FixtureRequest, store: str) -> dict[str, Any]:
+    """Settings that select `store`: for Redis, the session's server and a fresh key prefix
+    (an empty store of its own)."""
+    if store == "memory":
+        return {}
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
+    return {"redis_url": redis_server.url, "redis_prefix": redis_server.prefix()}
+
+
+def store_env(request: pytest.FixtureRequest, store: str) -> dict[str, str]:
+    """The same as SGD_* variables, for `python -m service` processes."""
+    return {f"SGD_{k.upper()}": str(v) for k, v in store_settings(request, store).items()}
+
+
+@pytest.fixture(scope="session", params=STORES)
+def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """One app (and one worker process) per store, shared by the read-mostly API tests."""
+    settings = settings_for_tests(
+        max_queued_jobs=64,
+        keep_jobs=200,
+        max_epochs=2_000_000,
+        **store_settings(request, request.param),
+    )
     with TestClient(create_app(settings)) as c:
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
         yield c
 
 
-@pytest.fixture
-def make_client() -> Iterator[Callable[..., TestClient]]:
-    """A fresh app with its own settings: for tests that need an empty store or other limits."""
+@pytest.fixture(params=STORES)
+def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., TestClient]]:
+    """Fresh apps with their own settings, on an empty store of each kind: for tests that need
+    an empty store or other limits."""
     opened: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        c = TestClient(create_app(settings_for_tests(**overrides)))
+        settings = settings_for_tests(**store_settings(request, request.param), **overrides)
+        c = TestClient(create_app(settings))
         c.__enter__()
         opened.append(c)
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
@@ -237,7 +264,7 @@ def make_server(tmp_path: Any) -> Iterator[Callable[..., Server]]:
             srv.proc.wait(10)
 
 
-@pytest.fixture
-def server(make_server: Callable[..., Server]) -> Server:
-    """A real server for end-to-end tests."""
-    return make_server(SGD_MAX_EPOCHS="2000000")
+@pytest.fixture(params=STORES)
+def server(request: pytest.FixtureRequest, make_server: Callable[..., Server]) -> Server:
+    """A real server for end-to-end tests, on each store."""
+    return make_server(SGD_MAX_EPOCHS="2000000", **store_env(request, request.param))

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
-from service.schemas import JobParams, JobStatus
 from service.redis_store import RedisStore
+from service.schemas import JobParams, JobStatus
 from service.store import MemoryStore, Store
 from tests.conftest import RedisServer
 

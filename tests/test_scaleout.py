@@ -1,0 +1,392 @@
+"""Many replicas, one model, nothing lost: real replicas, real workers and a real redis-server
+of each test's own, which the tests stop, kill and restart.
+
+The API behaviour itself runs against both stores in the other modules (the `client`,
+`make_client` and `server` fixtures); these are the faults and the sharing that only Redis mode
+has. Figures (propagation lag, recovery times) are printed; `make bench` measures speed.
+"""
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.errors import Fenced
+from service.redis_store import RedisStore
+from service.schemas import JobParams, JobStatus
+from tests.conftest import (
+    SERVER_ENV,
+    TIMEOUT,
+    TUTORIAL,
+    RedisServer,
+    Server,
+    wait_job,
+    wait_until,
+)
+
+LEASE = "2"  # seconds: a silent worker loses its job quickly here
+# A few seconds of work in a worker, and minutes of it.
+SECONDS = {**TUTORIAL, "epochs": 3_000_000, "batch_size": 8, "learning_rate": 0.001}
+LONG = {"x": [1.0] * 100_000, "y": [2.0] * 100_000, "batch_size": 100_000, "epochs": 1_000_000}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone (append-only file on), so that it can be stopped."""
+    srv = RedisServer(str(tmp_path / "redis"))
+    os.makedirs(srv.dir)
+    srv.start()
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+class Fleet:
+    """Replicas and standalone workers on one Redis, one key prefix."""
+
+    def __init__(self, redis: RedisServer, make_server: Callable[..., Server], log_dir: Path):
+        self.redis = redis
+        self.prefix = redis.prefix()
+        self._make_server = make_server
+        self._log_dir = log_dir
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        return {
+            "SGD_REDIS_URL": self.redis.url,
+            "SGD_REDIS_PREFIX": self.prefix,
+            "SGD_LEASE_SECONDS": LEASE,
+            "SGD_MAX_EPOCHS": "5000000",
+        }
+
+    def replica(self, workers: int = 0, ready: bool = True) -> Server:
+        return self._make_server(ready=ready, SGD_WORKERS=str(workers), **self.env())
+
+    def worker(self) -> tuple[subprocess.Popen[bytes], Path]:
+        """A standalone `sgd-service worker`, ready to take fits; and its log."""
+        log = self._log_dir / f"worker-{len(self.workers)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "worker"],
+                env={**os.environ, **SERVER_ENV, **self.env()},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.workers.append(proc)
+        wait_until(lambda: "training worker ready" in log.read_text(), 60, "worker ready")
+        return proc, log
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def fleet(
+    own_redis: RedisServer, make_server: Callable[..., Server], tmp_path: Path
+) -> Iterator[Fleet]:
+    f = Fleet(own_redis, make_server, tmp_path)
+    yield f
+    f.close()
+
+
+def started(http: httpx.Client, job_id: str, attempt: int = 1) -> dict[str, Any]:
+    """Wait until the job runs its `attempt`-th run and has recorded some epochs."""
+    job: dict[str, Any] = {}
+
+    def check() -> bool:
+        nonlocal job
+        job = http.get(f"/jobs/{job_id}").json()
+        return bool(
+            job["status"] == "running"
+            and job["attempts"] == attempt
+            and job["progress"]["epoch"] > 0
+        )
+
+    wait_until(check, 60, f"attempt {attempt} running")
+    return job
+
+
+@pytest.mark.timeout(180)
+def test_two_replicas_are_one_service(fleet: Fleet) -> None:
+    one, two = fleet.replica(workers=1), fleet.replica(workers=0)
+    with one.client() as a, two.client() as b:
+        key = {"Idempotency-Key": "shared-1"}
+        first = a.post("/fit", json={**TUTORIAL, "seed": 7}, headers=key)
+        assert first.status_code == 202
+        job_id = first.json()["id"]
+        # the same key through the other replica is the same job, at once
+        again = b.post("/fit", json={**TUTORIAL, "seed": 7}, headers=key)
+        assert (again.status_code, again.json()["id"]) == (202, job_id)
+        assert b.get(f"/jobs/{job_id}").json()["id"] == job_id
+        assert job_id in [j["id"] for j in b.get("/jobs").json()["jobs"]]
+        done = wait_job(b, job_id)
+        assert done["status"] == "succeeded"
+        assert a.get(f"/jobs/{job_id}").json() == done
+        history = b.get("/history", params={"job_id": job_id}).json()
+        assert history == a.get("/history", params={"job_id": job_id}).json()
+        assert history["total_epochs"] == 100
+        plot = b.get("/history/plot", params={"job_id": job_id})
+        assert plot.headers["content-type"] == "image/png"
+        events = b.get(f"/jobs/{job_id}/events").text
+        assert "event: end" in events
+        version = done["result"]["model_version"]
+        wait_until(lambda: b.get("/model").json().get("version") == version, 5, "replica 2 model")
+        assert b.get("/predict", params={"hours": 4}).json()["model_version"] == version
+        # cancel through the replica that does not run it
+        long = a.post("/fit", json=LONG).json()["id"]
+        started(a, long)
+        cancelled = b.post(f"/jobs/{long}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert a.get(f"/jobs/{long}").json()["status"] == "cancelled"
+
+
+@pytest.mark.timeout(240)
+def test_every_replica_serves_a_new_version_within_a_second(fleet: Fleet) -> None:
+    one, two = fleet.replica(workers=1), fleet.replica(workers=0)
+    lags = []
+    with one.client() as a, two.client() as b:
+        for seed in range(10):
+            job = wait_job(a, a.post("/fit", json={**TUTORIAL, "seed": seed}).json()["id"])
+            version = job["result"]["model_version"]
+            # published when the job ended; replica 2 serves it this much later
+            published = job["finished_at"]
+            wait_until(serves(b, version), 5, "propagation")
+            seen = time.time()
+            lags.append(seen - _epoch_seconds(published))
+    lags.sort()
+    print(
+        f"\npropagation lag (upper bound, incl. polling): p50 {statistics.median(lags):.3f}s, "
+        f"max {lags[-1]:.3f}s over {len(lags)} versions"
+    )
+    assert lags[-1] < 5  # the bound of the wait above: every version did arrive
+
+
+def serves(http: httpx.Client, version: int) -> Callable[[], bool]:
+    return lambda: bool(http.get("/model").json()["version"] >= version)
+
+
+def _epoch_seconds(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_workers_fit_runs_again_and_succeeds(fleet: Fleet) -> None:
+    srv = fleet.replica(workers=0)
+    first, _ = fleet.worker()
+    with srv.client() as http:
+        job_id = http.post("/fit", json=SECONDS).json()["id"]
+        started(http, job_id)
+        first.kill()  # kill -9, mid-fit
+        first.wait(10)
+        # no live worker: once the lease has run out the job is no longer shown running
+        wait_until(
+            lambda: http.get(f"/jobs/{job_id}").json()["status"] == "queued", 30, "shown queued"
+        )
+        fleet.worker()
+        back = time.monotonic()
+        done = wait_job(http, job_id, deadline=120)
+        print(f"\nre-run ended {time.monotonic() - back:.1f}s after a live worker was back")
+        assert done["status"] == "succeeded"
+        assert done["attempts"] == 2
+        assert done["progress"]["epoch"] == SECONDS["epochs"]
+        history = http.get("/history", params={"job_id": job_id, "max_points": 2}).json()
+        assert history["total_epochs"] == SECONDS["epochs"]  # the first run's epochs are gone
+
+
+@pytest.mark.timeout(180)
+def test_a_paused_worker_cannot_write_after_it_lost_its_job(fleet: Fleet) -> None:
+    srv = fleet.replica(workers=0)
+    paused, paused_log = fleet.worker()
+    with srv.client() as http:
+        job_id = http.post("/fit", json=LONG).json()["id"]
+        started(http, job_id)
+        paused.send_signal(signal.SIGSTOP)  # past its lease: another worker re-runs the job
+        fleet.worker()
+        started(http, job_id, attempt=2)
+        paused.send_signal(signal.SIGCONT)
+        wait_until(lambda: "lost the job" in paused_log.read_text(), 30, "the fenced worker")
+        cancelled = http.post(f"/jobs/{job_id}/cancel").json()
+        assert cancelled["status"] == "cancelled"
+        assert cancelled["attempts"] == 2
+        history = http.get("/history", params={"job_id": job_id, "max_points": 2}).json()
+        # every recorded epoch is the second attempt's: nothing of the first landed after it
+        assert history["total_epochs"] == cancelled["progress"]["epoch"]
+        assert http.get("/model").status_code == 503  # nothing was published
+
+
+def test_a_stale_attempt_can_neither_append_nor_publish(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, redis_server.prefix(), keep_jobs=10, watch=False)
+    params = JobParams(
+        epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
+    )
+    job, _ = store.create_job(params, 3)
+    old = store.claim(job.id, "worker-a", max_attempts=3)
+    assert old is not None
+    store.append_history(job.id, [1.0], None, [0.5], attempt=old.attempts)
+    new = store.claim(job.id, "worker-b", max_attempts=3)  # the job was redelivered
+    assert new is not None
+    assert new.attempts == old.attempts + 1
+    with pytest.raises(Fenced):
+        store.append_history(job.id, [9.0], None, [9.0], attempt=old.attempts)
+    with pytest.raises(Fenced):
+        store.succeed_job(job.id, 9.0, 0.0, 9.0, 9.0, attempt=old.attempts)
+    with pytest.raises(Fenced):
+        store.end_job(job.id, JobStatus.failed, attempt=old.attempts)
+    assert store.model is None
+    assert store.history(job.id, 0, None, 10).total_epochs == 0
+    store.append_history(job.id, [2.0], None, [0.1], attempt=new.attempts)
+    store.succeed_job(job.id, 2.0, 0.0, 0.1, 0.1, attempt=new.attempts)
+    assert store.model is not None
+    assert store.model.w == 2.0
+    store.close()
+
+
+def _hammer(url: str, stop: threading.Event, errors: list[str], count: list[int]) -> None:
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        while not stop.is_set():
+            try:
+                r = http.get("/predict", params={"hours": 4})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+            count[0] += 1
+
+
+@pytest.mark.timeout(180)
+def test_predictions_survive_a_redis_outage_and_fits_come_back(fleet: Fleet) -> None:
+    srv = fleet.replica(workers=1)
+    with srv.client() as http:
+        wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
+        stop, errors, count = threading.Event(), list[str](), [0]
+        threads = [
+            threading.Thread(target=_hammer, args=(srv.url, stop, errors, count)) for _ in range(4)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            fleet.redis.stop()
+            wait_until(lambda: http.get("/readyz").status_code == 503, 20, "not ready")
+            refused = http.post("/fit", json=TUTORIAL)
+            assert refused.status_code == 503
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["type"] == "store-unavailable"
+            assert http.get("/jobs").json()["type"] == "store-unavailable"
+            during = count[0]
+            time.sleep(1)
+            assert count[0] > during  # predictions kept flowing while Redis was down
+            fleet.redis.start()
+            wait_until(lambda: http.get("/readyz").status_code == 200, 30, "ready again")
+            job = wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
+            assert job["status"] == "succeeded"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert errors == []
+        print(f"\n{count[0]} predictions through a Redis outage, 0 failed")
+
+
+@pytest.mark.timeout(180)
+def test_killing_one_replica_costs_the_other_nothing(fleet: Fleet) -> None:
+    doomed, survivor = fleet.replica(workers=1), fleet.replica(workers=0)
+    with survivor.client() as http:
+        with doomed.client() as d:
+            wait_job(d, d.post("/fit", json=TUTORIAL).json()["id"])
+        wait_until(lambda: http.get("/model").status_code == 200, 5, "model on replica 2")
+        stop, errors, count = threading.Event(), list[str](), [0]
+        threads = [
+            threading.Thread(target=_hammer, args=(survivor.url, stop, errors, count))
+            for _ in range(20)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            os.killpg(doomed.proc.pid, signal.SIGKILL)  # the replica and its worker
+            doomed.proc.wait(10)
+            time.sleep(1.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert errors == []
+        assert count[0] > 0
+        print(f"\n{count[0]} predictions on replica 2 while replica 1 was killed, 0 failed")
+
+
+@pytest.mark.timeout(240)
+def test_restarting_redis_and_every_replica_keeps_every_version_job_and_history(
+    fleet: Fleet,
+) -> None:
+    srv = fleet.replica(workers=1)
+    with srv.client() as http:
+        jobs = [
+            wait_job(http, http.post("/fit", json={**TUTORIAL, "seed": 3}).json()["id"]),
+            wait_job(
+                http, http.post("/fit", json={**TUTORIAL, "fit_intercept": True}).json()["id"]
+            ),
+        ]
+        before = _snapshot(http, [j["id"] for j in jobs])
+    srv.stop()
+    # and a 202'd job that no worker has run yet
+    idle = fleet.replica(workers=0)
+    with idle.client() as http:
+        pending = http.post("/fit", json={**TUTORIAL, "seed": 5}).json()["id"]
+    idle.stop()
+    fleet.redis.stop()  # SIGTERM; with appendfsync always every write is on disk already
+    fleet.redis.start()
+    again = fleet.replica(workers=0)
+    with again.client() as http:
+        assert _snapshot(http, [j["id"] for j in jobs]) == before
+        assert http.get(f"/jobs/{pending}").json()["status"] == "queued"
+        fleet.worker()
+        done = wait_job(http, pending)
+        assert done["status"] == "succeeded"
+        assert done["result"]["model_version"] == before["model"]["version"] + 1
+
+
+def _snapshot(http: httpx.Client, job_ids: list[str]) -> dict[str, Any]:
+    return {
+        "model": http.get("/model").json(),
+        "jobs": [http.get(f"/jobs/{j}").json() for j in job_ids],
+        "histories": [http.get("/history", params={"job_id": j}).json() for j in job_ids],
+    }
+
+
+@pytest.mark.timeout(180)
+def test_a_replica_started_without_redis_is_ready_once_redis_is_back(fleet: Fleet) -> None:
+    first = fleet.replica(workers=1)
+    with first.client() as http:
+        model = wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])["result"]
+    first.stop()
+    fleet.redis.stop()
+    srv = fleet.replica(workers=0, ready=False)
+    with srv.client() as http:
+        wait_until(lambda: _answers(http), 60, "the replica answers")
+        assert http.get("/readyz").status_code == 503
+        assert http.get("/predict", params={"hours": 4}).status_code == 503  # no model read yet
+        fleet.redis.start()
+        wait_until(lambda: http.get("/readyz").status_code == 200, 30, "ready")
+        assert http.get("/model").json()["version"] == model["model_version"]
+
+
+def _answers(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
