@@ -43,7 +43,15 @@ typecheck: install
 browser-deps:
 	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
-pytest: install browser-deps
+# The Redis tests start their own redis-server (Debian's package) on a free port. Installed here
+# when missing; Debian starts it as a service on 6379, which nothing here uses: stop that one.
+.PHONY: redis-deps
+redis-deps:
+	@command -v redis-server >/dev/null || ( \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server \
+	  && (systemctl disable --now redis-server 2>/dev/null || service redis-server stop 2>/dev/null || true))
+
+pytest: install browser-deps redis-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest

@@ -7,6 +7,7 @@
 #   3. `docker compose stop` in the middle of a fit: /readyz 503 and fits refused while draining,
 #      an in-flight request completes, the fit ends `cancelled`, exit code 0 inside the grace period
 # Last, since step 3 stops the service.
+#   4. the scaled profile: .ci/docker-smoke-scaled.sh
 set -euo pipefail
 
 : "${BASE_URL:?set by verify.sh}"
@@ -180,3 +181,6 @@ log "the request in flight during the stop completed: 200, 2000 scores of $score
 
 compose logs --no-color --tail 12 "$SERVICE" | sed 's/^/  | /'
 log "passed"
+
+# -- 4. the scaled stack (Redis, two replicas, a standalone worker) ---------------------------
+bash "$(dirname "${BASH_SOURCE[0]}")/docker-smoke-scaled.sh"

@@ -376,7 +376,7 @@ class JobRunner:
 
     def _run(self, pending: _Pending, job: Job) -> None:
         """Run a job to its end: again on a new worker if one dies under it."""
-        _log_job(job)
+        log_job(job)
         deadline = time.monotonic() + self._settings.job_timeout
         ended: Job | None = None
         try:
@@ -391,7 +391,7 @@ class JobRunner:
                     if not again:
                         break
                     job = self._store.retry_job(job.id)
-                    _log_job(job)
+                    log_job(job)
         except Exception:
             # The store failed us: fail the job so that it does not stay running for ever, and
             # start afresh with a new worker (this one may still be streaming into the pipe).
@@ -511,14 +511,15 @@ class JobRunner:
 
     def _ended(self, job: Job) -> None:
         try:
-            _log_job(job)
+            log_job(job)
             if self._on_end is not None:
                 self._on_end(job)
         except Exception:
             log.exception("job %s: reporting its end failed", job.id)
 
 
-def _log_job(job: Job) -> None:
+def log_job(job: Job) -> None:
+    """One log line for a job's transition (the runner's, or a queue worker's)."""
     fields: dict[str, Any] = {"job_id": job.id, "status": job.status.value}
     fields.update(epoch=job.progress.epoch, epochs=job.progress.epochs, n_samples=job.n_samples)
     fields["attempts"] = job.attempts

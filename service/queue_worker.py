@@ -32,6 +32,7 @@ from service.errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
+from service.jobs import log_job
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
@@ -63,7 +64,7 @@ class FitActor:
             job = self.store.claim(job_id, self.broker.broker_id, self.settings.job_attempts)
             if job is None:
                 return  # ended, cancelled or out of attempts meanwhile
-            log.info("job running", extra={"fields": {"job_id": job_id, "attempt": job.attempts}})
+            log_job(job)
             self._run(job)
         except (Fenced, JobAlreadyEnded, JobNotFound) as exc:
             log.warning("job %s: this attempt lost the job (%s); dropping it", job_id, exc)
@@ -137,26 +138,18 @@ class FitActor:
             done = self.store.succeed_job(
                 job.id, out.w, out.b, out.final_loss, out.mse, attempt=attempt
             )
-            _log_end(done)
+            log_job(done)
         except _Cancelled:
-            _log_end(self.store.end_job(job.id, JobStatus.cancelled, attempt=attempt))
+            log_job(self.store.end_job(job.id, JobStatus.cancelled, attempt=attempt))
         except (Diverged, JobTimedOut) as exc:
             flush()
-            _log_end(self.store.end_job(job.id, JobStatus.failed, exc.problem(), attempt=attempt))
+            log_job(self.store.end_job(job.id, JobStatus.failed, exc.problem(), attempt=attempt))
         except (_Stopped, Fenced, JobAlreadyEnded, JobNotFound, StoreUnavailable):
             raise
         except Exception as exc:  # report, and stay alive for the next job
             log.exception("job %s: the fit raised", job.id)
             problem = WorkerCrashed(f"the fit raised {exc!r}").problem()
-            _log_end(self.store.end_job(job.id, JobStatus.failed, problem, attempt=attempt))
-
-
-def _log_end(job: Job) -> None:
-    fields: dict[str, Any] = {"job_id": job.id, "status": job.status.value}
-    fields.update(epoch=job.progress.epoch, attempts=job.attempts)
-    if job.result is not None:
-        fields["model_version"] = job.result.model_version
-    log.info("job %s", job.status.value, extra={"fields": fields})
+            log_job(self.store.end_job(job.id, JobStatus.failed, problem, attempt=attempt))
 
 
 def main(settings: Settings, ready_fd: int | None = None) -> None:
