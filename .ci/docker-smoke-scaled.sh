@@ -55,7 +55,7 @@ until_json "$R2/jobs/$job" 'd["status"] == "succeeded"' 120 "the tutorial fit, s
 version=$(field "$WORK/body" 'd["result"]["model_version"]')
 finished=$(field "$WORK/body" 'd["finished_at"]')
 until_json "$R2/predict?hours=4" "d['model_version'] == $version" 5 "replica 2 serving version $version"
-lag=$(python3 -c 'import sys, time, datetime as t; print(f"{time.time() - t.datetime.fromisoformat(sys.argv[1].replace("Z", "+00:00")).timestamp():.3f}")' "$finished")
+lag=$(python3 -c 'import sys, time, datetime as t; print(round(time.time() - t.datetime.fromisoformat(sys.argv[1]).timestamp(), 3))' "$finished")
 python3 -c 'import sys; sys.exit(float(sys.argv[1]) > 1.0)' "$lag" || fail "replica 2 served version $version ${lag}s after it was published (more than 1 s)"
 log "fit through replica 1 (job $job, version $version); replica 2 served it within ${lag}s of its publication"
 

@@ -240,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "worker", help="run a training worker on the shared queue (needs SGD_REDIS_URL)"
     )
     worker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by `serve`
+    worker.add_argument(
+        "--health-file",
+        type=Path,
+        help="touch this file every 2 s while Redis answers (for a container's healthcheck)",
+    )
     add_client_commands(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "serve", "worker"):
@@ -252,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from service import queue_worker
 
             configure_logging(settings.log_level)
-            queue_worker.main(settings, args.ready_fd)
+            queue_worker.main(settings, args.ready_fd, args.health_file)
         else:
             serve(settings)
         return

@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -39,6 +40,8 @@ from service.settings import Settings
 from service.worker import FLUSH_SECONDS, lower_policy
 
 log = logging.getLogger("sgd_service.worker")
+# How often the main thread marks the worker healthy (with --health-file).
+HEALTH_SECONDS = 2.0
 
 
 class _Stopped(Exception):
@@ -152,7 +155,17 @@ class FitActor:
             log_job(self.store.end_job(job.id, JobStatus.failed, problem, attempt=attempt))
 
 
-def main(settings: Settings, ready_fd: int | None = None) -> None:
+def _touch_if_reachable(store: RedisStore, health_file: Path) -> None:
+    """Mark this worker healthy for a container's healthcheck: alive, and Redis answers."""
+    try:
+        store.redis.ping()
+    except redis.RedisError:
+        return
+    with contextlib.suppress(OSError):
+        health_file.touch()
+
+
+def main(settings: Settings, ready_fd: int | None = None, health_file: Path | None = None) -> None:
     """Run one training worker until SIGTERM or Ctrl-C; a second signal exits at once."""
     import dramatiq
     import torch
@@ -195,7 +208,9 @@ def main(settings: Settings, ready_fd: int | None = None) -> None:
     if ready_fd is not None:  # the replica that started this worker waits for this byte
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    stop.wait()
+    while not stop.wait(HEALTH_SECONDS):
+        if health_file is not None:
+            _touch_if_reachable(store, health_file)
     log.info("training worker stopping: handing its fit back to the queue")
     actor.stopping.set()
     worker.stop(timeout=int(fleet.WORKER_STOP_SECONDS * 1000))
