@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -33,8 +34,11 @@ R = TypeVar("R")
 Event = ProgressEvent | Job  # what `events` yields: progress, then the ended job
 ImageFormat = Literal["png", "svg"]
 
-RECONNECTS = 3  # an event stream that drops is resumed (Last-Event-ID) this many times in a row
-RECONNECT_DELAY = 0.5
+# An event stream that drops is resumed (Last-Event-ID): at once if it had delivered an event,
+# else after a back-off that doubles from RECONNECT_DELAY; RECONNECTS drops in a row without an
+# event (about 1.5 s of retrying) end it.
+RECONNECTS = 5
+RECONNECT_DELAY, RECONNECT_DELAY_MAX = 0.1, 2.0
 POLL_MIN, POLL_MAX = 0.05, 0.5  # wait(): polls start fast and back off
 
 
@@ -169,6 +173,19 @@ class _Call(Generic[T]):
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    def request(
+        self, http: httpx.Client | httpx.AsyncClient, limits: httpx.Timeout | None
+    ) -> httpx.Request:
+        """The request on `http`, with its time limits unless `limits` bounds them."""
+        return http.build_request(
+            self.method,
+            self.url,
+            params=self.params,
+            json=self.body,
+            headers=self.headers,
+            timeout=limits or http.timeout,
+        )
+
     def result(self, response: httpx.Response) -> T:
         _raise_for(response)
         return self.parse(response)
@@ -183,12 +200,20 @@ def _fit_call(
     return _Call("POST", "/fit", _model(Job), body=body, headers=headers)
 
 
+def _job_path(job_id: str, *rest: str) -> str:
+    """/jobs/{job_id}[/rest]: the id is one path segment whatever it holds ("../model", "a?b")."""
+    segment = quote(job_id, safe="")
+    if segment in (".", ".."):  # a dot segment would be resolved away by the URL, not sent
+        segment = segment.replace(".", "%2E")
+    return "/".join(("/jobs", segment, *rest))
+
+
 def _job_call(job_id: str) -> _Call[Job]:
-    return _Call("GET", f"/jobs/{job_id}", _model(Job))
+    return _Call("GET", _job_path(job_id), _model(Job))
 
 
 def _cancel_call(job_id: str) -> _Call[Job]:
-    return _Call("POST", f"/jobs/{job_id}/cancel", _model(Job))
+    return _Call("POST", _job_path(job_id, "cancel"), _model(Job))
 
 
 def _predict_call(hours: float) -> _Call[Prediction]:
@@ -221,20 +246,26 @@ def _plot_call(job_id: str | None, image_format: ImageFormat) -> _Call[bytes]:
 
 @dataclass
 class _SSEDecoder:
-    """The event-stream format, line by line: data/event/id fields, comments, blank = dispatch."""
+    """The event-stream format, line by line: data/event/id fields, comments, blank = dispatch.
+
+    One decoder per connection: the half of an event that a dropped connection carried must
+    never be glued onto the next connection's lines. `last_id` changes only when an event is
+    complete (its blank line came), so the Last-Event-ID a reconnect sends never skips an event
+    that was cut off after its `id:` line.
+    """
 
     last_id: str | None = None
+    _id: str | None = None
     _event: str = "message"
     _data: list[str] = field(default_factory=list)
 
     def feed(self, line: str) -> tuple[str, str] | None:
         if not line:
-            if not self._data:
-                self._event = "message"
-                return None
-            event, data = self._event, "\n".join(self._data)
-            self._event, self._data = "message", []
-            return event, data
+            if self._id is not None:
+                self.last_id = self._id
+            dispatched = (self._event, "\n".join(self._data)) if self._data else None
+            self._id, self._event, self._data = None, "message", []
+            return dispatched
         if line.startswith(":"):
             return None
         name, _, value = line.partition(":")
@@ -244,7 +275,7 @@ class _SSEDecoder:
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
-            self.last_id = value
+            self._id = value
         return None
 
 
@@ -279,6 +310,89 @@ def _check_stream(response: httpx.Response, body: bytes) -> bool:
     return True
 
 
+def _ended_early() -> Exception:
+    # A stream that closes cleanly before its end event (a restart, a proxy's time limit), even
+    # in the middle of an event, is a drop like any other: resume from the last whole event.
+    return EOFError("the stream closed before the end event")
+
+
+@dataclass
+class _Resume:
+    """Where a dropped event stream resumes, and when to give up on it."""
+
+    last_id: str | None
+    reconnects: int
+    failures: int = 0
+    _progressed: bool = False
+
+    def advance(self, last_id: str | None, decoded: tuple[str, str] | None) -> None:
+        """Called for every line: a complete event (or id) is progress."""
+        if decoded is not None or last_id != self.last_id:
+            self._progressed = True
+        self.last_id = last_id
+
+    def dropped(self, job_id: str, error: Exception) -> float:
+        """Seconds to wait before reconnecting; TransportFailed after too many bare drops."""
+        self.failures = 1 if self._progressed else self.failures + 1
+        self._progressed = False
+        if self.failures > self.reconnects:
+            raise TransportFailed(f"the event stream of job {job_id}: {error!r}") from error
+        # A stream that had delivered events resumes at once; one that keeps failing backs off.
+        if self.failures == 1:
+            return 0.0
+        return min(RECONNECT_DELAY * 2.0 ** (self.failures - 2), RECONNECT_DELAY_MAX)
+
+
+# -- waiting -----------------------------------------------------------------------------
+
+
+class _Deadline:
+    """wait()'s clock: the deadline, the back-off between polls and each poll's time limit."""
+
+    def __init__(self, timeout: float, now: float) -> None:
+        if not timeout >= 0:  # also refuses NaN, which compares false with everything
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+        self.timeout = timeout
+        self.deadline = now + timeout
+        self.delay = POLL_MIN
+
+    def left(self, now: float) -> float:
+        return self.deadline - now
+
+    def request_timeout(self, configured: httpx.Timeout, now: float) -> httpx.Timeout:
+        """The transport's time limits, none longer than what is left of the wait."""
+        left = max(self.left(now), POLL_MIN)
+
+        def bound(value: float | None) -> float:
+            return left if value is None else min(value, left)
+
+        return httpx.Timeout(
+            connect=bound(configured.connect),
+            read=bound(configured.read),
+            write=bound(configured.write),
+            pool=bound(configured.pool),
+        )
+
+    def pause(self, now: float) -> float:
+        """How long to sleep before the next poll; polls start fast and back off."""
+        pause = min(self.delay, max(self.left(now), 0.0))
+        self.delay = min(self.delay * 2, POLL_MAX)
+        return pause
+
+    def expired(self, job: Job | None, error: ClientError | None) -> ClientError:
+        """What wait() raises at the deadline: the job's last state, else the last error."""
+        if job is not None:
+            timed_out = WaitTimeout(job, self.timeout)
+            timed_out.__cause__ = error
+            return timed_out
+        assert error is not None
+        return error
+
+
+# Answers that say "not now" rather than "never": wait() polls on through them.
+_TRANSIENT = (TransportFailed, UnavailableError)
+
+
 # -- the clients ---------------------------------------------------------------------------
 
 
@@ -288,11 +402,9 @@ class SGDClient:
     def __init__(self, http: httpx.Client) -> None:
         self.http = http
 
-    def _send(self, call: _Call[R]) -> R:
+    def _send(self, call: _Call[R], limits: httpx.Timeout | None = None) -> R:
         try:
-            response = self.http.request(
-                call.method, call.url, params=call.params, json=call.body, headers=call.headers
-            )
+            response = self.http.send(call.request(self.http, limits))
         except httpx.TransportError as exc:
             raise TransportFailed(f"{call.method} {call.url}: {exc!r}") from exc
         return call.result(response)
@@ -317,18 +429,26 @@ class SGDClient:
         return self._send(_cancel_call(job_id))
 
     def wait(self, job_id: str, timeout: float = 60.0) -> Job:
-        """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline."""
-        deadline = time.monotonic() + timeout
-        delay = POLL_MIN
+        """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline.
+
+        A dropped connection or a 503 does not end the wait: it polls on until the deadline,
+        and no poll's request outlives it.
+        """
+        clock = _Deadline(timeout, time.monotonic())
+        job: Job | None = None
+        error: ClientError | None = None
         while True:
-            job = self.job(job_id)
-            if job.status.ended:
+            limit = clock.request_timeout(self.http.timeout, time.monotonic())
+            try:
+                job = self._send(_job_call(job_id), limit)
+                error = None
+            except _TRANSIENT as exc:
+                error = exc
+            if job is not None and job.status.ended and error is None:
                 return job
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WaitTimeout(job, timeout)
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, POLL_MAX)
+            if clock.left(time.monotonic()) <= 0:
+                raise clock.expired(job, error)
+            time.sleep(clock.pause(time.monotonic()))
 
     def predict(self, hours: float) -> float:
         """The served model's score for `hours`."""
@@ -357,35 +477,38 @@ class SGDClient:
         """The history figure as PNG or SVG bytes."""
         return self._send(_plot_call(job_id, image_format))
 
-    def events(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
-        """Progress events, then the ended Job; a dropped stream is resumed where it stopped."""
-        decoder = _SSEDecoder(last_id=last_event_id)
-        failures = 0
+    def events(
+        self, job_id: str, *, last_event_id: str | None = None, reconnects: int = RECONNECTS
+    ) -> Iterator[Event]:
+        """Progress events, then the ended Job; a dropped stream is resumed where it stopped.
+
+        No event is lost or repeated across reconnects; `reconnects` drops in a row without a
+        complete event end the stream with TransportFailed.
+        """
+        resume = _Resume(last_event_id, reconnects)
         while True:
+            decoder = _SSEDecoder(last_id=resume.last_id)  # a fresh one per connection
             try:
                 with self.http.stream(
-                    "GET", f"/jobs/{job_id}/events", headers=_events_headers(decoder.last_id)
+                    "GET", _job_path(job_id, "events"), headers=_events_headers(resume.last_id)
                 ) as response:
                     body = b"" if response.is_success else response.read()
                     if not _check_stream(response, body):
                         return
                     for line in response.iter_lines():
                         decoded = decoder.feed(line)
-                        if decoded is None:
-                            continue
-                        failures = 0
-                        event = _decode_event(*decoded, response.headers)
+                        resume.advance(decoder.last_id, decoded)
+                        event = (
+                            None if decoded is None else _decode_event(*decoded, response.headers)
+                        )
                         if event is not None:
                             yield event
                         if isinstance(event, Job):
                             return
-                error: Exception = EOFError("the stream closed before the end event")
+                error: Exception = _ended_early()
             except httpx.TransportError as exc:
                 error = exc
-            failures += 1
-            if failures > RECONNECTS:
-                raise TransportFailed(f"the event stream of job {job_id}: {error!r}") from error
-            time.sleep(RECONNECT_DELAY)
+            time.sleep(resume.dropped(job_id, error))
 
 
 class AsyncSGDClient:
@@ -394,11 +517,9 @@ class AsyncSGDClient:
     def __init__(self, http: httpx.AsyncClient) -> None:
         self.http = http
 
-    async def _send(self, call: _Call[R]) -> R:
+    async def _send(self, call: _Call[R], limits: httpx.Timeout | None = None) -> R:
         try:
-            response = await self.http.request(
-                call.method, call.url, params=call.params, json=call.body, headers=call.headers
-            )
+            response = await self.http.send(call.request(self.http, limits))
         except httpx.TransportError as exc:
             raise TransportFailed(f"{call.method} {call.url}: {exc!r}") from exc
         return call.result(response)
@@ -423,19 +544,27 @@ class AsyncSGDClient:
         return await self._send(_cancel_call(job_id))
 
     async def wait(self, job_id: str, timeout: float = 60.0) -> Job:  # noqa: ASYNC109 (as sync)
-        """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline."""
+        """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline.
+
+        A dropped connection or a 503 does not end the wait: it polls on until the deadline,
+        and no poll's request outlives it.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        delay = POLL_MIN
+        clock = _Deadline(timeout, loop.time())
+        job: Job | None = None
+        error: ClientError | None = None
         while True:
-            job = await self.job(job_id)
-            if job.status.ended:
+            limit = clock.request_timeout(self.http.timeout, loop.time())
+            try:
+                job = await self._send(_job_call(job_id), limit)
+                error = None
+            except _TRANSIENT as exc:
+                error = exc
+            if job is not None and job.status.ended and error is None:
                 return job
-            left = deadline - loop.time()
-            if left <= 0:
-                raise WaitTimeout(job, timeout)
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, POLL_MAX)
+            if clock.left(loop.time()) <= 0:
+                raise clock.expired(job, error)
+            await asyncio.sleep(clock.pause(loop.time()))
 
     async def predict(self, hours: float) -> float:
         """The served model's score for `hours`."""
@@ -465,33 +594,34 @@ class AsyncSGDClient:
         return await self._send(_plot_call(job_id, image_format))
 
     async def events(
-        self, job_id: str, *, last_event_id: str | None = None
+        self, job_id: str, *, last_event_id: str | None = None, reconnects: int = RECONNECTS
     ) -> AsyncIterator[Event]:
-        """Progress events, then the ended Job; a dropped stream is resumed where it stopped."""
-        decoder = _SSEDecoder(last_id=last_event_id)
-        failures = 0
+        """Progress events, then the ended Job; a dropped stream is resumed where it stopped.
+
+        No event is lost or repeated across reconnects; `reconnects` drops in a row without a
+        complete event end the stream with TransportFailed.
+        """
+        resume = _Resume(last_event_id, reconnects)
         while True:
+            decoder = _SSEDecoder(last_id=resume.last_id)  # a fresh one per connection
             try:
                 async with self.http.stream(
-                    "GET", f"/jobs/{job_id}/events", headers=_events_headers(decoder.last_id)
+                    "GET", _job_path(job_id, "events"), headers=_events_headers(resume.last_id)
                 ) as response:
                     body = b"" if response.is_success else await response.aread()
                     if not _check_stream(response, body):
                         return
                     async for line in response.aiter_lines():
                         decoded = decoder.feed(line)
-                        if decoded is None:
-                            continue
-                        failures = 0
-                        event = _decode_event(*decoded, response.headers)
+                        resume.advance(decoder.last_id, decoded)
+                        event = (
+                            None if decoded is None else _decode_event(*decoded, response.headers)
+                        )
                         if event is not None:
                             yield event
                         if isinstance(event, Job):
                             return
-                error: Exception = EOFError("the stream closed before the end event")
+                error: Exception = _ended_early()
             except httpx.TransportError as exc:
                 error = exc
-            failures += 1
-            if failures > RECONNECTS:
-                raise TransportFailed(f"the event stream of job {job_id}: {error!r}") from error
-            await asyncio.sleep(RECONNECT_DELAY)
+            await asyncio.sleep(resume.dropped(job_id, error))

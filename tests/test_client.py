@@ -1,7 +1,15 @@
 """The typed client against the real app (TestClient, and a real server for streams and async)."""
 
 import asyncio
+import contextlib
 import json
+import math
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -409,3 +417,315 @@ def test_unknown_event_types_are_skipped() -> None:
     with httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http:
         events = list(SGDClient(http).events("j"))
     assert [type(e) for e in events] == [Job]
+
+
+# -- through a real TCP proxy that cuts connections ---------------------------------------------
+
+
+class Cut(Exception):
+    """The proxy has sent the part of the answer it lets through."""
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a real server that cuts answers at random byte offsets.
+
+    Each connection carries one request. With `cuts` on, the answer is cut at a random byte
+    offset inside one of its first pieces: the status line and headers, or one of the next few
+    chunks of the body (an event of the stream is one chunk), so that most cuts fall inside an
+    event, after its `id:` line or before it. A cut is one of three: a reset (RST), a close in
+    the middle of the chunked body (an incomplete message), or a clean close of a body that the
+    proxy re-frames as delimited by the close, which the client cannot tell from a normal end.
+    The first `refuse` connections are reset at once; after `hang_after` connections every
+    later one is held unanswered.
+    """
+
+    STYLES = ("reset", "close-chunked", "close-clean")
+
+    def __init__(self, upstream: str, seed: int, cuts: bool = False, refuse: int = 0) -> None:
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.rng = random.Random(seed)
+        self.cutting, self.refuse = cuts, refuse
+        self.hang_after: int | None = None
+        self.connections = 0
+        self.cuts: Counter[str] = Counter()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.lock = threading.Lock()
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for s in self.open:
+                s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+                style = self.rng.choice(self.STYLES)
+                # the piece to cut (0: the head; a few head cuts, mostly events) and where in it
+                piece = self.rng.choice([0, 1, 2, 2, 3, 3, 4, 4]) if self.cutting else None
+                cut = _Cut(piece, self.rng.random())
+                self.open.append(client)
+            threading.Thread(target=self._relay, args=(client, number, style, cut)).start()
+
+    def _relay(self, client: socket.socket, number: int, style: str, cut: "_Cut") -> None:
+        with contextlib.suppress(OSError):  # the client went away first, or the proxy closed
+            self._serve(client, number, style, cut)
+
+    def _serve(self, client: socket.socket, number: int, style: str, cut: "_Cut") -> None:
+        client.settimeout(TIMEOUT * 3)
+        with client:
+            if number <= self.refuse:
+                self._cut(client, "reset")
+                return
+            if self.hang_after is not None and number > self.hang_after:
+                client.recv(65536)  # the request, which is never answered
+                client.recv(65536)  # until the client gives up and closes
+                return
+            with (
+                socket.create_connection(self.upstream, timeout=TIMEOUT * 3) as up,
+                up.makefile("rb") as answer,
+            ):
+                up.sendall(_read_request(client))
+                try:
+                    self._forward(answer, client, cut, clean=style == "close-clean")
+                except Cut:
+                    with self.lock:
+                        self.cuts[style] += 1
+                    self._cut(client, style)
+
+    @staticmethod
+    def _forward(answer: Any, client: socket.socket, cut: "_Cut", clean: bool) -> None:
+        status = answer.readline()
+        headers = []
+        while (line := answer.readline()) not in (b"\r\n", b""):
+            headers.append(line)
+        names = {h.split(b":")[0].strip().lower(): h.split(b":", 1)[1].strip() for h in headers}
+        chunked = names.get(b"transfer-encoding") == b"chunked"
+        hop = (b"transfer-encoding", b"connection", b"content-length")
+        kept = [h for h in headers if h.split(b":")[0].strip().lower() not in hop]
+        if chunked and not clean:
+            kept.append(b"Transfer-Encoding: chunked\r\n")
+        elif not chunked and b"content-length" in names:
+            kept.append(b"Content-Length: " + names[b"content-length"] + b"\r\n")
+        cut.send(client, status + b"".join(kept) + b"Connection: close\r\n\r\n")
+        if not chunked:
+            cut.send(client, answer.read(int(names.get(b"content-length", b"0"))))
+            return
+        while size := int(answer.readline().split(b";")[0], 16):
+            piece = answer.read(size)
+            answer.readline()
+            cut.send(client, piece if clean else b"%x\r\n%s\r\n" % (size, piece))
+        if not clean:
+            cut.send(client, b"0\r\n\r\n")
+
+    @staticmethod
+    def _cut(client: socket.socket, style: str) -> None:
+        if style == "reset":  # linger 0: close sends RST
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            client.shutdown(socket.SHUT_WR)
+
+
+class _Cut:
+    """Sends pieces whole until piece number `piece`, then `fraction` of it, and raises Cut."""
+
+    def __init__(self, piece: int | None, fraction: float) -> None:
+        self.piece, self.fraction, self.sent = piece, fraction, 0
+
+    def send(self, sock: socket.socket, data: bytes) -> None:
+        if self.sent == self.piece:
+            sock.sendall(data[: int(len(data) * self.fraction)])
+            raise Cut
+        self.sent += 1
+        sock.sendall(data)
+
+
+def _read_request(client: socket.socket) -> bytes:
+    """A GET's head (the client sends no body through this proxy)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = client.recv(65536)
+        if not chunk:
+            raise OSError("the client closed before its request")
+        data += chunk
+    return data
+
+
+# A fit of a few seconds: its 1,001 grid epochs come in about 20 events a second.
+def cut_fit(seed: int) -> FitOptions:
+    return {"epochs": 20_000, "batch_size": 10_000, "seed": seed}
+
+
+CUT_GRID = [*range(0, 20_000, 20), 19_999]
+
+
+def grid_epochs(events: list[Any]) -> list[int]:
+    assert isinstance(events[-1], Job)
+    assert events[-1].status is JobStatus.succeeded
+    assert all(isinstance(e, ProgressEvent) for e in events[:-1])
+    return [x for e in events[:-1] for x in e.epoch]
+
+
+@pytest.mark.timeout(300)
+def test_events_through_a_proxy_that_cuts_at_random_offsets(live_server: Server) -> None:
+    """Every grid epoch arrives exactly once, however often and wherever the stream is cut."""
+    cuts: Counter[str] = Counter()
+    for seed in range(3):
+        proxy = CuttingProxy(live_server.url, seed, cuts=True)
+        try:
+            with (
+                live_server.client() as direct,
+                httpx.Client(base_url=proxy.url, timeout=TIMEOUT) as through,
+            ):
+                job = SGDClient(direct).fit(X, Y, **cut_fit(seed))
+                events = list(SGDClient(through).events(job.id, reconnects=100))
+        finally:
+            proxy.close()
+        assert grid_epochs(events) == CUT_GRID
+        cuts += proxy.cuts
+
+    async def through_async() -> list[Any]:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=TIMEOUT) as through:
+            return [e async for e in AsyncSGDClient(through).events(job.id, reconnects=100)]
+
+    proxy = CuttingProxy(live_server.url, 99, cuts=True)
+    try:
+        with live_server.client() as direct:
+            job = SGDClient(direct).fit(X, Y, **cut_fit(99))
+        assert grid_epochs(asyncio.run(through_async())) == CUT_GRID
+    finally:
+        proxy.close()
+    cuts += proxy.cuts
+    assert set(cuts) == set(CuttingProxy.STYLES), cuts  # each way of cutting happened
+    assert sum(cuts.values()) >= 40, cuts  # about 100 on the machine in README
+
+
+def test_a_stream_that_ends_cleanly_mid_event_is_resumed() -> None:
+    """Half an event, then a clean end: the next connection resumes after the last whole event
+    and starts with a fresh decoder (the half is dropped, never glued onto the new lines)."""
+    whole = sse("2", "progress", progress_data([0, 1]))
+    half = sse("4", "progress", progress_data([2, 3]))[:25]  # "id: 4" and part of the event line
+    rest = sse("4", "progress", progress_data([2, 3])) + sse("end", "end", CANCELLED_JOB)
+    seen: list[str | None] = []
+
+    def service(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("Last-Event-ID"))
+        return httpx.Response(200, text=whole + half if len(seen) == 1 else rest)
+
+    with httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http:
+        events = list(SGDClient(http).events("j"))
+    assert seen == [None, "2"]  # not "4": that event never arrived whole
+    assert [x for e in events if isinstance(e, ProgressEvent) for x in e.epoch] == [0, 1, 2, 3]
+    assert isinstance(events[-1], Job)
+
+
+CANCELLED_JOB: dict[str, Any] = {
+    "id": "j",
+    "status": "cancelled",
+    "created_at": "2026-01-01T00:00:00Z",
+    "params": {
+        "epochs": 4,
+        "learning_rate": 0.01,
+        "init_w": 1.0,
+        "batch_size": 1,
+        "fit_intercept": False,
+        "seed": 1,
+    },
+    "n_samples": 3,
+    "progress": {"epoch": 4, "epochs": 4},
+}
+
+
+# -- wait() ---------------------------------------------------------------------------------
+
+
+def test_wait_polls_on_through_dropped_connections(live_server: Server) -> None:
+    proxy = CuttingProxy(live_server.url, 0, refuse=3)  # the first 3 connections are reset
+    try:
+        with (
+            live_server.client() as direct,
+            httpx.Client(base_url=proxy.url, timeout=TIMEOUT) as through,
+        ):
+            job = SGDClient(direct).fit(X, Y, seed=1)
+            ended = SGDClient(through).wait(job.id, timeout=60)
+    finally:
+        proxy.close()
+    assert ended.status is JobStatus.succeeded
+    assert proxy.connections > 3
+
+
+def test_no_poll_of_wait_outlives_its_deadline(live_server: Server) -> None:
+    """A service that stops answering: wait(timeout=1) ends after about 1 s, not after the
+    client's 10 s request timeout."""
+    proxy = CuttingProxy(live_server.url, 0)
+    proxy.hang_after = 1  # the first poll is answered, every later one hangs
+    try:
+        with (
+            live_server.client() as direct,
+            httpx.Client(base_url=proxy.url, timeout=TIMEOUT) as through,
+        ):
+            job = SGDClient(direct).fit(X, Y, **LONG)
+            started = time.monotonic()
+            with pytest.raises(WaitTimeout) as err:
+                SGDClient(through).wait(job.id, timeout=1.0)
+            took = time.monotonic() - started
+            SGDClient(direct).cancel(job.id)
+    finally:
+        proxy.close()
+    assert err.value.job.id == job.id
+    assert took < TIMEOUT / 2
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1.0, -math.inf])
+def test_wait_refuses_a_timeout_that_is_no_duration(sgd: SGDClient, timeout: float) -> None:
+    with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+        sgd.wait("any", timeout=timeout)
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url="http://sgd") as http:
+            await AsyncSGDClient(http).wait("any", timeout=timeout)
+
+    with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+        asyncio.run(scenario())
+
+
+# -- job ids are one path segment -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("job_id", "segment"),
+    [
+        ("../model", "..%2Fmodel"),
+        ("a?b=1", "a%3Fb%3D1"),
+        ("..", "%2E%2E"),
+        ("a/cancel", "a%2Fcancel"),
+    ],
+)
+def test_a_job_id_is_one_path_segment(client: TestClient, job_id: str, segment: str) -> None:
+    """An id never reaches another route, a query or a dot segment that the URL resolves away."""
+    sent: list[httpx.Request] = []
+    client.event_hooks["request"].append(sent.append)
+    try:
+        sgd = SGDClient(client)
+        for call in (sgd.job, sgd.cancel, lambda j: list(sgd.events(j))):
+            with pytest.raises(ProblemError):  # 404 (or 405: the server decodes %2F)
+                call(job_id)
+    finally:
+        client.event_hooks["request"].remove(sent.append)
+    assert [(r.url.raw_path, r.url.query) for r in sent] == [
+        (f"/jobs/{segment}".encode(), b""),
+        (f"/jobs/{segment}/cancel".encode(), b""),
+        (f"/jobs/{segment}/events".encode(), b""),
+    ]
+    with pytest.raises(NotFoundError):
+        SGDClient(client).job("../model")  # never GET /model
