@@ -5,13 +5,14 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import uvicorn
@@ -133,21 +134,70 @@ def default_url(environ: Mapping[str, str] = os.environ) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{environ.get('SGD_PORT') or 8000}"
 
 
-def add_client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _finite(text: str) -> float:
+    """A float argument that JSON can carry: NaN and infinities are refused here, not sent."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    """An http(s) URL with a host (from --url or $SGD_URL)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL with a host: {text!r}")
+    return text
+
+
+PLOT_FORMATS: dict[str, ImageFormat] = {".png": "png", ".svg": "svg"}  # what /history/plot draws
+
+
+def _plot_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the service draws .png and .svg; name the file with one of these"
+        )
+    return path
+
+
+def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
     """The fit, predict and history subcommands."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--url",
+        type=_url,
         default=default_url(),
         help="the service (default: $SGD_URL, else SGD_HOST and SGD_PORT as `serve` reads them: "
         "%(default)s); $SGD_API_TOKEN is sent if set",
     )
     fit = sub.add_parser("fit", parents=[common], help="start a fit; prints the job as JSON")
-    fit.add_argument("--x", type=float, nargs="+", required=True, help="hours studied")
-    fit.add_argument("--y", type=float, nargs="+", required=True, help="exam scores")
+    fit.add_argument("--x", type=_finite, nargs="+", required=True, help="hours studied")
+    fit.add_argument("--y", type=_finite, nargs="+", required=True, help="exam scores")
     fit.add_argument("--epochs", type=int)
-    fit.add_argument("--learning-rate", type=float)
-    fit.add_argument("--init-w", type=float)
+    fit.add_argument("--learning-rate", type=_finite)
+    fit.add_argument("--init-w", type=_finite)
     fit.add_argument(
         "--batch-size",
         type=_batch_size,
@@ -156,22 +206,53 @@ def add_client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     )
     fit.add_argument("--fit-intercept", action="store_true", default=None, help="learn b too")
     fit.add_argument("--seed", type=int)
-    fit.add_argument("--wait", action="store_true", help="wait for the job to end")
-    fit.add_argument("--timeout", type=float, default=600.0, help="for --wait (seconds)")
+    fit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job to end (its id goes to stderr first; Ctrl-C cancels it)",
+    )
+    fit.add_argument("--timeout", type=_seconds, default=600.0, help="for --wait (seconds)")
     predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
-    predict.add_argument("hours", type=float, nargs="+")
+    predict.add_argument("hours", type=_finite, nargs="+")
     history = sub.add_parser(
         "history", parents=[common], help="print a job's history as JSON (one line), or --plot it"
     )
     history.add_argument("--job-id", help="default: the latest job")
-    history.add_argument("--max-points", type=int, help="thin to about this many epochs")
-    history.add_argument("--plot", type=Path, help="write the figure here (.png or .svg)")
+    history.add_argument(
+        "--max-points", type=int, help="thin the JSON to about this many epochs (not with --plot)"
+    )
+    history.add_argument(
+        "--plot",
+        type=_plot_path,
+        help="write the figure here: .png or .svg (the service thins it to 2,000 points)",
+    )
+
+
+class UsageError(Exception):
+    """A command line or environment the client commands cannot use (exit status 2)."""
+
+
+def _headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    token = environ.get("SGD_API_TOKEN")
+    if not token:
+        return {}
+    # An HTTP header carries visible ASCII only; any other token could never be sent.
+    if not (token.isascii() and token.isprintable()):
+        raise UsageError("SGD_API_TOKEN holds characters an HTTP header cannot carry")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run fit/predict/history; the exit status is 0 on success, 1 otherwise."""
-    token = os.environ.get("SGD_API_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    """Run fit/predict/history; the exit status is 0 on success, 1 on an error answer or a
+    failed fit, 2 on a usage error, 130 on Ctrl-C. Each error is one line on stderr (a problem's
+    fields follow it, one line each)."""
+    try:
+        if args.command == "history" and args.plot is not None and args.max_points is not None:
+            raise UsageError("--max-points thins the JSON history; a --plot is always thinned")
+        headers = _headers()
+    except UsageError as exc:
+        print(f"sgd-service {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     with httpx.Client(base_url=args.url, timeout=CLIENT_TIMEOUT, headers=headers) as http:
         sgd = SGDClient(http)
         try:
@@ -182,9 +263,11 @@ def run_client_command(args: argparse.Namespace) -> int:
                 print(f"  {issue.field}: {issue.message}", file=sys.stderr)
         except ClientError as exc:
             print(f"error: {args.url}: {exc}", file=sys.stderr)
-        except BrokenPipeError:  # e.g. `| head` stopped reading: not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+        except OSError as exc:  # --plot's file: a missing directory, a directory, no permission
+            print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
         return 1
 
 
@@ -197,9 +280,29 @@ def _fit(sgd: SGDClient, args: argparse.Namespace) -> int:
         options["batch_size"] = args.batch_size
     job = sgd.fit(args.x, args.y, **options)
     if args.wait:
-        job = sgd.wait(job.id, timeout=args.timeout)
+        # The id first: whatever happens to this wait, the caller knows which job is theirs.
+        print(f"job {job.id} {job.status.value}; waiting (Ctrl-C cancels it)", file=sys.stderr)
+        try:
+            job = sgd.wait(job.id, timeout=args.timeout)
+        except KeyboardInterrupt:
+            return _cancel_on_interrupt(sgd, job.id)
     print(job.model_dump_json(indent=2))
     return 0 if not args.wait or job.status == "succeeded" else 1
+
+
+def _cancel_on_interrupt(sgd: SGDClient, job_id: str) -> int:
+    """Ctrl-C during fit --wait: the job was ours to wait for, so it is cancelled too."""
+    try:
+        sgd.cancel(job_id)
+        print(f"interrupted: job {job_id} cancelled", file=sys.stderr)
+    except (ClientError, KeyboardInterrupt) as exc:
+        reason = "a second Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(
+            f"interrupted: job {job_id} was not cancelled ({reason}); "
+            f"cancel it with POST /jobs/{job_id}/cancel",
+            file=sys.stderr,
+        )
+    return 130
 
 
 def _batch_size(text: str) -> int | None:
@@ -222,7 +325,7 @@ def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
     if args.plot is None:
         print(sgd.history(args.job_id, max_points=args.max_points).model_dump_json())
         return 0
-    image_format: ImageFormat = "svg" if args.plot.suffix.lower() == ".svg" else "png"
+    image_format = PLOT_FORMATS[args.plot.suffix.lower()]
     args.plot.write_bytes(sgd.plot(args.job_id, image_format))
     print(f"wrote {args.plot} ({image_format})")
     return 0
@@ -233,7 +336,7 @@ COMMANDS = {"fit": _fit, "predict": _predict, "history": _history}
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The `sgd-service` command."""
-    parser = argparse.ArgumentParser(prog="sgd-service", description=__doc__)
+    parser = Parser(prog="sgd-service", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the service (the default); configured by SGD_* env")
     worker = sub.add_parser(

@@ -4,17 +4,19 @@ import asyncio
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
 from service.__main__ import DrainingServer, main
-from tests.conftest import TIMEOUT, Server, free_port, start_server
+from tests.conftest import TIMEOUT, Server, free_port, start_server, wait_until
 
 TUTORIAL_ARGS = ["--x", "1", "2", "3", "--y", "2", "4", "6"]
 
@@ -42,8 +44,8 @@ def test_fit_wait_predict_and_history(
 ) -> None:
     url = ["--url", live_server.url]
     code, out, err = run(["fit", *url, *TUTORIAL_ARGS, "--seed", "7", "--wait"], capsys)
-    assert (code, err) == (0, "")
     job = json.loads(out)
+    assert (code, err) == (0, f"job {job['id']} queued; waiting (Ctrl-C cancels it)\n")
     assert job["status"] == "succeeded"
     assert job["params"]["seed"] == 7
     assert job["result"]["w"] == pytest.approx(2.0, abs=1e-3)
@@ -97,6 +99,97 @@ def test_a_bad_batch_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
     code, _, err = run(["fit", *TUTORIAL_ARGS, "--batch-size", "some"], capsys)
     assert code == 2
     assert "a number of samples or 'all', not 'some'" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["fit", "--x", "nan", "1", "--y", "1", "2"], "argument --x: not a finite number: 'nan'"),
+        (["fit", *TUTORIAL_ARGS, "--learning-rate", "inf"], "not a finite number: 'inf'"),
+        (["fit", *TUTORIAL_ARGS, "--wait", "--timeout", "-1"], "a number of seconds >= 0"),
+        (["predict", "nan", "1"], "argument hours: not a finite number: 'nan'"),
+        (["predict", "--url", "http://[::1", "4"], "argument --url: not a URL: 'http://[::1'"),
+        (["predict", "--url", "localhost:8000", "4"], "not an http:// or https:// URL"),
+        (["history", "--plot", "x.jpg"], "'x.jpg': the service draws .png and .svg"),
+        (["history", "--plot", "x.png", "--max-points", "5"], "--max-points thins the JSON"),
+    ],
+)
+def test_a_usage_mistake_is_one_line(
+    args: list[str],
+    says: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused before any request (no server here): one line on stderr, exit status 2."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(args, capsys)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1, err
+    assert says in err
+    assert list(tmp_path.iterdir()) == []  # no x.jpg full of PNG bytes
+
+
+def test_a_token_an_http_header_cannot_carry(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SGD_API_TOKEN", "s\u00e9cret")
+    code, out, err = run(["predict", "4"], capsys)
+    assert (code, out) == (2, "")
+    says = "SGD_API_TOKEN holds characters an HTTP header cannot carry"
+    assert err == f"sgd-service predict: error: {says}\n"
+
+
+def test_sgd_url_that_is_no_url_is_named(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SGD_URL", "http://[::1")
+    code, _, err = run(["predict", "4"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "argument --url: not a URL: 'http://[::1'" in err
+
+
+def test_a_plot_that_cannot_be_written_is_one_line(
+    live_server: Server, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    url = ["--url", live_server.url]
+    run(["fit", *url, *TUTORIAL_ARGS, "--wait"], capsys)
+    (tmp_path / "dir.png").mkdir()
+    for target, why in [
+        (tmp_path / "missing" / "out.png", "No such file or directory"),
+        (tmp_path / "dir.png", "Is a directory"),
+    ]:
+        code, out, err = run(["history", *url, "--plot", str(target)], capsys)
+        assert (code, out) == (1, "")
+        assert err == f"error: cannot write {target}: {why}\n"
+
+
+def test_ctrl_c_during_fit_wait_cancels_the_job(live_server: Server) -> None:
+    """The job id comes first; Ctrl-C cancels the job and exits 130 with one line."""
+    args = [*TUTORIAL_ARGS, "--epochs", "1000000", "--batch-size", "65536", "--seed", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "fit", "--url", live_server.url, *args, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # printed before the wait begins
+        job_id = first.split()[1]
+        assert first == f"job {job_id} queued; waiting (Ctrl-C cancels it)\n"
+        with httpx.Client(base_url=live_server.url, timeout=TIMEOUT) as http:
+            wait_until(lambda: http.get(f"/jobs/{job_id}").json()["status"] == "running")
+            proc.send_signal(signal.SIGINT)
+            out, rest = proc.communicate(timeout=TIMEOUT * 3)
+            assert proc.returncode == 130
+            assert (out, rest) == ("", f"interrupted: job {job_id} cancelled\n")
+            assert http.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_problems_are_printed_with_their_fields(
