@@ -65,6 +65,14 @@ class MethodNotAllowed(ServiceError):
         self.headers["Allow"] = allow
 
 
+class HostNotAllowed(ServiceError):
+    """The request's Host is none the service answers to (a guard against DNS rebinding)."""
+
+    type = "host-not-allowed"
+    title = "Host not allowed"
+    status = 400
+
+
 class PayloadTooLarge(ServiceError):
     type = "payload-too-large"
     title = "Request body too large"

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__, api, views
 from service.fastpath import FastPredict
 from service.jobs import JobRunner, Runner
-from service.middleware import BodyLimit
+from service.middleware import AllowedHosts, BodyLimit, SecurityHeaders
 from service.observability import Metrics, RequestObserver
 from service.problems import install_handlers
 from service.schemas import document_limits
@@ -20,6 +20,7 @@ from service.settings import Settings
 from service.store import MemoryStore, Store
 
 log = logging.getLogger("sgd_service")
+DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")  # where FastAPIOffline serves them
 
 
 class State(TypedDict):
@@ -75,8 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(api.router)
     app.include_router(views.router)
+    app.add_middleware(SecurityHeaders, docs_paths=DOCS_PATHS)  # behind /predict's fast path
     app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer
 
     def openapi() -> dict[str, Any]:

@@ -3,10 +3,10 @@
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "SGD_"
 # SGD_* variables that are not settings of the server but are read by its command line.
@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     history_max_points: int = Field(default=10_000, ge=2, le=1_000_000)
 
     api_token: SecretStr | None = None
+    # The Host header values answered (anything else is a 400): a page on another site that
+    # the user visits cannot reach a service on loopback by DNS rebinding. Comma-separated
+    # names, ports ignored, IPv6 with or without brackets; "*" any host, "*.example.com" its
+    # subdomains.
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ("localhost", "127.0.0.1", "::1")
 
     torch_threads: int = Field(default=1, ge=1, le=256)
     # The fit is background work: a positive niceness lets the scheduler favour /predict.
@@ -65,6 +70,17 @@ class Settings(BaseSettings):
     # A worker silent this long (no heartbeat: killed, paused, cut off) has lost its job, which
     # another worker runs again; its late writes are refused (fenced).
     lease_seconds: float = Field(default=10.0, ge=1, le=600)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_names(cls, value: object) -> object:
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list | tuple):
+            return value
+        hosts = tuple(str(n).strip().lower().removeprefix("[").removesuffix("]") for n in names)
+        if not all(hosts):
+            raise ValueError("a comma-separated list of host names, e.g. localhost,example.com")
+        return hosts
 
 
 class SettingsError(Exception):

@@ -33,6 +33,7 @@ def settings_for_tests(**overrides: Any) -> Settings:
     almost no CPU. The tests of the priority itself ask for the defaults.
     """
     base: dict[str, Any] = {"max_sample_steps": LONG_FIT_STEPS, "worker_nice": 0}
+    base["allowed_hosts"] = [*Settings.model_fields["allowed_hosts"].default, "testserver"]
     return Settings(**{**base, "worker_sched_idle": False, **overrides})
 
 

@@ -253,7 +253,7 @@ from fastapi.testclient import TestClient
 import service.__main__, service.client
 from service.main import create_app
 from service.settings import Settings
-with TestClient(create_app(Settings())) as c:
+with TestClient(create_app(Settings()), base_url="http://localhost") as c:
     assert c.get("/").status_code == 200
     assert c.get("/static/page.js").status_code == 200
     assert c.get("/history/plot").status_code == 404  # no job yet: nothing to draw

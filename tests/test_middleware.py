@@ -1,0 +1,157 @@
+"""The Host check and the security headers, on a real server (the body limit: test_problems)."""
+
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from service.middleware import DOCS_CSP, PAGE_CSP
+from service.settings import Settings
+from tests.conftest import TIMEOUT, TUTORIAL, Server, start_server, wait_job
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the default SGD_ALLOWED_HOSTS and a model to predict with."""
+    srv = start_server(str(tmp_path_factory.mktemp("hosts")))
+    with srv.client() as http:
+        wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
+    yield srv
+    srv.stop()
+
+
+def port(srv: Server) -> str:
+    return srv.url.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:{port}",
+        "LOCALHOST:{port}",
+        "127.0.0.1:{port}",
+        "[::1]:{port}",
+        "[::1]",
+    ],
+)
+def test_the_loopback_names_are_answered(default_server: Server, host: str) -> None:
+    headers = {"Host": host.format(port=port(default_server))}
+    with default_server.client() as http:
+        assert http.get("/predict?hours=4", headers=headers).status_code == 200  # the fast path
+        assert http.get("/model", headers=headers).status_code == 200
+        assert http.get("/", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["rebound.example", "rebound.example:{port}", "localhost.rebound.example", "[::1", "::1"],
+)
+def test_any_other_host_gets_a_problem(default_server: Server, host: str) -> None:
+    """A page on another site, its name rebound to 127.0.0.1, reads and changes nothing."""
+    headers = {"Host": host.format(port=port(default_server))}
+    with default_server.client() as http:
+        for method, path, body in [
+            ("GET", "/predict?hours=4", None),  # the fast path too
+            ("POST", "/fit", TUTORIAL),
+            ("GET", "/", None),
+            ("GET", "/jobs", None),
+        ]:
+            r = http.request(method, path, json=body, headers=headers)
+            assert r.status_code == 400
+            assert r.headers["content-type"] == PROBLEM
+            problem = r.json()
+            assert problem["type"] == "host-not-allowed"
+            assert problem["status"] == 400
+            assert "SGD_ALLOWED_HOSTS" in problem["detail"]
+        assert http.get("/jobs").json()["jobs"][0]["n_samples"] == 3  # no fit was started
+
+
+def test_a_request_without_host_gets_a_problem(default_server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", int(port(default_server))), TIMEOUT) as s:
+        s.sendall(b"GET /model HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"host-not-allowed" in answer
+
+
+def test_a_star_answers_any_host_and_a_wildcard_its_subdomains(
+    make_server: Callable[..., Server],
+) -> None:
+    anyone = make_server(SGD_ALLOWED_HOSTS="*")
+    with anyone.client() as http:
+        assert http.get("/healthz", headers={"Host": "rebound.example"}).status_code == 200
+    some = make_server(SGD_ALLOWED_HOSTS="127.0.0.1, api.internal, *.example.com")
+    with some.client() as http:
+        for host, status in [
+            ("api.internal:8000", 200),
+            ("a.example.com", 200),
+            ("b.a.example.com", 200),
+            ("example.com", 400),
+            ("localhost", 400),  # the list replaces the default
+            ("evil-example.com", 400),
+        ]:
+            assert http.get("/healthz", headers={"Host": host}).status_code == status, host
+
+
+def test_the_setting_is_a_comma_separated_list() -> None:
+    assert Settings(allowed_hosts="Example.COM, [::1] ,*").allowed_hosts == (  # type: ignore[arg-type]
+        "example.com",
+        "::1",
+        "*",
+    )
+    with pytest.raises(ValidationError, match="comma-separated list of host names"):
+        Settings(allowed_hosts="a,,b")  # type: ignore[arg-type]
+
+
+def test_a_misconfigured_list_stops_start_up() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env={"SGD_ALLOWED_HOSTS": "a,,b", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("sgd-service: cannot start: SGD_ALLOWED_HOSTS='a,,b'")
+
+
+# -- security headers -------------------------------------------------------------------------
+
+
+def test_the_page_and_its_assets_carry_security_headers(client: TestClient) -> None:
+    for path in ("/", "/static/page.js", "/static/page.css", "/jobs", "/static/nope.js"):
+        r = client.get(path)
+        assert r.headers["content-security-policy"] == PAGE_CSP, path
+        assert r.headers["x-frame-options"] == "DENY"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+    assert "script-src 'self';" in PAGE_CSP  # no inline script on the page
+    for path in ("/docs", "/redoc"):
+        r = client.get(path)
+        assert r.status_code == 200
+        assert r.headers["content-security-policy"] == DOCS_CSP
+        assert r.headers["x-frame-options"] == "DENY"
+
+
+def test_the_page_has_no_inline_script_or_style(client: TestClient) -> None:
+    html = client.get("/").text
+    assert "<script>" not in html
+    assert "<script src=" in html
+    assert " style=" not in html
+    assert "<style" not in html
+
+
+def test_the_real_server_sends_them_too(default_server: Server) -> None:
+    r = httpx.get(f"{default_server.url}/", timeout=TIMEOUT)
+    assert r.headers["content-security-policy"] == PAGE_CSP
+    assert r.headers["x-frame-options"] == "DENY"
