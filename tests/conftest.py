@@ -209,7 +209,7 @@ class Server:
 def spawn_server(log_dir: str, **env: str) -> Server:
     """Start `python -m service` with SGD_* overrides in a process group of its own (so that a
     test can signal the group, as a terminal's Ctrl-C does); its output goes to a file."""
-    port = free_port()
+    port = int(env.get("SGD_PORT") or free_port())  # a given port: a restart where it was
     full_env = {**os.environ, "SGD_PORT": str(port), "SGD_HOST": "127.0.0.1"}
     full_env.update(SERVER_ENV, **env)
     log_path = os.path.join(log_dir, f"server-{port}.log")

@@ -7,7 +7,8 @@ SGD_UPDATE_DOCS=1 the README's pictures (docs/page.png, docs/plot.png) are refre
 import io
 import os
 import re
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,13 +83,18 @@ def test_fit_the_tutorial_watch_it_and_predict(browser: Browser, server: Server)
     page.wait_for_selector('#fit-status[data-status="succeeded"]', timeout=WAIT_MS)
     assert text(page, "#live-epoch") == "100"
     assert text(page, "#live-epochs") == "100"
-    result = re.fullmatch(r"Model version 1: w = ([\d.]+), b = 0\.00000, .*", text(page, "#result"))
+    # no b: the fit had no intercept
+    result = re.fullmatch(
+        r"Model version 1: w = ([\d.]+), mse on the data = .*", text(page, "#result")
+    )
     assert result is not None
     assert float(result[1]) == pytest.approx(2.0, abs=1e-3)
     page.fill("#hours", "4")
     page.click("#predict-button")
     expect(page.locator("#score")).not_to_have_text(NO_SCORE)
-    assert text(page, "#score") == "8.00"
+    score = text(page, "#score")
+    assert re.fullmatch(r"[78]\.\d{0,5}", score)  # six significant digits at most
+    assert float(score) == pytest.approx(8.0, abs=0.01)
     assert text(page, "#score-version") == "(model version 1)"
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -144,4 +150,117 @@ def test_the_api_docs_render_without_internet(
     # ReDoc's bundle links its "powered by" logo on its CDN: the CSP blocks that, nothing else.
     blocked_logo = "Loading the image 'https://cdn.redoc.ly/redoc/logo-mini.svg' violates"
     assert [e for e in errors if not e.startswith(blocked_logo)] == []
+    page.close()
+
+
+# -- recovery, cancel, the token, the numbers ---------------------------------------------------
+
+LONG_FIT = {"epochs": "1000000", "batch_size": "65536"}
+
+
+def open_page(browser: Browser, srv: Server) -> Page:
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT * 1000)
+    page.goto(f"{srv.url}/")
+    return page
+
+
+def start_long_fit(page: Page) -> None:
+    for field, value in LONG_FIT.items():
+        page.fill(f"#{field}", value)
+    page.click("#fit-button")
+    expect(page.locator("#stream-state")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    expect(page.locator("#live-epoch")).not_to_have_text("\u2013", timeout=WAIT_MS)
+
+
+def test_the_page_recovers_when_the_server_restarts_mid_fit(
+    browser: Browser, make_server: Callable[..., Server]
+) -> None:
+    first = make_server()
+    page = open_page(browser, first)
+    start_long_fit(page)
+    expect(page.locator("#fit-button")).to_be_disabled()
+    expect(page.locator("#cancel-button")).to_be_visible()
+
+    first.stop(signal.SIGKILL)  # the service dies mid-fit: the stream drops
+    expect(page.locator("#stream-state")).to_have_attribute("data-state", "reconnecting")
+    expect(page.locator("#fit-button")).to_be_enabled()  # never left disabled
+
+    port = first.url.rsplit(":", 1)[1]
+    second = make_server(SGD_PORT=port)  # back on the same port, without the job
+    expect(page.locator("#stream-state")).to_have_attribute("data-state", "lost", timeout=WAIT_MS)
+    assert "lost (No such job" in text(page, "#fit-status")
+    expect(page.locator("#cancel-button")).to_be_hidden()
+
+    page.fill("#epochs", "100")
+    page.fill("#batch_size", "1")
+    page.click("#fit-button")  # and a new fit works on the new server
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
+    assert second.proc.poll() is None
+    page.close()
+
+
+def test_cancel_a_running_fit(browser: Browser, server: Server) -> None:
+    page = open_page(browser, server)
+    start_long_fit(page)
+    page.click("#cancel-button")
+    expect(page.locator("#fit-status")).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("#fit-button")).to_be_enabled()
+    expect(page.locator("#cancel-button")).to_be_hidden()
+    job_id = text(page, "#fit-status").split()[1].rstrip(":")
+    with server.client() as http:
+        assert http.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    page.close()
+
+
+def test_the_token_is_a_header_only(browser: Browser, make_server: Callable[..., Server]) -> None:
+    srv = make_server(SGD_API_TOKEN="s3cret")
+    page = open_page(browser, srv)
+    sent: list[tuple[str, str | None]] = []
+    page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))))
+
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_contain_text("Missing or wrong bearer token")
+
+    page.fill("#token", "s3cret")
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
+    start_long_fit(page)
+    page.click("#cancel-button")  # cancel needs the token too
+    expect(page.locator("#fit-status")).to_have_attribute("data-status", "cancelled")
+
+    posts = [auth for url, auth in sent if url.endswith(("/fit", "/cancel"))]
+    assert posts == [None, "Bearer s3cret", "Bearer s3cret", "Bearer s3cret"]
+    assert not any("s3cret" in url for url, _ in sent)
+    assert page.context.cookies() == []
+    page.reload()  # kept in the page's memory only
+    assert page.input_value("#token") == ""
+    page.close()
+
+
+def test_numbers_keep_their_significant_digits(browser: Browser, server: Server) -> None:
+    """w = 0.002 is not 0.00, and b appears only when the fit learned one."""
+    page = open_page(browser, server)
+    page.fill("#y", "0.002, 0.004, 0.006")
+    page.fill("#init_w", "0.002")  # the optimum already: w stays 0.002
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
+    result = text(page, "#result")
+    assert re.fullmatch(r"Model version \d+: w = 0\.002, mse on the data = .*", result), result
+    page.fill("#hours", "1")
+    page.click("#predict-button")
+    expect(page.locator("#score")).to_have_text("0.002")
+
+    page.check("#fit_intercept")
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
+    assert ", b = " in text(page, "#result")
     page.close()

@@ -3,7 +3,13 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const live = { epochs: 0, epoch: [], w: [], b: null, loss: [], source: null, frame: 0 };
+const live = {
+  jobId: null, epochs: 0, epoch: [], w: [], b: null, loss: [], source: null, frame: 0,
+  poll: 0, restreams: 0,
+};
+const POLL_MS = 1000; // while the event stream is down: how often the job is asked for
+const RESTREAMS = 3; // streams opened again without an event before the page only polls
+const ENDED = ["succeeded", "failed", "cancelled"];
 
 function numbers(text) {
   return text.split(/[\s,;]+/).filter((t) => t !== "").map(Number);
@@ -14,20 +20,36 @@ function optionalNumber(id) {
   return value === "" ? null : Number(value);
 }
 
+// Significant digits, not decimals: w = 0.002 shows as 0.002, 7.999881234 as 7.99988.
+function fmt(value, digits = 6) {
+  return Number.isFinite(value) ? String(Number(value.toPrecision(digits))) : String(value);
+}
+
 function describeProblem(problem) {
   const fields = (problem.errors || []).map((e) => `${e.field}: ${e.message}`);
   return [problem.title, problem.detail, ...fields].filter(Boolean).join(" — ");
 }
 
+// The token lives in the page's memory (its input) only: sent as a header, never in a URL or a
+// cookie, and gone with the page.
+function authorization() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
 async function request(method, url, body) {
-  const init = { method, headers: { Accept: "application/json" } };
+  const init = { method, headers: { Accept: "application/json", ...authorization() } };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
   const response = await fetch(url, init);
   const data = await response.json().catch(() => ({ title: `HTTP ${response.status}` }));
-  if (!response.ok) throw new Error(describeProblem(data));
+  if (!response.ok) {
+    const error = new Error(describeProblem(data));
+    error.status = response.status;
+    throw error;
+  }
   return data;
 }
 
@@ -85,8 +107,37 @@ function scheduleRedraw() {
 
 // -- the fit -----------------------------------------------------------------------------
 
+function jobPath(jobId, rest = "") {
+  return `/jobs/${encodeURIComponent(jobId)}${rest}`;
+}
+
+function setStream(state, message) {
+  $("stream-state").dataset.state = state;
+  $("stream-state").textContent = message;
+}
+
+function setRunning(running) {
+  // Fit waits only while the stream is healthy: after an error it is free again at once.
+  $("fit-button").disabled = running;
+  $("cancel-button").hidden = !running;
+  $("cancel-button").disabled = false;
+}
+
+function resetSeries() {
+  Object.assign(live, { epoch: [], w: [], b: null, loss: [] });
+  redraw();
+}
+
+function stopWatching() {
+  if (live.source) live.source.close();
+  live.source = null;
+  clearTimeout(live.poll);
+  live.poll = 0;
+}
+
 function onProgress(event) {
   const data = JSON.parse(event.data);
+  live.restreams = 0;
   live.epoch.push(...data.epoch);
   live.w.push(...data.w);
   live.loss.push(...data.loss);
@@ -94,33 +145,102 @@ function onProgress(event) {
   const last = data.epoch.length - 1;
   $("live-epoch").textContent = String(data.progress.epoch);
   $("live-epochs").textContent = String(data.progress.epochs);
-  $("live-w").textContent = data.w[last].toPrecision(6);
-  $("live-loss").textContent = data.loss[last].toPrecision(4);
+  $("live-w").textContent = fmt(data.w[last]);
+  $("live-loss").textContent = fmt(data.loss[last], 4);
   $("fit-status").textContent = `Job ${live.jobId}: running.`;
+  setStream("live", "Live: the fit's progress streams in.");
+  setRunning(true);
   scheduleRedraw();
 }
 
-function onEnd(event) {
-  const job = JSON.parse(event.data);
-  live.source.close();
-  $("fit-button").disabled = false;
+function finish(job) {
+  if (job.id !== live.jobId) return;
+  stopWatching();
+  setRunning(false);
+  setStream("closed", "The stream has ended with the job.");
   $("live-epoch").textContent = String(job.progress.epoch);
   $("fit-status").textContent = `Job ${job.id}: ${job.status}.`;
   $("fit-status").dataset.status = job.status;
   if (job.result) {
     const r = job.result;
+    const b = job.params.fit_intercept ? `, b = ${fmt(r.b)}` : ""; // only a fitted b
     $("result").textContent =
-      `Model version ${r.model_version}: w = ${r.w.toPrecision(6)}, b = ${r.b.toPrecision(6)}, ` +
-      `mse on the data = ${r.mse.toPrecision(4)}.`;
+      `Model version ${r.model_version}: w = ${fmt(r.w)}${b}, mse on the data = ${fmt(r.mse, 4)}.`;
   } else if (job.error) {
     $("result").textContent = describeProblem(job.error);
   }
   redraw();
 }
 
+function lost(jobId, message) {
+  if (jobId !== live.jobId) return;
+  stopWatching();
+  setRunning(false);
+  setStream("lost", "The job is gone from the service.");
+  $("fit-status").textContent = `Job ${jobId}: lost (${message}). Fit again to start over.`;
+  $("fit-status").dataset.status = "lost";
+}
+
+function watch(jobId) {
+  stopWatching();
+  // EventSource reconnects by itself with Last-Event-ID after a drop, and the service resumes
+  // the stream there; it gives up when an answer is no stream (the job is gone, say).
+  const source = new EventSource(jobPath(jobId, "/events"));
+  live.source = source;
+  source.addEventListener("open", () => {
+    setStream("live", "Live: the fit's progress streams in.");
+    setRunning(true);
+  });
+  source.addEventListener("progress", onProgress);
+  source.addEventListener("end", (e) => finish(JSON.parse(e.data)));
+  source.addEventListener("problem", (e) => lost(jobId, describeProblem(JSON.parse(e.data))));
+  source.addEventListener("error", () => {
+    if (live.source !== source) return;
+    setRunning(false);
+    if (source.readyState === EventSource.CONNECTING) {
+      setStream("reconnecting", "The connection to the service was lost: reconnecting…");
+      return;
+    }
+    source.close();
+    live.source = null;
+    poll(jobId);
+  });
+}
+
+// The stream gave up: ask for the job until it answers, then stream again from the start (or,
+// when streams keep failing, only poll until it ends).
+function poll(jobId) {
+  setStream("polling", "The event stream stopped: asking the service for the job…");
+  const tick = async () => {
+    if (jobId !== live.jobId) return;
+    try {
+      const job = await request("GET", jobPath(jobId));
+      if (live.restreams < RESTREAMS) {
+        live.restreams += 1;
+        resetSeries();
+        watch(jobId);
+        return;
+      }
+      if (ENDED.includes(job.status)) {
+        finish(job);
+        return;
+      }
+      $("fit-status").textContent = `Job ${jobId}: ${job.status} (epoch ${job.progress.epoch}).`;
+    } catch (error) {
+      if (error.status === 404) {
+        lost(jobId, error.message);
+        return;
+      }
+      setStream("polling", `The service does not answer (${error.message}): asking again…`);
+    }
+    live.poll = setTimeout(tick, POLL_MS);
+  };
+  tick();
+}
+
 async function startFit(event) {
   event.preventDefault();
-  if (live.source) live.source.close();
+  stopWatching();
   const body = {
     x: numbers($("x").value),
     y: numbers($("y").value),
@@ -137,22 +257,26 @@ async function startFit(event) {
   $("fit-status").dataset.status = "";
   try {
     const job = await request("POST", "/fit", body);
-    Object.assign(live, { jobId: job.id, epochs: job.params.epochs, epoch: [], w: [], b: null, loss: [] });
+    Object.assign(live, { jobId: job.id, epochs: job.params.epochs, restreams: 0 });
+    resetSeries();
     $("fit-status").textContent = `Job ${job.id}: ${job.status}.`;
     $("live-epochs").textContent = String(job.params.epochs);
-    redraw();
-    // EventSource reconnects by itself with Last-Event-ID; the service resumes the stream there.
-    live.source = new EventSource(`/jobs/${job.id}/events`);
-    live.source.addEventListener("progress", onProgress);
-    live.source.addEventListener("end", onEnd);
-    live.source.addEventListener("problem", (e) => {
-      live.source.close();
-      $("fit-button").disabled = false;
-      $("fit-status").textContent = describeProblem(JSON.parse(e.data));
-    });
+    setRunning(true);
+    watch(job.id);
   } catch (error) {
-    $("fit-button").disabled = false;
+    setRunning(false);
     $("fit-status").textContent = `The fit was refused: ${error.message}`;
+  }
+}
+
+async function cancelFit() {
+  const jobId = live.jobId;
+  $("cancel-button").disabled = true;
+  try {
+    finish(await request("POST", jobPath(jobId, "/cancel")));
+  } catch (error) {
+    $("cancel-button").disabled = false;
+    $("fit-status").textContent = `Job ${jobId}: the cancel was refused: ${error.message}`;
   }
 }
 
@@ -163,7 +287,7 @@ async function predict(event) {
   const hours = $("hours").value.trim();
   try {
     const p = await request("GET", `/predict?hours=${encodeURIComponent(hours)}`);
-    $("score").textContent = p.score.toFixed(2);
+    $("score").textContent = fmt(p.score);
     $("score-version").textContent = `(model version ${p.model_version})`;
   } catch (error) {
     $("score").textContent = "–";
@@ -173,6 +297,7 @@ async function predict(event) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("fit-form").addEventListener("submit", startFit);
+  $("cancel-button").addEventListener("click", cancelFit);
   $("predict-form").addEventListener("submit", predict);
   redraw();
 });
