@@ -19,6 +19,9 @@ from service.schemas import Job, JobStatus
 from service.store import Store
 
 access_log = logging.getLogger("sgd_service.access")
+# Health probes come every few seconds from Docker, Kubernetes or a load balancer: their lines
+# are written at debug, so that an info log holds what callers did.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 FIT_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 7200)
 
@@ -130,8 +133,10 @@ class RequestObserver:
             method = scope["method"]
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(elapsed)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
+            level = logging.DEBUG if scope["path"] in PROBE_PATHS else logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(
+                    level,
                     "request",
                     extra={
                         "fields": {

@@ -2,6 +2,7 @@
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -82,3 +83,21 @@ def test_one_json_line_per_request_and_per_job_transition(server: Server) -> Non
     wait_until(lambda: "succeeded" in transitions(), 10.0, "the job's last log line")
     assert transitions() == ["running", "succeeded"]
     assert any("SGD_API_TOKEN is not set" in x["msg"] for x in lines())
+
+
+def test_probes_are_logged_at_debug_only(make_server: Callable[..., Server]) -> None:
+    """A healthcheck every 10 s must not fill an info log; at debug its lines are there."""
+    for level, expected in (("info", []), ("debug", ["debug", "debug"])):
+        srv = make_server(SGD_LOG_LEVEL=level)
+        with srv.client() as http:
+            http.get("/healthz", headers={"X-Request-ID": "probe"})
+            http.get("/readyz", headers={"X-Request-ID": "probe"})
+            http.get("/model", headers={"X-Request-ID": "after-the-probes"})
+
+        def lines(log: str = srv.log_path) -> list[dict[str, Any]]:
+            with open(log) as f:
+                return [json.loads(x) for x in f if x.startswith("{")]
+
+        wait_until(lambda: any(x.get("request_id") == "after-the-probes" for x in lines()))
+        srv.stop()
+        assert [x["level"] for x in lines() if x.get("request_id") == "probe"] == expected
