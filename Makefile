@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 TORCH_INDEX_URL ?=
 
-.PHONY: install run test lint typecheck pytest bench faults clean
+.PHONY: install run test lint typecheck pytest bench faults clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,15 @@ faults: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# .ci/constraints.txt, which the Dockerfile installs with: what a clean install of the runtime
+# dependencies resolves to today (torch from TORCH_INDEX_URL, alone, as the Dockerfile does).
+constraints:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --disable-pip-version-check --no-deps $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) '$(TORCH)'
+	$(VENV)-lock/bin/pip install --quiet --disable-pip-version-check .
+	{ sed -n '1,4p' .ci/constraints.txt; $(VENV)-lock/bin/pip freeze --exclude-editable | grep -v '^sgd-service' | sed 's/^torch==\([^+]*\)+.*/torch==\1/'; } > .ci/constraints.txt.new
+	mv .ci/constraints.txt.new .ci/constraints.txt && rm -rf $(VENV)-lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis artifacts

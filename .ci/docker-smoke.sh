@@ -6,6 +6,9 @@
 #      torch is the CPU build, the root filesystem is read-only and /tmp is writable
 #   3. `docker compose stop` in the middle of a fit: /readyz 503 and fits refused while draining,
 #      an in-flight request completes, the fit ends `cancelled`, exit code 0 inside the grace period
+#   0 (first): the deployment: the healthcheck asks the port SGD_PORT names, probes write no info
+#      access lines, a Host other than loopback's is refused, the page sends its security headers,
+#      the pins went in, and a server process that exits is restarted by the restart policy
 # Last, since step 3 stops the service.
 #   4. the scaled profile: .ci/docker-smoke-scaled.sh
 set -euo pipefail
@@ -51,6 +54,58 @@ poll_job() {
 }
 
 in_container() { compose exec -T "$SERVICE" "$@"; }
+
+# -- 0. the deployment ----------------------------------------------------------------------
+health_test=$(compose config --format json | python3 -c '
+import json, sys
+test = json.load(sys.stdin)["services"][sys.argv[1]]["healthcheck"]["test"]
+assert test[0] == "CMD", test
+print(json.dumps(test[1:]))
+' "$SERVICE")
+# run_health_test [ENV=VALUE]: the compose healthcheck's own command, in the container
+run_health_test() {
+  local env=(); [ $# -eq 0 ] || env=(-e "$1")
+  python3 -c 'import json, sys; print("\0".join(json.loads(sys.argv[1])), end="")' "$health_test" \
+    | xargs -0 $DOCKER_CI_COMPOSE exec -T "${env[@]}" "$SERVICE" >/dev/null 2>&1
+}
+run_health_test || fail "the compose healthcheck fails in the running container"
+! run_health_test SGD_PORT=1 || fail "the compose healthcheck ignores SGD_PORT (it passed against port 1)"
+log "the compose healthcheck asks the port SGD_PORT names"
+
+probes=$(compose logs --no-color "$SERVICE" | grep -c '"path": "/healthz"' || true)
+[ "$probes" = 0 ] || fail "the healthcheck's probes wrote $probes access log lines at info"
+log "the healthcheck's probes write no access log lines at info"
+
+got=$(curl --silent --show-error --max-time 10 -o "$WORK/body" -w '%{http_code}' -H 'Host: rebound.example' "$BASE_URL/model")
+[ "$got" = 400 ] && [ "$(field "$WORK/body" 'd["type"]')" = host-not-allowed ] \
+  || fail "Host: rebound.example got HTTP $got, not 400 host-not-allowed: $(cat "$WORK/body")"
+curl --silent --show-error --max-time 10 -D "$WORK/headers" -o /dev/null "$BASE_URL/"
+for header in "content-security-policy: default-src 'self'" 'x-frame-options: DENY' \
+  'x-content-type-options: nosniff' 'referrer-policy: no-referrer'; do
+  grep -qiF "$header" "$WORK/headers" || fail "the page is served without '$header'"
+done
+log "a Host other than loopback's gets 400 host-not-allowed; the page sends CSP and its friends"
+
+in_container python -c '
+import importlib.metadata as m
+pins = [line.split("==") for line in open("/app/constraints.txt") if "==" in line and not line.startswith("#")]
+wrong = [f"{name} {m.version(name)} (pinned {version.strip()})" for name, version in pins
+         if m.version(name).split("+")[0] != version.strip()]
+raise SystemExit(f"installed versions differ from .ci/constraints.txt: {wrong}" if wrong else 0)
+' || fail "the image does not hold the pinned versions"
+log "every package of .ci/constraints.txt is installed at its pinned version"
+
+# Docker restarts a container whose process exits (it never restarts an unhealthy one): the
+# server exits by itself when it cannot recover. Here it is stopped from inside the container.
+started_before=$(in_container python -c 'print(open("/proc/1/stat").read().split()[21])')
+in_container python -c 'import os, signal; os.kill(1, signal.SIGTERM)' || true
+deadline=$(($(date +%s) + 60))
+until started=$(in_container python -c 'print(open("/proc/1/stat").read().split()[21])' 2>/dev/null) \
+  && [ "$started" != "$started_before" ] && [ "$(request GET /readyz)" = 200 ]; do
+  [ "$(date +%s)" -lt "$deadline" ] || fail "the server exited and the restart policy did not bring it back"
+  sleep 0.5
+done
+log "the server process exited and restart: $(compose config --format json | python3 -c 'import json, sys; print(json.load(sys.stdin)["services"][sys.argv[1]]["restart"])' "$SERVICE") brought it back"
 
 # -- 1. the tutorial ------------------------------------------------------------------------
 expect 202 POST /fit '{"x": [1, 2, 3], "y": [2, 4, 6]}'
