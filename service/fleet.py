@@ -71,6 +71,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
             env.pop(key, None)
         elif hasattr(value, "get_secret_value"):
             env[key] = value.get_secret_value()
+        elif isinstance(value, tuple | list):
+            env[key] = ",".join(map(str, value))
         else:
             env[key] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
