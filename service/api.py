@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
-from service.errors import InvalidInput, JobNotFound, ModelNotReady, NotReady
+from service.errors import InvalidInput, JobNotFound, ModelNotReady
 from service.jobs import Runner
 from service.problems import problems
 from service.schemas import (
@@ -208,5 +208,5 @@ async def healthz() -> Health:
 async def readyz(runner: RunnerDep) -> Health:
     """Readiness: the job runner can take fits (a missing model does not matter)."""
     if not runner.ready:
-        raise NotReady("the job runner is starting or draining; retry shortly")
+        raise runner.not_ready()
     return Health(status="ready")

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any
 
-from service.errors import QueueFull, ShuttingDown
+from service.errors import NotReady, QueueFull, ServiceError, ShuttingDown, StoreUnavailable
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
@@ -106,6 +106,17 @@ class QueueRunner:
         this replica runs any: with SGD_WORKERS=0 the fits wait for standalone workers)."""
         workers_ok = not self._settings.workers or bool(self._ready)
         return not self._draining and self._store.reachable and self._store.loaded and workers_ok
+
+    def not_ready(self) -> ServiceError:
+        if self._draining:
+            return NotReady("the service is shutting down; send requests to another replica")
+        if not self._store.reachable:
+            return StoreUnavailable(
+                "Redis cannot be reached; this replica still serves predictions from memory"
+            )
+        if not self._store.loaded:
+            return NotReady("the served model is being read from Redis; retry shortly")
+        return NotReady("no training worker of this replica is ready yet; retry shortly")
 
     @property
     def broken(self) -> str | None:

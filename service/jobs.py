@@ -31,6 +31,7 @@ from service import worker
 from service.errors import (
     JobAlreadyEnded,
     JobTimedOut,
+    NotReady,
     QueueFull,
     ServiceError,
     ShuttingDown,
@@ -61,6 +62,9 @@ class Runner(Protocol):
     @property
     def ready(self) -> bool:
         """Can take fits now (/readyz)."""
+
+    def not_ready(self) -> ServiceError:
+        """Why it cannot take fits now, when it cannot: the error /readyz answers."""
 
     @property
     def broken(self) -> str | None:
@@ -197,6 +201,11 @@ class JobRunner:
             and self._broken is None
             and self._thread.is_alive()
         )
+
+    def not_ready(self) -> ServiceError:
+        if self._draining:
+            return NotReady("the service is shutting down; send requests to another replica")
+        return NotReady("the training worker is starting; retry shortly")
 
     @property
     def broken(self) -> str | None:

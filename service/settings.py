@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     # another worker runs again; its late writes are refused (fenced).
     lease_seconds: float = Field(default=10.0, ge=1, le=600)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().partition("://")[0]
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("a redis://, rediss:// or unix:// URL")
+        return value
+
     @field_validator("allowed_hosts", mode="before")
     @classmethod
     def _host_names(cls, value: object) -> object:

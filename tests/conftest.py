@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,16 +76,18 @@ class RedisServer:
     """A real redis-server of our own (Debian's package) on a free port, with its data in a
     temporary directory, so that a test can stop, kill and restart it."""
 
-    def __init__(self, directory: str, appendonly: bool = True) -> None:
+    def __init__(self, directory: str, appendonly: bool = True, password: str = "") -> None:
         self.dir = directory
         self.port = free_port()
         self.appendonly = appendonly
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self._prefixes = 0
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{urllib.parse.quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def prefix(self) -> str:
         """A fresh key prefix: a store of its own on the shared server."""
@@ -96,6 +99,8 @@ class RedisServer:
         args += ["--dir", self.dir, "--save", "", "--daemonize", "no", "--loglevel", "warning"]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         wait_until(self.answers, 20.0, "redis-server start")
 
@@ -103,7 +108,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

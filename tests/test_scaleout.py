@@ -281,6 +281,7 @@ def test_predictions_survive_a_redis_outage_and_fits_come_back(fleet: Fleet) -> 
         try:
             fleet.redis.stop()
             wait_until(lambda: http.get("/readyz").status_code == 503, 20, "not ready")
+            assert http.get("/readyz").json()["type"] == "store-unavailable"
             refused = http.post("/fit", json=TUTORIAL)
             assert refused.status_code == 503
             assert refused.headers["content-type"] == "application/problem+json"
@@ -383,6 +384,25 @@ def test_a_replica_started_without_redis_is_ready_once_redis_is_back(fleet: Flee
         fleet.redis.start()
         wait_until(lambda: http.get("/readyz").status_code == 200, 30, "ready")
         assert http.get("/model").json()["version"] == model["model_version"]
+
+
+@pytest.mark.timeout(120)
+def test_a_redis_with_a_password(tmp_path: Path, make_server: Callable[..., Server]) -> None:
+    redis = RedisServer(str(tmp_path), password="pa:ss/w@rd")
+    redis.start()
+    try:
+        bad = make_server(ready=False, SGD_REDIS_URL=redis.url.replace("pa%3Ass", "nope"))
+        good = make_server(SGD_REDIS_URL=redis.url, SGD_REDIS_PREFIX=redis.prefix())
+        with good.client() as http:
+            assert wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])["attempts"] == 1
+        with bad.client() as http:
+            wait_until(lambda: _answers(http), 60, "the replica answers")
+            answer = http.get("/readyz").json()
+            assert answer["type"] == "store-unavailable"
+        for srv, secret in ((good, "pa%3Ass"), (bad, "nope")):
+            assert secret not in srv.log()  # a password is never logged
+    finally:
+        redis.stop(signal.SIGKILL)
 
 
 def _answers(http: httpx.Client) -> bool:
