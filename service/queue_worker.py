@@ -42,6 +42,8 @@ from service.worker import FLUSH_SECONDS, lower_policy
 log = logging.getLogger("sgd_service.worker")
 # How often the main thread marks the worker healthy (with --health-file).
 HEALTH_SECONDS = 2.0
+# How often it looks for a stop, and for the replica that started it.
+WATCH_SECONDS = 0.5
 
 
 class _Stopped(Exception):
@@ -205,12 +207,20 @@ def main(settings: Settings, ready_fd: int | None = None, health_file: Path | No
     info["worker_id"] = broker.broker_id
     info["startup_seconds"] = round(time.perf_counter() - started, 3)
     log.info("training worker ready", extra={"fields": info})
-    if ready_fd is not None:  # the replica that started this worker waits for this byte
+    # An embedded worker (started by `serve`, which waits for a byte on ready_fd) lives and dies
+    # with its replica: killed outright, the replica cannot stop it, so it watches for that.
+    replica = os.getppid() if ready_fd is not None else None
+    if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    while not stop.wait(HEALTH_SECONDS):
-        if health_file is not None:
+    next_health = 0.0
+    while not stop.wait(WATCH_SECONDS):
+        if replica is not None and os.getppid() != replica:
+            log.warning("the replica that started this worker is gone; stopping")
+            break
+        if health_file is not None and time.monotonic() >= next_health:
             _touch_if_reachable(store, health_file)
+            next_health = time.monotonic() + HEALTH_SECONDS
     log.info("training worker stopping: handing its fit back to the queue")
     actor.stopping.set()
     worker.stop(timeout=int(fleet.WORKER_STOP_SECONDS * 1000))

@@ -43,7 +43,7 @@ from service.errors import (
     WorkerCrashed,
 )
 from service.schemas import History, Job, JobParams, JobResult, JobStatus, Model, Problem, Progress
-from service.store import now, stride_for
+from service.store import Page, now
 
 log = logging.getLogger("sgd_service.redis")
 
@@ -561,37 +561,20 @@ class RedisStore:
         keys = [self._key("hist", job_id, n) for n in names]
         # the shortest column: a chunk being appended is whole in all of them or in none
         total = min(self.redis.strlen(k) for k in keys) // 8
-        start = min(since, total)
-        end = total if limit is None else min(total, start + limit)
-        stride = stride_for(end - start, max_points)
-        picks = list(range(start, end, stride))
-        if picks and picks[-1] != end - 1:
-            picks.append(end - 1)  # always keep the page's last epoch
-        columns = [self._read(k, picks, start, end, stride) for k in keys]
-        more = end < total or not job.status.ended
-        return History(
-            job_id=job_id,
-            status=job.status,
-            total_epochs=total,
-            since=start,
-            stride=stride,
-            count=len(picks),
-            next_since=end if more else None,
-            epoch=picks,
-            w=columns[0],
-            loss=columns[1],
-            b=columns[2] if with_b else None,
-        )
+        page = Page.of(total, since, limit, max_points)
+        columns = [self._read(k, page) for k in keys]
+        return page.history(job, columns[0], columns[2] if with_b else None, columns[1])
 
-    def _read(self, key: str, picks: list[int], start: int, end: int, stride: int) -> list[float]:
-        """The values at `picks` of a float64 column: one GETRANGE of the page's range, or, for
-        a sparse pick, one small GETRANGE per pick (pipelined)."""
+    def _read(self, key: str, page: Page) -> list[float]:
+        """A float64 column's values at the page's epochs: one GETRANGE of the page's range, or,
+        for a sparse page, one small GETRANGE per epoch (pipelined)."""
+        picks = page.epochs
         if not picks:
             return []
-        if stride < PICK_READ_STRIDE:
-            raw = self.redis.getrange(key, start * 8, end * 8 - 1)
+        if page.stride < PICK_READ_STRIDE:
+            raw = self.redis.getrange(key, page.start * 8, page.end * 8 - 1)
             values = memoryview(raw).cast("d")
-            return [values[i - start] for i in picks]
+            return [values[i - page.start] for i in picks]
         pipe = self.redis.pipeline(transaction=False)
         for i in picks:
             pipe.getrange(key, i * 8, i * 8 + 7)

@@ -294,32 +294,14 @@ class MemoryStore:
             hist = self._histories.get(job_id)
             if hist is None:
                 raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
-            total = len(hist.w)
-            start = min(since, total)
-            end = total if limit is None else min(total, start + limit)
-            stride = stride_for(end - start, max_points)
-            picks = list(range(start, end, stride))
-            last = [end - 1] if picks and picks[-1] != end - 1 else []  # always keep the last
+            page = Page.of(len(hist.w), since, limit, max_points)
 
             def pick(col: _Column) -> list[float]:
-                return col.take(start, end, stride) + [col[i] for i in last]
+                return col.take(page.start, page.end, page.stride) + [col[i] for i in page.tail]
 
             w, loss = pick(hist.w), pick(hist.loss)
             b = None if hist.b is None else pick(hist.b)
-        more = end < total or not job.status.ended
-        return History(
-            job_id=job_id,
-            status=job.status,
-            total_epochs=total,
-            since=start,
-            stride=stride,
-            count=len(w),
-            next_since=end if more else None,
-            epoch=picks + last,
-            w=w,
-            b=b,
-            loss=loss,
-        )
+        return page.history(job, w, b, loss)
 
     def _running(self, job_id: str) -> Job:
         """A job that has not ended yet (queued or running)."""
@@ -347,6 +329,50 @@ class MemoryStore:
             self._histories.pop(job_id, None)
         live = set(self._jobs)
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
+
+
+@dataclass(frozen=True)
+class Page:
+    """The epochs a history page holds: every stride-th of [start, end), then the page's last
+    epoch (`tail`) when the stride skips it. Every store pages and thins the same way."""
+
+    total: int
+    start: int
+    end: int
+    stride: int
+    tail: list[int]
+
+    @classmethod
+    def of(cls, total: int, since: int, limit: int | None, max_points: int) -> "Page":
+        start = min(since, total)
+        end = total if limit is None else min(total, start + limit)
+        stride = stride_for(end - start, max_points)
+        last = end - 1
+        tail = [last] if end > start and (last - start) % stride else []
+        return cls(total, start, end, stride, tail)
+
+    @property
+    def epochs(self) -> list[int]:
+        return [*range(self.start, self.end, self.stride), *self.tail]
+
+    def history(
+        self, job: Job, w: list[float], b: list[float] | None, loss: list[float]
+    ) -> History:
+        """The page of `job` with these columns (picked at `epochs`)."""
+        more = self.end < self.total or not job.status.ended
+        return History(
+            job_id=job.id,
+            status=job.status,
+            total_epochs=self.total,
+            since=self.start,
+            stride=self.stride,
+            count=len(w),
+            next_since=self.end if more else None,
+            epoch=self.epochs,
+            w=w,
+            b=b,
+            loss=loss,
+        )
 
 
 def stride_for(count: int, max_points: int) -> int:

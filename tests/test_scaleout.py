@@ -330,6 +330,47 @@ def test_killing_one_replica_costs_the_other_nothing(fleet: Fleet) -> None:
         print(f"\n{count[0]} predictions on replica 2 while replica 1 was killed, 0 failed")
 
 
+def children(pid: int, marker: bytes) -> list[int]:
+    """Live child processes of `pid` whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z" and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.timeout(180)
+def test_an_embedded_worker_hands_its_fit_back_when_its_replica_is_killed(fleet: Fleet) -> None:
+    doomed = fleet.replica(workers=1)
+    (worker,) = children(doomed.proc.pid, b"worker\0--ready-fd")
+    with doomed.client() as http:
+        job_id = http.post("/fit", json=SECONDS).json()["id"]
+        started(http, job_id)
+    doomed.proc.kill()  # the replica alone, not its worker
+    doomed.proc.wait(10)
+    wait_until(lambda: gone(worker), 20, "the orphaned worker to exit")
+    other = fleet.replica(workers=1)
+    with other.client() as http:
+        done = wait_job(http, job_id, deadline=120)
+    assert (done["status"], done["attempts"]) == ("succeeded", 2)
+
+
 @pytest.mark.timeout(240)
 def test_restarting_redis_and_every_replica_keeps_every_version_job_and_history(
     fleet: Fleet,
