@@ -3,9 +3,10 @@
 Prints a table (figure, value, baseline, ratio, target) and writes the raw numbers as JSON to
 bench/results/. Ratios are taken within one run, back to back, so a busy machine moves value
 and baseline together; each load ratio is the median of 7 rounds, printed with its range.
-Takes about 4 minutes on 2 cores (plus installing wrk once).
+Takes about 8 minutes on 2 cores (plus installing wrk and redis-server once); the Redis-mode
+rows (`--only redis`, bench/scaleout.py) about 3.5 of them, on a redis-server of their own.
 
-    .venv/bin/python bench/run.py [--only engine|serving] [--seconds 6] [--rounds 7]
+    .venv/bin/python bench/run.py [--only engine|serving|redis] [--seconds 6] [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
 """
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(BENCH))
 
 import engine  # noqa: E402
 import load  # noqa: E402
+import scaleout  # noqa: E402
 import serving  # noqa: E402
 
 Row = tuple[str, str, str, str, str, bool | None]
@@ -255,6 +257,124 @@ def serving_rows(s: dict[str, Any]) -> list[Row]:
     ]
 
 
+def redis_rows(r: dict[str, Any]) -> list[Row]:
+    """Redis mode (scale-out): each figure as the median of its rounds or fits, with the best."""
+    p, t, g, w = r["predict"], r["tutorial_fit"], r["propagation"], r["beside_worker"]
+
+    def ms(figure: dict[str, float], scale: float = 1e3) -> str:
+        return f"{fmt(figure['median'] * scale, ' ms')} (best {fmt(figure['best'] * scale, ' ms')})"
+
+    def ratio(figure: dict[str, Any]) -> str:
+        best, worst = figure["best"], figure["worst"]
+        return f"{figure['median']:.2f}x (best {best:.2f}x, worst {worst:.2f}x)"
+
+    def us(figure: dict[str, float]) -> str:
+        return f"{fmt(figure['median'], ' us')} (best {fmt(figure['best'], ' us')})"
+
+    rps = p["rps"]
+    cpu = p["server_cpu_us_per_request"]
+    cpu_ratio = cpu["redis"]["median"] / cpu["memory"]["median"]
+    turnaround = t["redis"]["seconds"]["median"] / t["memory"]["seconds"]["median"]
+    return [
+        (
+            "GET /predict requests/s, Redis mode",
+            f"{fmt(rps['redis']['median'])} (best {fmt(rps['redis']['best'])})",
+            f"memory mode {fmt(rps['memory']['median'])} (best {fmt(rps['memory']['best'])})",
+            ratio(p["rps_ratio"]),
+            ">= 0.95x",
+            p["rps_ratio"]["median"] >= 0.95,
+        ),
+        (
+            "GET /predict p99, Redis mode",
+            ms(p["p99_ms"]["redis"], 1),
+            f"memory mode {ms(p['p99_ms']['memory'], 1)}",
+            ratio(p["p99_ratio"]),
+            "<= 1.1x",
+            p["p99_ratio"]["median"] <= 1.1,
+        ),
+        (
+            "version propagation to replica 2, p50",
+            f"{fmt(g['p50'] * 1e3, ' ms')} (best {fmt(g['best'] * 1e3, ' ms')})",
+            f"{g['fits']} versions; from finished_at",
+            "",
+            "aim < 50 ms",
+            None,
+        ),
+        (
+            "version propagation to replica 2, p99",
+            fmt(g["p99"] * 1e3, " ms"),
+            f"lower bound p50 {fmt(g['p50_lower_bound'] * 1e3, ' ms')}",
+            "",
+            "<= 1 s",
+            g["p99"] <= 1.0,
+        ),
+        (
+            "GET /predict p99, API replica, standalone worker fitting",
+            ms(w["p99_ms"]["fitting"], 1),
+            f"idle {ms(w['p99_ms']['idle'], 1)}",
+            ratio(w["p99_ratio"]),
+            "<= 1.2x",
+            w["p99_ratio"]["median"] <= 1.2,
+        ),
+        (
+            "  fit busy during those runs",
+            f"{w['fit_busy_fraction']:.0%}",
+            f"{w['fits']} fits, {fmt(w['fit_seconds'], ' s')} each",
+            "",
+            "",
+            None,
+        ),
+        (
+            "  failed requests (all Redis-mode runs)",
+            str(p["failed_requests"] + w["failed_requests"]),
+            "",
+            "",
+            "0",
+            p["failed_requests"] + w["failed_requests"] == 0,
+        ),
+        (
+            "  replica CPU per /predict, Redis mode",
+            us(p["server_cpu_us_per_request"]["redis"]),
+            f"memory mode {us(p['server_cpu_us_per_request']['memory'])}",
+            f"{cpu_ratio:.2f}x",
+            "reported",
+            None,
+        ),
+        (
+            "  same, API replica while the standalone worker fits",
+            us(w["server_cpu_us_per_request"]["fitting"]),
+            f"idle {us(w['server_cpu_us_per_request']['idle'])}",
+            "",
+            "reported",
+            None,
+        ),
+        (
+            "  machine CPU used by other processes in load runs",
+            f"{r['others_cpu_fraction']['median']:.0%}",
+            f"max {r['others_cpu_fraction']['max']:.0%}",
+            "",
+            "~0% for trusted ratios",
+            None,
+        ),
+        (
+            "tutorial fit, POST /fit to succeeded, Redis mode",
+            ms(t["redis"]["seconds"]),
+            f"memory mode {ms(t['memory']['seconds'])}",
+            f"{turnaround:.1f}x",
+            "reported",
+            None,
+        ),
+        (
+            "  of which queued (created_at to started_at)",
+            ms(t["redis"]["queued_seconds"]),
+            f"memory mode {ms(t['memory']['queued_seconds'])}",
+            "",
+            "reported",
+            None,
+        ),
+    ]
+
+
 def spread(ratios: list[float]) -> str:
     """The median of per-round ratios, and their range: how much the machine moved."""
     return f"{statistics_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -282,7 +402,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--only", choices=["engine", "serving"])
+    parser.add_argument("--only", choices=["engine", "serving", "redis"])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
     parser.add_argument("--service-pythonpath", help="serve `service` from this directory")
@@ -312,6 +432,15 @@ def main() -> int:
             )
         results["serving"]["load_generator"] = wrk or "python-asyncio"
         rows += serving_rows(results["serving"])
+    if args.only in (None, "redis"):
+        wrk = load.ensure_wrk(log)
+        env = dict(item.split("=", 1) for item in args.service_env)
+        if args.service_pythonpath:
+            env["PYTHONPATH"] = args.service_pythonpath
+        with tempfile.TemporaryDirectory(prefix="sgd-bench-redis-") as tmp:
+            results["redis"] = scaleout.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
+        results["redis"]["load_generator"] = wrk or "python-asyncio"
+        rows += redis_rows(results["redis"])
     results["elapsed_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
