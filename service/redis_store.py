@@ -188,30 +188,44 @@ class RedisStore:
             n_samples=n_samples,
             progress=Progress(epoch=0, epochs=params.epochs),
         )
-        fields = {"doc": job.model_dump_json()}
-        if idempotency is not None:
-            key, fingerprint = idempotency
-            fields["idem"] = key
-            idem_key = self._key("idem", key)
-            # SET NX: of two replicas given the same key at once, exactly one creates the job
-            if not self.redis.set(idem_key, f"{fingerprint} {job.id}", nx=True):
-                seen = self.redis.get(idem_key)
-                if seen is not None:
-                    seen_fp, seen_id = seen.decode().split(" ", 1)
-                    if seen_fp != fingerprint:
-                        raise IdempotencyKeyReused(
-                            f"Idempotency-Key {key!r} was used with another body; "
-                            "use a new key for a new fit"
-                        )
-                    try:
-                        return self.get_job(seen_id), False
-                    except JobNotFound:  # the key's job is being discarded: a new one
-                        self.redis.set(idem_key, f"{fingerprint} {job.id}")
+        key = self._key("job", job.id)
         pipe = self.redis.pipeline()
-        pipe.hset(self._key("job", job.id), mapping=fields)
+        pipe.hset(key, "doc", job.model_dump_json())
         pipe.zadd(self._key("jobs"), {job.id: time.time()})
         pipe.execute()
-        return job, True
+        if idempotency is None:
+            return job, True
+        # The job exists before its key does, so a replica that loses the SET NX below always
+        # finds the winner's job; the loser drops its own.
+        name, fingerprint = idempotency
+        idem_key = self._key("idem", name)
+        while True:
+            if self.redis.set(idem_key, f"{fingerprint} {job.id}", nx=True):
+                self.redis.hset(key, "idem", name)  # discarded or evicted with its job
+                return job, True
+            seen = self.redis.get(idem_key)
+            if seen is None:
+                continue  # its job was discarded or evicted meanwhile: the key is free again
+            seen_fingerprint, seen_id = seen.decode().split(" ", 1)
+            if seen_fingerprint != fingerprint:
+                self._drop(job.id)
+                raise IdempotencyKeyReused(
+                    f"Idempotency-Key {name!r} was used with another body; "
+                    "use a new key for a new fit"
+                )
+            try:
+                original = self.get_job(seen_id)
+            except JobNotFound:
+                continue  # discarded between the two reads: its key went with it
+            self._drop(job.id)
+            return original, False
+
+    def _drop(self, job_id: str) -> None:
+        """Remove a job that was never handed out."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self._key("job", job_id))
+        pipe.zrem(self._key("jobs"), job_id)
+        pipe.execute()
 
     @_available
     def put_data(self, job_id: str, x: bytes, y: bytes) -> None:

@@ -255,6 +255,32 @@ def test_a_stale_attempt_can_neither_append_nor_publish(redis_server: RedisServe
     store.close()
 
 
+def test_one_idempotency_key_makes_one_job_across_replicas(redis_server: RedisServer) -> None:
+    prefix = redis_server.prefix()
+    stores = [RedisStore(redis_server.url, prefix, keep_jobs=10, watch=False) for _ in range(4)]
+    params = JobParams(
+        epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
+    )
+    barrier = threading.Barrier(8)
+    results: list[tuple[str, bool]] = []
+
+    def create(store: RedisStore) -> None:
+        barrier.wait()
+        job, created = store.create_job(params, 3, ("same-key", "same-body"))
+        results.append((job.id, created))
+
+    threads = [threading.Thread(target=create, args=(stores[i % 4],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert len(stores[0].list_jobs(100)) == 1  # the losers left nothing behind
+    for store in stores:
+        store.close()
+
+
 def _hammer(url: str, stop: threading.Event, errors: list[str], count: list[int]) -> None:
     with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
         while not stop.is_set():
