@@ -29,6 +29,8 @@ from service.schemas import (
     JobList,
     JobParams,
     Model,
+    ModelList,
+    ModelVersion,
     Prediction,
     Predictions,
     PredictRequest,
@@ -39,6 +41,7 @@ from service.store import Store
 
 CANCEL_WAIT_SECONDS = 10.0
 MAX_LISTED_JOBS = 100
+MAX_LISTED_VERSIONS = 100
 MAX_HISTORY_POINTS = 1_000_000
 
 router = APIRouter()
@@ -131,6 +134,13 @@ def _served(store: Store) -> Model:
     return model
 
 
+async def _model(store: Store, version: int | None) -> Model:
+    """The served model, or a kept version (a read of the store, off the event loop)."""
+    if version is None:
+        return _served(store)
+    return await run_in_threadpool(store.version, version)
+
+
 def _check_hours(hours: list[float], settings: Settings, indexed: bool) -> None:
     """Each |hours| within the limit; the problem names the first that is not, as the caller
     wrote it: `hours` for the query parameter, `hours[2]` for the body's list."""
@@ -144,23 +154,24 @@ def _check_hours(hours: list[float], settings: Settings, indexed: bool) -> None:
         )
 
 
-@router.get("/predict", responses=problems(422, 503))
+@router.get("/predict", responses=problems(404, 422, 503))
 async def predict(
     hours: Annotated[float, Query(allow_inf_nan=False, examples=[4])],
     store: StoreDep,
     settings: SettingsDep,
+    version: Annotated[int | None, Query(ge=1, description="a kept version (GET /models)")] = None,
 ) -> Prediction:
-    """The served model's score for one number of hours."""
-    model = _served(store)
+    """The served model's score for one number of hours (or a kept version's, ?version=)."""
+    model = await _model(store, version)
     _check_hours([hours], settings, indexed=False)
     score = finite_or_raise(model.predict(hours), "the score")
     return Prediction(hours=hours, score=score, model_version=model.version)
 
 
-@router.post("/predict", responses=problems(413, 422, 503))
+@router.post("/predict", responses=problems(404, 413, 422, 503))
 async def predict_many(body: PredictRequest, store: StoreDep, settings: SettingsDep) -> Predictions:
-    """Scores for many hours, all from one model version."""
-    model = _served(store)  # one read: every score comes from the same version
+    """Scores for many hours, all from one model version (the served one, or `version`)."""
+    model = await _model(store, body.version)  # one read: every score from the same version
     if len(body.hours) > settings.max_predict_batch:
         raise InvalidInput(
             f"at most {settings.max_predict_batch} hours per request; split the request",
@@ -175,6 +186,33 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
 async def get_model(store: StoreDep) -> Model:
     """The model being served."""
     return _served(store)
+
+
+@router.get("/models", responses=problems(422))
+async def list_models(
+    store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_VERSIONS)] = 20
+) -> ModelList:
+    """Kept model versions, newest first, and which one is served."""
+    versions = await run_in_threadpool(store.versions, limit)
+    served = store.model
+    return ModelList(
+        served_version=served.version if served else None,
+        versions=[ModelVersion.of(m, served) for m in versions],
+    )
+
+
+@router.get("/models/{version}", responses=problems(404, 422))
+async def get_model_version(version: int, store: StoreDep) -> ModelVersion:
+    """One kept model version."""
+    model = await run_in_threadpool(store.version, version)
+    return ModelVersion.of(model, store.model)
+
+
+@router.post("/models/{version}/serve", dependencies=[AuthDep], responses=problems(401, 404, 422))
+async def serve_version(version: int, store: StoreDep) -> ModelVersion:
+    """Serve this kept version from now on, atomically: a rollback, or a promotion."""
+    model = await run_in_threadpool(store.serve, version)
+    return ModelVersion.of(model, model)
 
 
 @router.get("/history", responses=problems(404, 422))

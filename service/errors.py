@@ -91,6 +91,12 @@ class ModelNotReady(ServiceError):
     status = 503
 
 
+class VersionNotFound(ServiceError):
+    type = "version-not-found"
+    title = "No such model version"
+    status = 404
+
+
 class PredictionOutOfRange(ServiceError):
     type = "prediction-out-of-range"
     title = "The prediction is not a finite number"

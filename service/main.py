@@ -37,14 +37,21 @@ class State(TypedDict):
 def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
     """The store and the runner: in this process's memory, or shared in Redis."""
     if settings.redis_url is None:
-        store = MemoryStore(keep_jobs=settings.keep_jobs)
+        store = MemoryStore(keep_jobs=settings.keep_jobs, keep_versions=settings.keep_versions)
         return store, JobRunner(store, settings, on_end=metrics.job_ended)
     from service.fleet import QueueRunner  # imports redis only in Redis mode
     from service.redis_store import RedisStore
 
     url = settings.redis_url.get_secret_value()
     s = settings
-    shared = RedisStore(url, s.redis_prefix, s.keep_jobs, s.lease_seconds, on_end=metrics.job_ended)
+    shared = RedisStore(
+        url,
+        s.redis_prefix,
+        s.keep_jobs,
+        keep_versions=s.keep_versions,
+        lease_seconds=s.lease_seconds,
+        on_end=metrics.job_ended,
+    )
     return shared, QueueRunner(shared, settings)
 
 

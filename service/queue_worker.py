@@ -194,7 +194,12 @@ def main(settings: Settings, ready_fd: int | None = None, health_file: Path | No
     info["policy"] = lower_policy() if settings.worker_sched_idle else "other"
     url = settings.redis_url.get_secret_value()
     store = RedisStore(
-        url, settings.redis_prefix, settings.keep_jobs, settings.lease_seconds, watch=False
+        url,
+        settings.redis_prefix,
+        settings.keep_jobs,
+        keep_versions=settings.keep_versions,
+        lease_seconds=settings.lease_seconds,
+        watch=False,
     )
     broker = fleet.make_broker(settings, store)
     actor = FitActor(store, settings, broker)

@@ -8,7 +8,8 @@ What lives where (every key under SGD_REDIS_PREFIX, `sgd:` by default):
     hist:{id}:{col}   string: the w, loss (and b) columns as raw float64, appended per chunk
     jobs / ended      sorted sets: ids by creation / by end (list, eviction)
     idem:{key}        "<fingerprint> <job id>"
-    models            hash: version -> Model JSON, every published version
+    models / versions hash: version -> Model JSON; sorted set: the kept versions (eviction)
+    version           the last version number given out
     served            the served Model as JSON; `served` (a channel) announces each change
     latest            the latest started job's id
 
@@ -40,9 +41,20 @@ from service.errors import (
     JobAlreadyEnded,
     JobNotFound,
     StoreUnavailable,
+    VersionNotFound,
     WorkerCrashed,
 )
-from service.schemas import History, Job, JobParams, JobResult, JobStatus, Model, Problem, Progress
+from service.schemas import (
+    History,
+    Job,
+    JobParams,
+    JobResult,
+    JobStatus,
+    Model,
+    ModelMetrics,
+    Problem,
+    Progress,
+)
 from service.store import Page, now
 
 log = logging.getLogger("sgd_service.redis")
@@ -85,6 +97,7 @@ class RedisStore:
         url: str,
         prefix: str,
         keep_jobs: int,
+        keep_versions: int = 100,
         lease_seconds: float = 10.0,
         watch: bool = True,
         on_end: Callable[[Job], None] | None = None,
@@ -92,6 +105,7 @@ class RedisStore:
         self.prefix = prefix
         self.queue_namespace = prefix + "queue"  # the job library's keys (service.fleet)
         self._keep_jobs = keep_jobs
+        self._keep_versions = keep_versions
         self._lease_ms = int(lease_seconds * 1000)
         # Any: redis-py types every reply as bytes | str (for decode_responses) and leaves some
         # commands untyped; this client always answers bytes.
@@ -103,6 +117,7 @@ class RedisStore:
         )
         self._on_end = on_end
         self._model: Model | None = None
+        self._caught_up = 0  # the highest published version _catch_up has read the model for
         self.loaded = False  # the served model has been read once: the replica can be ready
         self.reachable = False
         self._closed = threading.Event()
@@ -287,7 +302,18 @@ class RedisStore:
             for (i, _), beat in zip(running, beats, strict=True):
                 if beat is None or beat < limit:
                     jobs[i] = jobs[i].model_copy(update={"status": JobStatus.queued})
+        self._catch_up(jobs)
         return jobs
+
+    def _catch_up(self, jobs: list[Job]) -> None:
+        """Read your writes: a caller shown a job that published version N gets N (or a later
+        served version) from this replica's /predict from then on, not only within the
+        subscription's milliseconds. One read of the served model, once per such version."""
+        published = max((j.result.model_version for j in jobs if j.result), default=0)
+        current = self._model.version if self._model else 0
+        if published > current and published > self._caught_up:
+            self._caught_up = published
+            self.refresh()
 
     # -- jobs: what workers need -----------------------------------------------------------
 
@@ -443,19 +469,19 @@ class RedisStore:
         attempt: int | None = None,
     ) -> Job:
         """End the job and publish its model as the next version, in one transaction that
-        also watches the served model, so that versions are numbered in order."""
+        also watches the version counter, so that versions are numbered in order."""
         job_key, served_key = self._key("job", job_id), self._key("served")
+        counter_key = self._key("version")
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(job_key, served_key)
+                    pipe.watch(job_key, counter_key)
                     doc = pipe.hget(job_key, "doc")
                     if doc is None:
                         raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
                     job = Job.model_validate_json(doc)
                     self._check(job, attempt)
-                    served = pipe.get(served_key)
-                    last = 0 if served is None else Model.model_validate_json(served).version
+                    last = int(pipe.get(counter_key) or 0)
                     ended = now()
                     model = Model(
                         version=last + 1,
@@ -464,6 +490,7 @@ class RedisStore:
                         job_id=job_id,
                         trained_at=ended,
                         params=job.params,
+                        metrics=ModelMetrics(final_loss=final_loss, mse=mse),
                     )
                     result = JobResult(
                         model_version=model.version, w=w, b=b, final_loss=final_loss, mse=mse
@@ -473,7 +500,9 @@ class RedisStore:
                     job = self._finish(
                         pipe, job, JobStatus.succeeded, None, result=result, at=ended
                     )
+                    pipe.set(counter_key, model.version)
                     pipe.hset(self._key("models"), str(model.version), model_doc)
+                    pipe.zadd(self._key("versions"), {str(model.version): model.version})
                     pipe.set(served_key, model_doc)
                     pipe.publish(served_key, str(model.version))
                     pipe.execute()
@@ -482,7 +511,62 @@ class RedisStore:
                     pipe.reset()
         self._adopt(model_doc.encode())
         self._evict()
+        self._evict_versions()
         return job
+
+    # -- model versions --------------------------------------------------------------------
+
+    @_available
+    def versions(self, limit: int) -> list[Model]:
+        kept = self.redis.zrevrange(self._key("versions"), 0, limit - 1)
+        if not kept:
+            return []
+        docs = self.redis.hmget(self._key("models"), kept)
+        return [Model.model_validate_json(d) for d in docs if d is not None]
+
+    @_available
+    def version(self, version: int) -> Model:
+        doc = self.redis.hget(self._key("models"), str(version))
+        if doc is None:
+            raise VersionNotFound(f"no model version {version}; GET /models lists the kept ones")
+        return Model.model_validate_json(doc)
+
+    @_available
+    def serve(self, version: int) -> Model:
+        """Serve a kept version: one transaction that watches the kept versions, so that one
+        evicted meanwhile is VersionNotFound, never served."""
+        models_key, served_key = self._key("models"), self._key("served")
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(models_key)
+                    doc = pipe.hget(models_key, str(version))
+                    if doc is None:
+                        raise VersionNotFound(
+                            f"no model version {version}; GET /models lists the kept ones"
+                        )
+                    pipe.multi()
+                    pipe.set(served_key, doc)
+                    pipe.publish(served_key, str(version))
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    pipe.reset()
+        self._adopt(doc)
+        return Model.model_validate_json(doc)
+
+    def _evict_versions(self) -> None:
+        """Forget the oldest versions beyond keep_versions, never the served one."""
+        kept = [int(v) for v in self.redis.zrange(self._key("versions"), 0, -1)]
+        if len(kept) <= self._keep_versions:
+            return
+        served_doc = self.redis.get(self._key("served"))
+        served = None if served_doc is None else Model.model_validate_json(served_doc).version
+        old = [v for v in kept if v != served][: len(kept) - self._keep_versions]
+        pipe = self.redis.pipeline()
+        pipe.hdel(self._key("models"), *map(str, old))
+        pipe.zrem(self._key("versions"), *map(str, old))
+        pipe.execute()
 
     @_available
     def end_job(

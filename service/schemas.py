@@ -5,7 +5,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.errors import InvalidInput, PredictionOutOfRange
 from service.settings import Settings
@@ -13,6 +13,18 @@ from service.settings import Settings
 # Strict: true, "3" and null are not numbers; NaN/Infinity (and 1e400, which parses as inf) neither.
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_SEED = 2**63 - 1
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 7.0: take an integral float as the int it is (a bool or a
+    string is still refused by the strict check that follows)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# A model version number in a body: strict, but 7.0 is 7, as JSON Schema says.
+VersionNumber = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 
 
 class _Input(BaseModel):
@@ -79,6 +91,10 @@ class FitRequest(_Input):
 
 class PredictRequest(_Input):
     hours: list[Finite] = Field(min_length=1, examples=[[1, 2, 4]])
+    version: VersionNumber | None = Field(
+        default=None,
+        description="a kept model version (GET /models); default: the served one",
+    )
 
 
 class JobStatus(StrEnum):
@@ -158,6 +174,11 @@ class JobList(_Output):
     jobs: list[Job]
 
 
+class ModelMetrics(_Output):
+    final_loss: Computed = Field(description="batch loss of the fit's last epoch")
+    mse: Computed = Field(description="mean squared error on the fit's whole data set")
+
+
 class Model(_Output):
     """One immutable, published model version."""
 
@@ -167,9 +188,26 @@ class Model(_Output):
     job_id: str
     trained_at: datetime
     params: JobParams
+    metrics: ModelMetrics | None = None
 
     def predict(self, hours: float) -> float:
         return self.w * hours + self.b
+
+
+class ModelVersion(Model):
+    """A kept model version, and whether it is the one served."""
+
+    served: bool
+
+    @classmethod
+    def of(cls, model: Model, served: Model | None) -> "ModelVersion":
+        is_served = served is not None and served.version == model.version
+        return cls(**dict(model), served=is_served)
+
+
+class ModelList(_Output):
+    served_version: int | None
+    versions: list[ModelVersion] = Field(description="newest first")
 
 
 class Prediction(_Output):

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_predict_batch: int = Field(default=10_000, ge=1)
     max_queued_jobs: int = Field(default=16, ge=1)
     keep_jobs: int = Field(default=20, ge=1)
+    # Model versions kept (GET /models, rollback); the oldest go first, never the served one.
+    keep_versions: int = Field(default=100, ge=1)
     # A job whose training worker died (OOM killer, kill -9) runs again on a new worker, up to
     # this many runs in all: at-least-once.
     job_attempts: int = Field(default=2, ge=1, le=10)

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
+from service.errors import (
+    HistoryNotFound,
+    IdempotencyKeyReused,
+    JobAlreadyEnded,
+    JobNotFound,
+    VersionNotFound,
+)
 from service.schemas import (
     History,
     Job,
@@ -22,6 +28,7 @@ from service.schemas import (
     JobResult,
     JobStatus,
     Model,
+    ModelMetrics,
     Problem,
     Progress,
 )
@@ -149,12 +156,26 @@ class Store(Protocol):
         `since`, thinned evenly to at most max_points, the page's last one kept. Raises
         JobNotFound, or HistoryNotFound if no job (or not this one) has started yet."""
 
+    def versions(self, limit: int) -> list[Model]:
+        """At most `limit` kept model versions, newest first. Every publication is kept, up to
+        keep_versions: the oldest are evicted first, never the served one."""
+
+    def version(self, version: int) -> Model:
+        """A kept version; raises VersionNotFound."""
+
+    def serve(self, version: int) -> Model:
+        """Serve a kept version from now on, atomically, like a publication (a rollback, or the
+        promotion of an older version); raises VersionNotFound."""
+
 
 class MemoryStore:
     """In-process state guarded by one lock; the default store."""
 
-    def __init__(self, keep_jobs: int) -> None:
+    def __init__(self, keep_jobs: int, keep_versions: int = 100) -> None:
         self._keep_jobs = keep_jobs
+        self._keep_versions = keep_versions
+        self._versions: dict[int, Model] = {}  # kept versions, oldest first
+        self._last_version = 0
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # insertion order is creation order
         self._histories: dict[str, _History] = {}
@@ -260,17 +281,43 @@ class MemoryStore:
         """End a job successfully and publish its model as the next version, atomically."""
         with self._lock:
             job = self._running(job_id)
-            version = (self._model.version if self._model else 0) + 1
+            self._last_version += 1
+            version = self._last_version
             ended = now()
             model = Model(
-                version=version, w=w, b=b, job_id=job_id, trained_at=ended, params=job.params
+                version=version,
+                w=w,
+                b=b,
+                job_id=job_id,
+                trained_at=ended,
+                params=job.params,
+                metrics=ModelMetrics(final_loss=final_loss, mse=mse),
             )
             result = JobResult(model_version=version, w=w, b=b, final_loss=final_loss, mse=mse)
             job = self._replace(job, status=JobStatus.succeeded, finished_at=ended, result=result)
             self._model = model  # the one assignment that publishes the new version
+            self._versions[version] = model
             self._ended[job_id] = None
             self._evict()
             return job
+
+    def versions(self, limit: int) -> list[Model]:
+        with self._lock:
+            return list(self._versions.values())[::-1][:limit]
+
+    def version(self, version: int) -> Model:
+        try:
+            return self._versions[version]
+        except KeyError:
+            raise VersionNotFound(
+                f"no model version {version}; GET /models lists the kept ones"
+            ) from None
+
+    def serve(self, version: int) -> Model:
+        with self._lock:
+            model = self.version(version)
+            self._model = model  # the one assignment, as a publication
+            return model
 
     def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
         """End a job as failed or cancelled; nothing it produced is served."""
@@ -329,6 +376,10 @@ class MemoryStore:
             self._histories.pop(job_id, None)
         live = set(self._jobs)
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
+        served_version = self._model.version if self._model else None
+        old = [v for v in self._versions if v != served_version]
+        for v in old[: max(0, len(self._versions) - self._keep_versions)]:
+            del self._versions[v]
 
 
 @dataclass(frozen=True)

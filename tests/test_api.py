@@ -490,3 +490,67 @@ def test_the_default_work_limit_refuses_hours_of_work_and_is_in_openapi(
     fit_schema = spec["components"]["schemas"]["FitRequest"]
     assert fit_schema["x-max-sample-steps"] == 10_000_000_000
     assert "SGD_MAX_SAMPLE_STEPS=10000000000" in fit_schema["properties"]["epochs"]["description"]
+
+
+# -- model versions and rollback -----------------------------------------------------------
+
+
+def test_every_version_is_kept_and_a_rollback_serves_an_older_one(make_client: Factory) -> None:
+    client = make_client(api_token="s3cret")
+    client.headers["Authorization"] = "Bearer s3cret"
+    w = [fit_and_wait(client, init_w=float(i), epochs=1 + i, seed=i)["result"] for i in range(3)]
+    assert [r["model_version"] for r in w] == [1, 2, 3]
+    listed = client.get("/models").json()
+    assert listed["served_version"] == 3
+    assert [v["version"] for v in listed["versions"]] == [3, 2, 1]
+    assert [v["served"] for v in listed["versions"]] == [True, False, False]
+    one = client.get("/models/1").json()
+    assert (one["w"], one["served"]) == (w[0]["w"], False)
+    assert one["metrics"] == {"final_loss": w[0]["final_loss"], "mse": w[0]["mse"]}
+    assert client.get("/models", params={"limit": 1}).json()["versions"][0]["version"] == 3
+    # a kept version answers without being served
+    old = client.get("/predict", params={"hours": 4, "version": 1}).json()
+    assert (old["model_version"], old["score"]) == (1, w[0]["w"] * 4)
+    many = client.post("/predict", json={"hours": [1, 2], "version": 2}).json()
+    assert (many["model_version"], many["scores"]) == (2, [w[1]["w"], w[1]["w"] * 2])
+    assert client.get("/predict", params={"hours": 4}).json()["model_version"] == 3
+    # the rollback: a write, so it needs the token
+    assert_problem(
+        client.post("/models/1/serve", headers={"Authorization": ""}), 401, "unauthorized"
+    )
+    served = client.post("/models/1/serve")
+    assert served.status_code == 200
+    assert (served.json()["version"], served.json()["served"]) == (1, True)
+    assert client.get("/model").json()["version"] == 1
+    assert client.get("/predict", params={"hours": 4}).json() == old
+    assert client.get("/models").json()["served_version"] == 1
+    # the next fit is the next version, not the served one's successor
+    assert fit_and_wait(client)["result"]["model_version"] == 4
+
+
+def test_unknown_versions_are_404_and_change_nothing(make_client: Factory) -> None:
+    client = make_client()
+    fit_and_wait(client)
+    before = client.get("/model").json()
+    for r in (
+        client.get("/models/7"),
+        client.post("/models/7/serve"),
+        client.get("/predict", params={"hours": 4, "version": 7}),
+        client.post("/predict", json={"hours": [4], "version": 7}),
+    ):
+        assert_problem(r, 404, "version-not-found")
+    assert_problem(
+        client.get("/predict", params={"hours": 4, "version": 0}), 422, "validation-error"
+    )
+    assert client.get("/model").json() == before
+
+
+def test_the_oldest_versions_are_evicted(make_client: Factory) -> None:
+    client = make_client(keep_versions=2)
+    for seed in range(3):
+        fit_and_wait(client, seed=seed)
+    assert [v["version"] for v in client.get("/models").json()["versions"]] == [3, 2]
+    assert_problem(client.get("/models/1"), 404, "version-not-found")
+    assert client.post("/models/2/serve").status_code == 200  # a rollback to the oldest kept
+    fit_and_wait(client, seed=9)  # version 4 is published and served
+    assert [v["version"] for v in client.get("/models").json()["versions"]] == [4, 3]

@@ -9,7 +9,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from service.errors import HistoryNotFound, IdempotencyKeyReused, JobAlreadyEnded, JobNotFound
+from service.errors import (
+    HistoryNotFound,
+    IdempotencyKeyReused,
+    JobAlreadyEnded,
+    JobNotFound,
+    VersionNotFound,
+)
 from service.redis_store import RedisStore
 from service.schemas import JobParams, JobStatus
 from service.store import MemoryStore, Store
@@ -237,3 +243,24 @@ def test_a_retried_job_starts_its_history_over(make_store: MakeStore) -> None:
     store.end_job(job.id, JobStatus.cancelled)
     with pytest.raises(JobAlreadyEnded):
         store.retry_job(job.id)
+
+
+def test_versions_are_kept_and_any_can_be_served_again(make_store: MakeStore) -> None:
+    store = make_store(10)
+    for w in (1.0, 2.0, 3.0):
+        run(store, w=w)
+    assert [m.version for m in store.versions(10)] == [3, 2, 1]
+    assert [m.version for m in store.versions(2)] == [3, 2]
+    assert store.version(2).w == 2.0
+    served = store.serve(1)
+    assert (served.version, served.w) == (1, 1.0)
+    assert store.model is not None
+    assert store.model.version == 1
+    run(store, w=4.0)  # the next publication takes the next number, and is served
+    assert store.model is not None
+    assert (store.model.version, store.model.w) == (4, 4.0)
+    with pytest.raises(VersionNotFound):
+        store.version(9)
+    with pytest.raises(VersionNotFound):
+        store.serve(9)
+    assert store.model.version == 4
