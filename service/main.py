@@ -42,16 +42,7 @@ def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
     from service.fleet import QueueRunner  # imports redis only in Redis mode
     from service.redis_store import RedisStore
 
-    url = settings.redis_url.get_secret_value()
-    s = settings
-    shared = RedisStore(
-        url,
-        s.redis_prefix,
-        s.keep_jobs,
-        keep_versions=s.keep_versions,
-        lease_seconds=s.lease_seconds,
-        on_end=metrics.job_ended,
-    )
+    shared = RedisStore.from_settings(settings, on_end=metrics.job_ended)
     return shared, QueueRunner(shared, settings)
 
 

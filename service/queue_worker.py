@@ -192,15 +192,7 @@ def main(settings: Settings, ready_fd: int | None = None, health_file: Path | No
     if settings.worker_nice:
         os.nice(settings.worker_nice)
     info["policy"] = lower_policy() if settings.worker_sched_idle else "other"
-    url = settings.redis_url.get_secret_value()
-    store = RedisStore(
-        url,
-        settings.redis_prefix,
-        settings.keep_jobs,
-        keep_versions=settings.keep_versions,
-        lease_seconds=settings.lease_seconds,
-        watch=False,
-    )
+    store = RedisStore.from_settings(settings, watch=False)
     broker = fleet.make_broker(settings, store)
     actor = FitActor(store, settings, broker)
     dramatiq.actor(actor_name=fleet.ACTOR, queue_name=fleet.QUEUE, broker=broker)(actor.run)

@@ -55,6 +55,7 @@ from service.schemas import (
     Problem,
     Progress,
 )
+from service.settings import Settings
 from service.store import Page, now
 
 log = logging.getLogger("sgd_service.redis")
@@ -125,6 +126,22 @@ class RedisStore:
         if watch:
             self._watcher = threading.Thread(target=self._watch, name="sgd-served", daemon=True)
             self._watcher.start()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, watch: bool = True, on_end: Callable[[Job], None] | None = None
+    ) -> "RedisStore":
+        """The store SGD_REDIS_URL and its companions describe."""
+        assert settings.redis_url is not None
+        return cls(
+            settings.redis_url.get_secret_value(),
+            settings.redis_prefix,
+            settings.keep_jobs,
+            keep_versions=settings.keep_versions,
+            lease_seconds=settings.lease_seconds,
+            watch=watch,
+            on_end=on_end,
+        )
 
     def close(self) -> None:
         self._closed.set()

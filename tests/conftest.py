@@ -10,6 +10,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -181,6 +182,23 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., TestCl
     yield make
     for c in opened:
         c.__exit__(None, None, None)
+
+
+def child_pids(pid: int, marker: bytes) -> list[int]:
+    """The live child processes of `pid` whose command line (NUL-separated) holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z" and marker in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def free_port() -> int:

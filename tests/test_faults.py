@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from tests.conftest import (
     TIMEOUT,
     TUTORIAL,
     Server,
+    child_pids,
     wait_job,
     wait_until,
 )
@@ -34,19 +34,7 @@ LONG = {"x": [1.0] * 100_000, "y": [2.0] * 100_000, "batch_size": 100_000, "epoc
 
 def worker_pids(server_pid: int) -> list[int]:
     """The live training workers of a server: its children running multiprocessing's spawn."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == server_pid and state != "Z" and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
+    return child_pids(server_pid, b"spawn_main")
 
 
 def ready_worker(srv: Server, http: httpx.Client, not_pid: int = 0) -> int:

@@ -29,6 +29,7 @@ from tests.conftest import (
     TUTORIAL,
     RedisServer,
     Server,
+    child_pids,
     wait_job,
     wait_until,
 )
@@ -356,23 +357,6 @@ def test_killing_one_replica_costs_the_other_nothing(fleet: Fleet) -> None:
         print(f"\n{count[0]} predictions on replica 2 while replica 1 was killed, 0 failed")
 
 
-def children(pid: int, marker: bytes) -> list[int]:
-    """Live child processes of `pid` whose command line holds `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z" and marker in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -384,7 +368,7 @@ def gone(pid: int) -> bool:
 @pytest.mark.timeout(180)
 def test_an_embedded_worker_hands_its_fit_back_when_its_replica_is_killed(fleet: Fleet) -> None:
     doomed = fleet.replica(workers=1)
-    (worker,) = children(doomed.proc.pid, b"worker\0--ready-fd")
+    (worker,) = child_pids(doomed.proc.pid, b"worker\0--ready-fd")
     with doomed.client() as http:
         job_id = http.post("/fit", json=SECONDS).json()["id"]
         started(http, job_id)
