@@ -214,6 +214,14 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
     fit.add_argument("--timeout", type=_seconds, default=600.0, help="for --wait (seconds)")
     predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
     predict.add_argument("hours", type=_finite, nargs="+")
+    predict.add_argument("--version", type=_version, help="a kept model version (default: served)")
+    models = sub.add_parser(
+        "models", parents=[common], help="print the kept model versions as JSON, or --serve one"
+    )
+    models.add_argument("--limit", type=int, default=20, help="at most this many (newest first)")
+    models.add_argument(
+        "--serve", type=_version, metavar="VERSION", help="serve this kept version (a rollback)"
+    )
     history = sub.add_parser(
         "history", parents=[common], help="print a job's history as JSON (one line), or --plot it"
     )
@@ -315,9 +323,26 @@ def _batch_size(text: str) -> int | None:
 
 def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
     hours: list[float] = args.hours
-    scores = [sgd.predict(hours[0])] if len(hours) == 1 else sgd.predict_many(hours)
+    if len(hours) == 1:
+        scores = [sgd.predict(hours[0], args.version)]
+    else:
+        scores = sgd.predict_many(hours, args.version)
     for score in scores:
         print(score)
+    return 0
+
+
+def _version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a model version number (1, 2, ...), not {text!r}")
+    return int(text)
+
+
+def _models(sgd: SGDClient, args: argparse.Namespace) -> int:
+    if args.serve is not None:
+        print(sgd.serve(args.serve).model_dump_json())
+    else:
+        print(sgd.models(args.limit).model_dump_json())
     return 0
 
 
@@ -331,7 +356,7 @@ def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _fit, "predict": _predict, "history": _history}
+COMMANDS = {"fit": _fit, "predict": _predict, "history": _history, "models": _models}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,6 +23,8 @@ from service.schemas import (
     History,
     Job,
     Model,
+    ModelList,
+    ModelVersion,
     Prediction,
     Predictions,
     Problem,
@@ -216,16 +218,30 @@ def _cancel_call(job_id: str) -> _Call[Job]:
     return _Call("POST", _job_path(job_id, "cancel"), _model(Job))
 
 
-def _predict_call(hours: float) -> _Call[Prediction]:
-    return _Call("GET", "/predict", _model(Prediction), params={"hours": hours})
+def _predict_call(hours: float, version: int | None) -> _Call[Prediction]:
+    params = {"hours": hours} | ({} if version is None else {"version": version})
+    return _Call("GET", "/predict", _model(Prediction), params=params)
 
 
-def _predict_many_call(hours: Sequence[float]) -> _Call[Predictions]:
-    return _Call("POST", "/predict", _model(Predictions), body={"hours": list(hours)})
+def _predict_many_call(hours: Sequence[float], version: int | None) -> _Call[Predictions]:
+    body = {"hours": list(hours)} | ({} if version is None else {"version": version})
+    return _Call("POST", "/predict", _model(Predictions), body=body)
 
 
 def _model_call() -> _Call[Model]:
     return _Call("GET", "/model", _model(Model))
+
+
+def _models_call(limit: int) -> _Call[ModelList]:
+    return _Call("GET", "/models", _model(ModelList), params={"limit": limit})
+
+
+def _version_call(version: int) -> _Call[ModelVersion]:
+    return _Call("GET", f"/models/{int(version)}", _model(ModelVersion))
+
+
+def _serve_call(version: int) -> _Call[ModelVersion]:
+    return _Call("POST", f"/models/{int(version)}/serve", _model(ModelVersion))
 
 
 def _history_call(
@@ -450,17 +466,29 @@ class SGDClient:
                 raise clock.expired(job, error)
             time.sleep(clock.pause(time.monotonic()))
 
-    def predict(self, hours: float) -> float:
-        """The served model's score for `hours`."""
-        return self._send(_predict_call(hours)).score
+    def predict(self, hours: float, version: int | None = None) -> float:
+        """The served model's score for `hours` (or kept version `version`'s)."""
+        return self._send(_predict_call(hours, version)).score
 
-    def predict_many(self, hours: Sequence[float]) -> list[float]:
-        """Scores for many hours, all from one model version."""
-        return self._send(_predict_many_call(hours)).scores
+    def predict_many(self, hours: Sequence[float], version: int | None = None) -> list[float]:
+        """Scores for many hours, all from one model version (the served one by default)."""
+        return self._send(_predict_many_call(hours, version)).scores
 
     def model(self) -> Model:
         """The model being served."""
         return self._send(_model_call())
+
+    def models(self, limit: int = 20) -> ModelList:
+        """The kept model versions, newest first, and which one is served."""
+        return self._send(_models_call(limit))
+
+    def version(self, version: int) -> ModelVersion:
+        """One kept model version."""
+        return self._send(_version_call(version))
+
+    def serve(self, version: int) -> ModelVersion:
+        """Serve a kept version from now on (a rollback); needs the token, like fit."""
+        return self._send(_serve_call(version))
 
     def history(
         self,
@@ -566,17 +594,29 @@ class AsyncSGDClient:
                 raise clock.expired(job, error)
             await asyncio.sleep(clock.pause(loop.time()))
 
-    async def predict(self, hours: float) -> float:
-        """The served model's score for `hours`."""
-        return (await self._send(_predict_call(hours))).score
+    async def predict(self, hours: float, version: int | None = None) -> float:
+        """The served model's score for `hours` (or kept version `version`'s)."""
+        return (await self._send(_predict_call(hours, version))).score
 
-    async def predict_many(self, hours: Sequence[float]) -> list[float]:
-        """Scores for many hours, all from one model version."""
-        return (await self._send(_predict_many_call(hours))).scores
+    async def predict_many(self, hours: Sequence[float], version: int | None = None) -> list[float]:
+        """Scores for many hours, all from one model version (the served one by default)."""
+        return (await self._send(_predict_many_call(hours, version))).scores
 
     async def model(self) -> Model:
         """The model being served."""
         return await self._send(_model_call())
+
+    async def models(self, limit: int = 20) -> ModelList:
+        """The kept model versions, newest first, and which one is served."""
+        return await self._send(_models_call(limit))
+
+    async def version(self, version: int) -> ModelVersion:
+        """One kept model version."""
+        return await self._send(_version_call(version))
+
+    async def serve(self, version: int) -> ModelVersion:
+        """Serve a kept version from now on (a rollback); needs the token, like fit."""
+        return await self._send(_serve_call(version))
 
     async def history(
         self,

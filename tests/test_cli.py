@@ -319,3 +319,25 @@ def test_client_commands_find_the_server_where_its_settings_put_it(
     code, out, err = run(["fit", *TUTORIAL_ARGS], capsys)
     assert (code, err) == (0, "")
     assert json.loads(out)["n_samples"] == 3
+
+
+def test_models_lists_and_serves_versions(
+    live_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ["--url", live_server.url]
+    for seed in ("1", "2"):
+        code, _, _ = run(["fit", *url, *TUTORIAL_ARGS, "--seed", seed, "--wait"], capsys)
+        assert code == 0
+    code, out, _ = run(["models", *url, "--limit", "2"], capsys)
+    listed = json.loads(out)
+    newest, older = (v["version"] for v in listed["versions"])
+    assert (code, listed["served_version"], newest) == (0, newest, older + 1)
+    code, out, _ = run(["models", *url, "--serve", str(older)], capsys)
+    assert (code, json.loads(out)["version"], json.loads(out)["served"]) == (0, older, True)
+    code, out, _ = run(["predict", *url, "--version", str(newest), "4"], capsys)
+    assert code == 0
+    assert float(out) == pytest.approx(8.0, abs=0.01)
+    code, _, err = run(["models", *url, "--serve", "999"], capsys)
+    assert code == 1
+    assert "No such model version" in err
+    assert len(err.strip().splitlines()) == 1

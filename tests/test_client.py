@@ -729,3 +729,41 @@ def test_a_job_id_is_one_path_segment(client: TestClient, job_id: str, segment: 
     ]
     with pytest.raises(NotFoundError):
         SGDClient(client).job("../model")  # never GET /model
+
+
+def test_versions_and_a_rollback(make_client: Callable[..., TestClient]) -> None:
+    sgd = SGDClient(make_client())
+    first = sgd.wait(sgd.fit(X, Y, seed=1, epochs=5).id).result
+    second = sgd.wait(sgd.fit(X, Y, seed=2).id).result
+    assert first is not None
+    assert second is not None
+    listed = sgd.models()
+    assert listed.served_version == second.model_version
+    assert [v.version for v in listed.versions] == [second.model_version, first.model_version]
+    assert sgd.version(first.model_version).w == first.w
+    assert sgd.predict(4, version=first.model_version) == pytest.approx(first.w * 4)
+    assert sgd.predict_many([1, 2], version=first.model_version) == pytest.approx(
+        [first.w, first.w * 2]
+    )
+    served = sgd.serve(first.model_version)
+    assert served.served
+    assert sgd.model().version == first.model_version
+    with pytest.raises(NotFoundError) as missing:
+        sgd.version(99)
+    assert missing.value.problem.type == "version-not-found"
+
+
+def test_the_async_client_lists_and_serves_versions(live_server: Server) -> None:
+    async def scenario() -> tuple[int | None, int, float]:
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=TIMEOUT) as http:
+            sgd = AsyncSGDClient(http)
+            job = await sgd.wait((await sgd.fit(X, Y, seed=3)).id, timeout=60)
+            assert job.result is not None
+            served = await sgd.serve(job.result.model_version)
+            listed = await sgd.models(limit=1)
+            score = await sgd.predict(4, version=served.version)
+            return listed.served_version, (await sgd.version(served.version)).version, score
+
+    served_version, version, score = asyncio.run(scenario())
+    assert served_version == version
+    assert score == pytest.approx(8.0, abs=0.01)
