@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import ServiceError
 from service.jobs import Runner
 from service.schemas import Job, JobStatus
 from service.store import Store
@@ -80,11 +81,17 @@ class _StateCollector(Collector):
         self._runner = runner
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        by_state = GaugeMetricFamily("sgd_jobs", "Jobs currently kept, by state", labels=["status"])
-        counts = self._store.job_counts()
-        for status in JobStatus:
-            by_state.add_metric([status.value], counts.get(status, 0))
-        yield by_state
+        try:
+            counts = self._store.job_counts()
+        except ServiceError:  # a shared store out of reach: leave its gauge out, serve the rest
+            counts = None
+        if counts is not None:
+            by_state = GaugeMetricFamily(
+                "sgd_jobs", "Jobs currently kept, by state", labels=["status"]
+            )
+            for status in JobStatus:
+                by_state.add_metric([status.value], counts.get(status, 0))
+            yield by_state
         yield GaugeMetricFamily(
             "sgd_queue_depth", "Jobs waiting for the worker", value=self._runner.queue_depth
         )

@@ -314,6 +314,10 @@ def test_predictions_survive_a_redis_outage_and_fits_come_back(fleet: Fleet) -> 
             assert refused.headers["content-type"] == "application/problem+json"
             assert refused.json()["type"] == "store-unavailable"
             assert http.get("/jobs").json()["type"] == "store-unavailable"
+            metrics = http.get("/metrics")  # what needs no Redis is still reported
+            assert metrics.status_code == 200
+            assert "sgd_model_version 1.0" in metrics.text
+            assert "sgd_ready 0.0" in metrics.text
             during = count[0]
             time.sleep(1)
             assert count[0] > during  # predictions kept flowing while Redis was down
