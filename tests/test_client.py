@@ -291,23 +291,7 @@ def progress_data(epochs: list[int]) -> dict[str, Any]:
 
 def test_a_dropped_stream_is_resumed_at_the_last_id() -> None:
     """The client reconnects with Last-Event-ID after the connection breaks mid-stream."""
-    job = Job.model_validate(
-        {
-            "id": "j",
-            "status": "succeeded",
-            "created_at": "2026-01-01T00:00:00Z",
-            "params": {
-                "epochs": 4,
-                "learning_rate": 0.01,
-                "init_w": 1.0,
-                "batch_size": 1,
-                "fit_intercept": False,
-                "seed": 1,
-            },
-            "n_samples": 3,
-            "progress": {"epoch": 4, "epochs": 4},
-        }
-    )
+    job = Job.model_validate({**CANCELLED_JOB, "status": "succeeded"})
     first = "retry: 1000\n\n: keep-alive\n\n" + sse("2", "progress", progress_data([0, 1]))
     rest = sse("4", "progress", progress_data([2, 3])) + sse(
         "end", "end", job.model_dump(mode="json")
