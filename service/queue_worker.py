@@ -37,7 +37,7 @@ from service.jobs import log_job
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
-from service.worker import FLUSH_SECONDS, lower_policy
+from service.worker import FLUSH_SECONDS, lower_priority
 
 log = logging.getLogger("sgd_service.worker")
 # How often the main thread marks the worker healthy (with --health-file).
@@ -189,9 +189,7 @@ def main(settings: Settings, ready_fd: int | None = None, health_file: Path | No
     torch.set_num_threads(settings.torch_threads)
     info: dict[str, Any] = {"pid": os.getpid(), "torch": str(torch.__version__)}
     info.update(training.prepare())
-    if settings.worker_nice:
-        os.nice(settings.worker_nice)
-    info["policy"] = lower_policy() if settings.worker_sched_idle else "other"
+    info["policy"] = lower_priority(settings.worker_nice, settings.worker_sched_idle)
     store = RedisStore.from_settings(settings, watch=False)
     broker = fleet.make_broker(settings, store)
     actor = FitActor(store, settings, broker)

@@ -6,6 +6,7 @@ semaphore or event between them: every request and answer is a message, and the 
 for a cancel between blocks of epochs by polling the pipe, which a dead peer cannot block.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -137,9 +138,7 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     # Fits are background work and run at the lower priority; the start-up before them does
     # not. It is a one-off while the replica is not ready (no balancer sends it traffic), and
     # under SCHED_IDLE on a busy machine it would take minutes: that long without training.
-    if nice:
-        os.nice(nice)
-    info["policy"] = lower_policy() if sched_idle else "other"
+    info["policy"] = lower_priority(nice, sched_idle)
     conn.send(Hello(info))
     chan = Channel(conn)
     while True:
@@ -202,17 +201,39 @@ def _interrupted(conn: Connection, job_id: str) -> bool:
     return False
 
 
-def lower_policy() -> str:
-    """Put this process under SCHED_IDLE where the OS has it; the policy it runs under.
+def lower_priority(nice: int, sched_idle: bool) -> str:
+    """Lower every thread of this process to niceness `nice` and, when asked and the OS has it,
+    SCHED_IDLE; the policy it runs under.
 
-    Lowering one's own policy needs no privilege (not even CAP_SYS_NICE), so this works in a
-    container with every capability dropped. The hello reports the policy; the server logs it.
+    Every thread, not only the caller: on Linux both settings are per thread, and libraries
+    start threads of their own before this runs (OpenBLAS's pool, loaded with torch, spins
+    while it waits for work), which would keep the normal priority and compete with the API.
+    Lowering one's own priority needs no privilege (not even CAP_SYS_NICE), so this works in
+    a container with every capability dropped. The hello reports the policy; the server logs it.
     """
+    policy = "idle" if sched_idle else "other"
+    for tid in _threads():
+        with contextlib.suppress(OSError):  # a thread may end meanwhile
+            if nice:
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid))
+                )
+        if sched_idle:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:
+                pass
+            except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
+                policy = "other"
+    return policy
+
+
+def _threads() -> list[int]:
+    """The ids of this process's threads (Linux), or just its own id elsewhere."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
-        return "other"
-    return "idle"
+        return [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 class _Outbox:
