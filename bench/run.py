@@ -317,6 +317,14 @@ def redis_rows(r: dict[str, Any]) -> list[Row]:
             w["p99_ratio"]["median"] <= 1.2,
         ),
         (
+            "  same, beside a busy loop at the worker's priority",
+            ms(w["p99_ms"]["spinning"], 1),
+            "the machine's floor for the row above",
+            ratio(w["p99_ratio_spinning"]),
+            "reported",
+            None,
+        ),
+        (
             "  fit busy during those runs",
             f"{w['fit_busy_fraction']:.0%}",
             f"{w['fits']} fits, {fmt(w['fit_seconds'], ' s')} each",
