@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
-from service.errors import InvalidInput, JobNotFound, ModelNotReady
+from service.errors import InvalidInput, JobNotFound, ModelNotReady, NothingServed
 from service.jobs import Runner
 from service.problems import problems
 from service.schemas import (
@@ -51,7 +51,7 @@ router = APIRouter()
     "/fit",
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[AuthDep],
-    responses=problems(401, 413, 422, 429, 503),
+    responses=problems(401, 404, 409, 413, 422, 429, 503),
 )
 async def fit(
     body: FitRequest,
@@ -63,21 +63,53 @@ async def fit(
 ) -> Job:
     """Start a fit as a background job; poll the job at its Location."""
     body.check_limits(settings)
+    body.check_combinations()
     idem = None
     if idempotency_key is not None:
         idem = (idempotency_key, hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+    start = None
+    if body.init_from is not None:
+        start = await run_in_threadpool(_start_from, store, body)
     params = JobParams(
         epochs=body.epochs,
         learning_rate=body.learning_rate,
-        init_w=body.init_w,
+        init_w=body.init_w if start is None else start.w,
         batch_size=body.batch_size,
         fit_intercept=body.fit_intercept,
         seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
+        validation_fraction=body.validation_fraction,
+        tol=body.tol,
+        n_iter_no_change=body.n_iter_no_change,
+        publish=body.publish,
+        init_from=None if start is None else start.version,
+        init_b=0.0 if start is None else start.b,
     )
     x, y = array("d", body.x).tobytes(), array("d", body.y).tobytes()
     job = await run_in_threadpool(_create, store, runner, params, x, y, idem)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
+
+
+def _start_from(store: Store, body: FitRequest) -> Model:
+    """The model a warm start begins with: the served one or a kept version, resolved now."""
+    if body.init_from == "served":
+        model = store.model
+        if model is None:
+            raise NothingServed(
+                'init_from is "served" but no model is served yet: fit without init_from first'
+            )
+    else:
+        assert isinstance(body.init_from, int)
+        model = store.version(body.init_from)
+    if model.b != 0 and not body.fit_intercept:
+        issue = {
+            "field": "init_from, fit_intercept",
+            "message": f"version {model.version} has b = {model.b:g}, which a fit without an "
+            "intercept would drop: set fit_intercept to true, or start from init_w",
+            "code": "combination",
+        }
+        raise InvalidInput("these options do not go together: init_from, fit_intercept", [issue])
+    return model
 
 
 def _create(

@@ -97,6 +97,12 @@ class VersionNotFound(ServiceError):
     status = 404
 
 
+class NothingServed(ServiceError):
+    type = "nothing-served"
+    title = "No model is served to start from"
+    status = 409
+
+
 class PredictionOutOfRange(ServiceError):
     type = "prediction-out-of-range"
     title = "The prediction is not a finite number"

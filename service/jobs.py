@@ -37,7 +37,7 @@ from service.errors import (
     ShuttingDown,
     WorkerCrashed,
 )
-from service.schemas import Job, JobStatus
+from service.schemas import FitReport, Job, JobStatus
 from service.settings import Settings
 from service.store import Store
 
@@ -479,16 +479,18 @@ class JobRunner:
         try:
             msg = current.conn.recv()
             if isinstance(msg, worker.Chunk):
-                w = current.chan.recv_floats(msg.count)
-                loss = current.chan.recv_floats(msg.count)
-                b = current.chan.recv_floats(msg.count) if msg.columns == 3 else None
+                cols = {name: current.chan.recv_floats(msg.count) for name in msg.columns}
         except (EOFError, OSError) as exc:
             raise WorkerLost(f"lost the training worker: {exc!r}") from exc
         if isinstance(msg, worker.Chunk):
-            self._store.append_history(job.id, w, b, loss)
+            w, b, loss, val = cols["w"], cols.get("b"), cols["loss"], cols.get("val_loss")
+            self._store.append_history(job.id, w, b, loss, val_loss=val)
             return None
         if isinstance(msg, worker.Done):
-            return self._store.succeed_job(job.id, msg.w, msg.b, msg.final_loss, msg.mse)
+            report = FitReport.model_validate(msg.report)
+            return self._store.succeed_job(
+                job.id, report.w, report.b, report.final_loss, report.mse, report=report
+            )
         if isinstance(msg, worker.Cancelled):
             if timed_out and not self._cancel_asked:
                 return self._timed_out(job)

@@ -27,6 +27,7 @@ from service import fleet
 from service.errors import (
     Diverged,
     Fenced,
+    InvalidInput,
     JobAlreadyEnded,
     JobNotFound,
     JobTimedOut,
@@ -37,7 +38,7 @@ from service.jobs import log_job
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
-from service.worker import FLUSH_SECONDS, lower_priority
+from service.worker import FLUSH_SECONDS, columns, lower_priority
 
 log = logging.getLogger("sgd_service.worker")
 # How often the main thread marks the worker healthy (with --health-file).
@@ -102,7 +103,7 @@ class FitActor:
         attempt = job.attempts
         x_raw, y_raw = self.store.job_data(job.id)
         x, y = training.as_tensor(x_raw), training.as_tensor(y_raw)
-        fit = training.FitParams(**job.params.model_dump())
+        fit = training.FitParams.of(job.params.model_dump())
         started = job.started_at or datetime.now(UTC)
         deadline = started.timestamp() + self.settings.job_timeout
         parts: list[Any] = []
@@ -111,23 +112,22 @@ class FitActor:
         def flush() -> None:
             nonlocal parts, last_flush
             if parts:
-                w = b"".join(c.w.tobytes() for c in parts)
-                loss = b"".join(c.loss.tobytes() for c in parts)
-                b = b"".join(c.b.tobytes() for c in parts) if fit.fit_intercept else None
+                cols = {k: memoryview(v).cast("d") for k, v in columns(parts).items()}
                 self.store.append_history(
                     job.id,
-                    memoryview(w).cast("d"),
-                    None if b is None else memoryview(b).cast("d"),
-                    memoryview(loss).cast("d"),
+                    cols["w"],
+                    cols.get("b"),
+                    cols["loss"],
+                    val_loss=cols.get("val_loss"),
                     attempt=attempt,
                 )
                 parts = []
             last_flush = time.monotonic()
 
         try:
-            last = None
-            for last in training.train(x, y, fit):
-                parts.append(last)
+            session = training.Session(x, y, fit)
+            for chunk in session.chunks():
+                parts.append(chunk)
                 if time.monotonic() - last_flush < FLUSH_SECONDS:
                     continue
                 flush()
@@ -138,15 +138,20 @@ class FitActor:
                 if time.time() > deadline:
                     raise JobTimedOut(self.settings.job_timeout)
             flush()
-            assert last is not None
-            out = training.result(x, y, last, fit)  # raises Diverged unless all finite
+            report = session.report()  # raises Diverged unless all finite
             done = self.store.succeed_job(
-                job.id, out.w, out.b, out.final_loss, out.mse, attempt=attempt
+                job.id,
+                report.w,
+                report.b,
+                report.final_loss,
+                report.mse,
+                report=report,
+                attempt=attempt,
             )
             log_job(done)
         except _Cancelled:
             log_job(self.store.end_job(job.id, JobStatus.cancelled, attempt=attempt))
-        except (Diverged, JobTimedOut) as exc:
+        except (Diverged, JobTimedOut, InvalidInput) as exc:
             flush()
             log_job(self.store.end_job(job.id, JobStatus.failed, exc.problem(), attempt=attempt))
         except (_Stopped, Fenced, JobAlreadyEnded, JobNotFound, StoreUnavailable):

@@ -45,18 +45,18 @@ from service.errors import (
     WorkerCrashed,
 )
 from service.schemas import (
+    FitReport,
     History,
     Job,
     JobParams,
     JobResult,
     JobStatus,
     Model,
-    ModelMetrics,
     Problem,
     Progress,
 )
 from service.settings import Settings
-from service.store import Page, now
+from service.store import Page, model_of, now, publication, result_of
 
 log = logging.getLogger("sgd_service.redis")
 
@@ -359,7 +359,7 @@ class RedisStore:
         return job
 
     def _clear_history(self, pipe: Pipeline, job_id: str) -> None:
-        pipe.delete(*(self._key("hist", job_id, c) for c in ("w", "loss", "b")))
+        pipe.delete(*(self._key("hist", job_id, c) for c in COLUMNS))
 
     @_available
     def claim(self, job_id: str, worker: str, max_attempts: int) -> Job | None:
@@ -447,17 +447,20 @@ class RedisStore:
         w: Sequence[float],
         b: Sequence[float] | None,
         loss: Sequence[float],
+        val_loss: Sequence[float] | None = None,
         attempt: int | None = None,
     ) -> None:
         data = {"w": _raw(w), "loss": _raw(loss)}
         if b is not None:
             data["b"] = _raw(b)
+        if val_loss is not None:
+            data["val_loss"] = _raw(val_loss)
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> None:
             self._check(job, attempt)
-            for name, raw in data.items():
-                if name != "b" or job.params.fit_intercept:
-                    pipe.append(self._key("hist", job_id, name), raw)
+            for name in _columns(job):
+                if name in data:
+                    pipe.append(self._key("hist", job_id, name), data[name])
             epoch = job.progress.epoch + len(w)
             self._put(pipe, job, progress=Progress(epoch=epoch, epochs=job.params.epochs))
 
@@ -483,35 +486,31 @@ class RedisStore:
         b: float,
         final_loss: float,
         mse: float,
+        report: FitReport | None = None,
         attempt: int | None = None,
     ) -> Job:
-        """End the job and publish its model as the next version, in one transaction that
-        also watches the version counter, so that versions are numbered in order."""
+        """End the job and keep its model as the next version, served as the job's `publish`
+        says, in one transaction that also watches the version counter (versions are numbered
+        in order) and the served model (what "if_better" compared against is still served)."""
+        report = report or FitReport.plain(w, b, final_loss, mse)
         job_key, served_key = self._key("job", job_id), self._key("served")
         counter_key = self._key("version")
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(job_key, counter_key)
+                    pipe.watch(job_key, counter_key, served_key)
                     doc = pipe.hget(job_key, "doc")
                     if doc is None:
                         raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
                     job = Job.model_validate_json(doc)
                     self._check(job, attempt)
                     last = int(pipe.get(counter_key) or 0)
+                    served_doc = pipe.get(served_key)
+                    current = None if served_doc is None else Model.model_validate_json(served_doc)
                     ended = now()
-                    model = Model(
-                        version=last + 1,
-                        w=w,
-                        b=b,
-                        job_id=job_id,
-                        trained_at=ended,
-                        params=job.params,
-                        metrics=ModelMetrics(final_loss=final_loss, mse=mse),
-                    )
-                    result = JobResult(
-                        model_version=model.version, w=w, b=b, final_loss=final_loss, mse=mse
-                    )
+                    model = model_of(job, last + 1, report, ended)
+                    serve, why_not = publication(job, report, current)
+                    result = result_of(model, report, serve, why_not)
                     model_doc = model.model_dump_json()
                     pipe.multi()
                     job = self._finish(
@@ -520,13 +519,15 @@ class RedisStore:
                     pipe.set(counter_key, model.version)
                     pipe.hset(self._key("models"), str(model.version), model_doc)
                     pipe.zadd(self._key("versions"), {str(model.version): model.version})
-                    pipe.set(served_key, model_doc)
-                    pipe.publish(served_key, str(model.version))
+                    if serve:
+                        pipe.set(served_key, model_doc)
+                        pipe.publish(served_key, str(model.version))
                     pipe.execute()
                     break
                 except redis.WatchError:
                     pipe.reset()
-        self._adopt(model_doc.encode())
+        if serve:
+            self._adopt(model_doc.encode())
         self._evict()
         self._evict_versions()
         return job
@@ -671,14 +672,13 @@ class RedisStore:
         job = self.get_job(job_id)
         if job.started_at is None:
             raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
-        with_b = job.params.fit_intercept
-        names = ["w", "loss", "b"] if with_b else ["w", "loss"]
+        names = _columns(job)
         keys = [self._key("hist", job_id, n) for n in names]
         # the shortest column: a chunk being appended is whole in all of them or in none
         total = min(self.redis.strlen(k) for k in keys) // 8
         page = Page.of(total, since, limit, max_points)
-        columns = [self._read(k, page) for k in keys]
-        return page.history(job, columns[0], columns[2] if with_b else None, columns[1])
+        cols = {name: self._read(key, page) for name, key in zip(names, keys, strict=True)}
+        return page.history(job, cols["w"], cols.get("b"), cols["loss"], cols.get("val_loss"))
 
     def _read(self, key: str, page: Page) -> list[float]:
         """A float64 column's values at the page's epochs: one GETRANGE of the page's range, or,
@@ -694,6 +694,20 @@ class RedisStore:
         for i in picks:
             pipe.getrange(key, i * 8, i * 8 + 7)
         return [memoryview(v).cast("d")[0] for v in pipe.execute()]
+
+
+COLUMNS = ("w", "loss", "b", "val_loss")
+
+
+def _columns(job: Job) -> list[str]:
+    """The history columns a job records: w and loss, b with an intercept, val_loss with a
+    validation split."""
+    names = ["w", "loss"]
+    if job.params.fit_intercept:
+        names.append("b")
+    if job.params.validation_fraction:
+        names.append("val_loss")
+    return names
 
 
 def _raw(values: Sequence[float]) -> bytes:

@@ -3,9 +3,9 @@
 import math
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 from service.errors import InvalidInput, PredictionOutOfRange
 from service.settings import Settings
@@ -25,6 +25,28 @@ def _integral(value: Any) -> Any:
 
 # A model version number in a body: strict, but 7.0 is 7, as JSON Schema says.
 VersionNumber = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+Publish = Literal["always", "never", "if_better"]
+
+
+def _served_or_version(value: Any) -> Any:
+    """init_from: "served", or a version number (strict, but 7.0 is 7), else a clear error."""
+    if value == "served" and isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError('use "served" or a kept version number (an integer >= 1)')
+
+
+# One plain validator, not a union: its errors name the field, not the union's branches.
+InitFrom = Annotated[
+    Literal["served"] | int,
+    PlainValidator(_served_or_version),
+    WithJsonSchema({"anyOf": [{"const": "served"}, {"type": "integer", "minimum": 1}]}),
+]
+MAX_VALIDATION_FRACTION = 0.5
+NO_CHANGE_DEFAULT = 5
 
 
 class _Input(BaseModel):
@@ -50,6 +72,65 @@ class FitRequest(_Input):
     )
     fit_intercept: bool = Field(default=False, description="learn y = w*x + b instead of w*x")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="random if omitted")
+    validation_fraction: Finite = Field(
+        default=0.0,
+        ge=0,
+        le=MAX_VALIDATION_FRACTION,
+        description="share of the rows held out (chosen with the seed) and never trained on; "
+        "they give val_mse, val_r2 and the history's val_loss",
+    )
+    tol: Finite | None = Field(
+        default=None,
+        ge=0,
+        description="stop once the monitored loss (validation MSE with a split, else the "
+        "training MSE) has not improved by at least tol for n_iter_no_change epochs; "
+        "null: never stop early",
+    )
+    n_iter_no_change: int = Field(
+        default=NO_CHANGE_DEFAULT,
+        ge=1,
+        description="epochs without improvement before stopping (with tol)",
+    )
+    publish: Publish = Field(
+        default="always",
+        description='"always": serve the new version; "never": keep it, unserved; '
+        '"if_better": serve it only if its validation MSE beats the served model\'s on the '
+        "same held-out rows (needs validation_fraction)",
+    )
+    init_from: InitFrom | None = Field(
+        default=None,
+        description="start from the served model's w (and b), or a kept version's, "
+        "instead of init_w (a warm start)",
+    )
+
+    def check_combinations(self) -> None:
+        """Options that make no sense together; raises InvalidInput naming the fields."""
+        errors: list[dict[str, Any]] = []
+
+        def bad(fields: str, message: str) -> None:
+            errors.append({"field": fields, "message": message, "code": "combination"})
+
+        given = self.model_fields_set
+        if self.publish == "if_better" and self.validation_fraction == 0:
+            bad(
+                "publish, validation_fraction",
+                'publish "if_better" compares validation MSEs: set validation_fraction > 0',
+            )
+        if self.n_iter_no_change != NO_CHANGE_DEFAULT and self.tol is None:
+            bad("n_iter_no_change, tol", "n_iter_no_change only applies with tol: set tol too")
+        if self.init_from is not None and "init_w" in given:
+            bad("init_from, init_w", "a fit starts from init_w or from init_from, not both")
+        n = len(self.x)
+        held = math.ceil(self.validation_fraction * n)
+        if held and n - held < 1:
+            bad(
+                "validation_fraction, x",
+                f"validation_fraction={self.validation_fraction:g} of {n} rows holds out "
+                f"{held} and leaves none to train on: send more rows or set it to 0",
+            )
+        if errors:
+            fields = ", ".join(e["field"] for e in errors)
+            raise InvalidInput(f"these options do not go together: {fields}", errors)
 
     def check_limits(self, settings: Settings) -> None:
         """Bounds that depend on the settings; raises InvalidInput naming every offending field."""
@@ -118,6 +199,14 @@ class JobParams(_Output):
     batch_size: int | None
     fit_intercept: bool
     seed: int
+    validation_fraction: float = 0.0
+    tol: float | None = None
+    n_iter_no_change: int = 5
+    publish: Publish = "always"
+    init_from: int | None = Field(
+        default=None, description="the model version the fit started from (a warm start)"
+    )
+    init_b: float = Field(default=0.0, description="b before the first update")
 
 
 class Progress(_Output):
@@ -152,6 +241,14 @@ class JobResult(_Output):
     b: Computed
     final_loss: Computed = Field(description="batch loss of the last epoch")
     mse: Computed = Field(description="mean squared error on the whole data set")
+    train_mse: Computed | None = Field(default=None, description="MSE on the training rows")
+    train_r2: Computed | None = Field(default=None, description="R^2 on the training rows")
+    val_mse: Computed | None = Field(default=None, description="MSE on the held-out rows")
+    val_r2: Computed | None = Field(default=None, description="R^2 on the held-out rows")
+    epochs_run: int | None = Field(default=None, description="updates made (fewer if stopped)")
+    stopped_early: bool = False
+    published: bool = Field(default=True, description="whether this version was served")
+    not_published_because: str | None = None
 
 
 class Job(_Output):
@@ -177,6 +274,10 @@ class JobList(_Output):
 class ModelMetrics(_Output):
     final_loss: Computed = Field(description="batch loss of the fit's last epoch")
     mse: Computed = Field(description="mean squared error on the fit's whole data set")
+    train_mse: Computed | None = None
+    train_r2: Computed | None = None
+    val_mse: Computed | None = None
+    val_r2: Computed | None = None
 
 
 class Model(_Output):
@@ -235,6 +336,9 @@ class History(_Output):
     w: list[float]
     b: list[float] | None = None
     loss: list[float]
+    val_loss: list[float] | None = Field(
+        default=None, description="validation MSE before each update (with a split)"
+    )
 
 
 class ProgressEvent(BaseModel):
@@ -245,7 +349,55 @@ class ProgressEvent(BaseModel):
     w: list[float]
     b: list[float] | None = None
     loss: list[float]
+    val_loss: list[float] | None = None
     progress: Progress
+
+
+class Quadratic(_Output):
+    """The mean squared error of y = w*x + b on one fixed set of rows, for any (w, b), in O(1).
+
+    With (w*, b*) the least-squares optimum on those rows, their residuals are orthogonal to x
+    and to 1, so mean((y - w x - b)^2) = L* + (dw mean_x + db)^2 + dw^2 var_x with dw = w - w*,
+    db = b - b*: a sum of squares, never below zero, whatever the number of rows.
+    """
+
+    w_opt: float
+    b_opt: float
+    loss_opt: float = Field(description="the MSE at the optimum, computed from the rows")
+    mean_x: float
+    var_x: float
+    var_y: float
+
+    def mse(self, w: float, b: float) -> float:
+        dw = w - self.w_opt
+        shift = dw * self.mean_x + (b - self.b_opt)
+        spread = dw * math.sqrt(self.var_x)  # not dw*dw*var_x: inf * 0 is NaN
+        return self.loss_opt + shift * shift + spread * spread
+
+    def r2(self, w: float, b: float) -> float | None:
+        """1 - MSE / var(y); None when y is constant (R^2 is undefined there)."""
+        return 1.0 - self.mse(w, b) / self.var_y if self.var_y > 0 else None
+
+
+class FitReport(_Output):
+    """What a training worker hands the store when a fit succeeds; every number finite."""
+
+    w: Computed
+    b: Computed
+    final_loss: Computed
+    mse: Computed
+    train_mse: Computed
+    train_r2: Computed | None
+    val_mse: Computed | None = None
+    val_r2: Computed | None = None
+    epochs_run: int | None = None
+    stopped_early: bool = False
+    val: Quadratic | None = Field(default=None, description="the held-out rows' loss")
+
+    @classmethod
+    def plain(cls, w: float, b: float, final_loss: float, mse: float) -> "FitReport":
+        """The report of a fit without a split, whose training rows are all the rows."""
+        return cls(w=w, b=b, final_loss=final_loss, mse=mse, train_mse=mse, train_r2=None)
 
 
 class Health(_Output):

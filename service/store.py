@@ -22,6 +22,7 @@ from service.errors import (
     VersionNotFound,
 )
 from service.schemas import (
+    FitReport,
     History,
     Job,
     JobParams,
@@ -88,6 +89,14 @@ class _History:
     w: _Column = field(default_factory=_Column)
     loss: _Column = field(default_factory=_Column)
     b: _Column | None = None
+    val_loss: _Column | None = None  # created by the first chunk that has it
+
+    @classmethod
+    def of(cls, job: Job) -> "_History":
+        return cls(
+            b=_Column() if job.params.fit_intercept else None,
+            val_loss=_Column() if job.params.validation_fraction else None,
+        )
 
 
 class Store(Protocol):
@@ -133,17 +142,29 @@ class Store(Protocol):
         w: Sequence[float],
         b: Sequence[float] | None,
         loss: Sequence[float],
+        val_loss: Sequence[float] | None = None,
     ) -> None:
         """Record the next epochs of a running job (columns of equal length, b only with an
-        intercept) and advance its progress; only after start_job or retry_job."""
+        intercept, val_loss only with a validation split) and advance its progress; only
+        after start_job or retry_job."""
 
     def retry_job(self, job_id: str) -> Job:
         """Start the next attempt of a running job: attempts + 1, progress and history from 0;
         raises JobNotFound, or JobAlreadyEnded if the job is not running."""
 
-    def succeed_job(self, job_id: str, w: float, b: float, final_loss: float, mse: float) -> Job:
-        """End a job as succeeded and publish its model as the next version, atomically; the
-        ended job. Raises JobNotFound, or JobAlreadyEnded if it has ended already."""
+    def succeed_job(
+        self,
+        job_id: str,
+        w: float,
+        b: float,
+        final_loss: float,
+        mse: float,
+        report: FitReport | None = None,
+    ) -> Job:
+        """End a job as succeeded and keep its model as the next version, atomically; the ended
+        job. The version is served as the job's `publish` says (see `publication`): "always" by
+        default. `report` carries the fit's other figures (validation, early stopping). Raises
+        JobNotFound, or JobAlreadyEnded if it has ended already."""
 
     def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
         """End a job as `status` (failed or cancelled) with its problem, publishing nothing; the
@@ -246,7 +267,7 @@ class MemoryStore:
             if job is None or job.status is not JobStatus.queued:
                 return None
             job = self._replace(job, status=JobStatus.running, started_at=now(), attempts=1)
-            self._histories[job_id] = _History(b=_Column() if job.params.fit_intercept else None)
+            self._histories[job_id] = _History.of(job)
             self._latest_started = job_id
             return job
 
@@ -256,7 +277,7 @@ class MemoryStore:
             job = self.get_job(job_id)
             if job.status is not JobStatus.running:
                 raise JobAlreadyEnded(f"job {job_id} is {job.status.value}, not running")
-            self._histories[job_id] = _History(b=_Column() if job.params.fit_intercept else None)
+            self._histories[job_id] = _History.of(job)
             progress = Progress(epoch=0, epochs=job.params.epochs)
             return self._replace(job, attempts=job.attempts + 1, progress=progress)
 
@@ -266,6 +287,7 @@ class MemoryStore:
         w: Sequence[float],
         b: Sequence[float] | None,
         loss: Sequence[float],
+        val_loss: Sequence[float] | None = None,
     ) -> None:
         """Record consecutive epochs of a running job."""
         with self._lock:
@@ -274,29 +296,34 @@ class MemoryStore:
             hist.loss.extend(loss)
             if hist.b is not None and b is not None:
                 hist.b.extend(b)
+            if hist.val_loss is not None and val_loss is not None:
+                hist.val_loss.extend(val_loss)
             job = self._jobs[job_id]
             self._replace(job, progress=Progress(epoch=len(hist.w), epochs=job.params.epochs))
 
-    def succeed_job(self, job_id: str, w: float, b: float, final_loss: float, mse: float) -> Job:
-        """End a job successfully and publish its model as the next version, atomically."""
+    def succeed_job(
+        self,
+        job_id: str,
+        w: float,
+        b: float,
+        final_loss: float,
+        mse: float,
+        report: FitReport | None = None,
+    ) -> Job:
+        """End a job successfully and keep its model as the next version, atomically; serve it
+        as the job's `publish` says."""
+        report = report or FitReport.plain(w, b, final_loss, mse)
         with self._lock:
             job = self._running(job_id)
             self._last_version += 1
-            version = self._last_version
             ended = now()
-            model = Model(
-                version=version,
-                w=w,
-                b=b,
-                job_id=job_id,
-                trained_at=ended,
-                params=job.params,
-                metrics=ModelMetrics(final_loss=final_loss, mse=mse),
-            )
-            result = JobResult(model_version=version, w=w, b=b, final_loss=final_loss, mse=mse)
+            model = model_of(job, self._last_version, report, ended)
+            served, why_not = publication(job, report, self._model)
+            result = result_of(model, report, served, why_not)
             job = self._replace(job, status=JobStatus.succeeded, finished_at=ended, result=result)
-            self._model = model  # the one assignment that publishes the new version
-            self._versions[version] = model
+            if served:
+                self._model = model  # the one assignment that publishes the new version
+            self._versions[model.version] = model
             self._ended[job_id] = None
             self._evict()
             return job
@@ -348,7 +375,8 @@ class MemoryStore:
 
             w, loss = pick(hist.w), pick(hist.loss)
             b = None if hist.b is None else pick(hist.b)
-        return page.history(job, w, b, loss)
+            val = None if hist.val_loss is None else pick(hist.val_loss)
+        return page.history(job, w, b, loss, val)
 
     def _running(self, job_id: str) -> Job:
         """A job that has not ended yet (queued or running)."""
@@ -407,7 +435,12 @@ class Page:
         return [*range(self.start, self.end, self.stride), *self.tail]
 
     def history(
-        self, job: Job, w: list[float], b: list[float] | None, loss: list[float]
+        self,
+        job: Job,
+        w: list[float],
+        b: list[float] | None,
+        loss: list[float],
+        val_loss: list[float] | None = None,
     ) -> History:
         """The page of `job` with these columns (picked at `epochs`)."""
         more = self.end < self.total or not job.status.ended
@@ -423,7 +456,59 @@ class Page:
             w=w,
             b=b,
             loss=loss,
+            val_loss=val_loss,
         )
+
+
+def model_of(job: Job, version: int, report: FitReport, at: datetime) -> Model:
+    """The version a succeeded job's fit makes."""
+    metrics = ModelMetrics(
+        final_loss=report.final_loss,
+        mse=report.mse,
+        train_mse=report.train_mse,
+        train_r2=report.train_r2,
+        val_mse=report.val_mse,
+        val_r2=report.val_r2,
+    )
+    return Model(
+        version=version,
+        w=report.w,
+        b=report.b,
+        job_id=job.id,
+        trained_at=at,
+        params=job.params,
+        metrics=metrics,
+    )
+
+
+def publication(job: Job, report: FitReport, served: Model | None) -> tuple[bool, str | None]:
+    """Whether a fit's new version is served, per the job's `publish`, and if not, why not.
+
+    "if_better" compares validation MSEs on the job's held-out rows: the new version's against
+    the model served at this moment (the caller holds its lock or transaction), which is
+    evaluated on the same rows in O(1) (schemas.Quadratic).
+    """
+    publish = job.params.publish
+    if publish == "never":
+        return False, 'publish is "never": serve it with POST /models/{version}/serve'
+    if publish == "always" or served is None or report.val is None or report.val_mse is None:
+        return True, None
+    theirs = report.val.mse(served.w, served.b)
+    if report.val_mse < theirs:
+        return True, None
+    return False, (
+        f"its validation MSE {report.val_mse:.6g} is not lower than that of the served "
+        f"version {served.version}, {theirs:.6g}, on the same held-out rows"
+    )
+
+
+def result_of(model: Model, report: FitReport, served: bool, why_not: str | None) -> JobResult:
+    return JobResult(
+        model_version=model.version,
+        **report.model_dump(exclude={"val"}),
+        published=served,
+        not_published_because=why_not,
+    )
 
 
 def stride_for(count: int, max_points: int) -> int:

@@ -12,16 +12,18 @@ so both engines consume the generator identically; the caller can stop between b
   one vectorised pass.
 """
 
+import dataclasses
 import math
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from service.errors import Diverged
+from service.errors import Diverged, InvalidInput
+from service.schemas import FitReport, Quadratic
 
 DTYPE = torch.float64
 MAX_BLOCK_EPOCHS = 4096
@@ -45,6 +47,16 @@ class FitParams:
     batch_size: int | None = 1  # None: the whole data set every epoch (full-batch GD)
     fit_intercept: bool = False
     seed: int = 0
+    init_b: float = 0.0
+    validation_fraction: float = 0.0  # share of rows held out, chosen with the seed
+    tol: float | None = None  # early stopping off
+    n_iter_no_change: int = 5
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> "FitParams":
+        """From a job's parameters, leaving out those that are not the engine's (publish...)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class Chunk:
     loss: "array[float]"
     w_after: float  # parameters after the chunk's last update
     b_after: float
+    val_loss: "array[float] | None" = None  # validation MSE before each update, with a split
 
     def __len__(self) -> int:
         return len(self.w)
@@ -125,7 +138,7 @@ def train(
     # a full-batch epoch of the affine engine costs O(1), not O(n)
     per_epoch = 1 if engine == "affine" and batch is None else (batch or n)
     block = max(1, min(MAX_BLOCK_EPOCHS, BLOCK_SAMPLES // per_epoch))
-    w, b = params.init_w, 0.0
+    w, b = params.init_w, params.init_b
     for first in range(0, params.epochs, block):
         size = min(block, params.epochs - first)
         idx = None if batch is None else torch.randint(n, (size, batch), generator=gen)
@@ -288,6 +301,179 @@ def history(chunks: Iterable[Chunk]) -> tuple["array[float]", "array[float]", "a
         b.extend(chunk.b if chunk.b is not None else array("d", bytes(8 * len(chunk))))
         loss.extend(chunk.loss)
     return w, b, loss
+
+
+# -- a fit as a worker runs it: the split, the monitored losses, early stopping, the report -----
+
+
+def split(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(train x, train y, held-out x, held-out y): ceil(fraction * n) rows held out, chosen by a
+    permutation seeded with the fit's seed (a generator of its own: the training draws are the
+    same as without a split, given the same number of training rows). Both parts keep the
+    rows' order. No split (None, None) when fraction is 0."""
+    held = math.ceil(fraction * x.numel())
+    if held == 0:
+        return x, y, None, None
+    gen = torch.Generator().manual_seed(seed ^ SPLIT_SALT)
+    perm = torch.randperm(x.numel(), generator=gen)
+    val, train = perm[:held].sort().values, perm[held:].sort().values
+    return x[train], y[train], x[val], y[val]
+
+
+SPLIT_SALT = 0x5E1EC7  # the split's generator differs from the training draws'
+
+
+def quadratic(x: torch.Tensor, y: torch.Tensor) -> Quadratic:
+    """The MSE of these rows as a function of (w, b) (schemas.Quadratic), from one pass."""
+    mean_x, mean_y = float(x.mean()), float(y.mean())
+    dx = x - mean_x
+    var_x, var_y = float((dx * dx).mean()), float(((y - mean_y) ** 2).mean())
+    w_opt = float((dx * (y - mean_y)).mean()) / var_x if var_x > 0 else 0.0
+    b_opt = mean_y - w_opt * mean_x
+    return Quadratic(
+        w_opt=w_opt,
+        b_opt=b_opt,
+        loss_opt=mse(x, y, w_opt, b_opt),
+        mean_x=mean_x,
+        var_x=var_x,
+        var_y=var_y,
+    )
+
+
+def losses(q: Quadratic, w: "array[float]", b: "array[float] | None") -> "array[float]":
+    """q's MSE at every (w, b) of a chunk, vectorised: O(1) an epoch, never below zero."""
+    out = array("d", bytes(8 * len(w)))
+    if not len(w):
+        return out
+    dw = torch.frombuffer(w, dtype=DTYPE) - q.w_opt
+    shift = dw * q.mean_x
+    shift += (torch.frombuffer(b, dtype=DTYPE) if b is not None else 0.0) - q.b_opt
+    spread = dw.mul_(math.sqrt(q.var_x))  # not dw*dw*var_x: inf * 0 is NaN
+    loss = torch.frombuffer(out, dtype=DTYPE)
+    torch.mul(spread, spread, out=loss).add_(q.loss_opt).addcmul_(shift, shift)
+    return out
+
+
+class _EarlyStop:
+    """scikit-learn's rule, an epoch being one update: stop once the monitored loss has not
+    improved on the best so far by at least tol for n_iter_no_change epochs in a row."""
+
+    def __init__(self, tol: float, patience: int) -> None:
+        self.tol, self.patience = tol, patience
+        self.best, self.count = math.inf, 0
+
+    def stop_at(self, monitored: Iterable[float]) -> int | None:
+        """The index in this chunk of the epoch after which to stop, or None."""
+        for i, loss in enumerate(monitored):
+            self.count = self.count + 1 if loss > self.best - self.tol else 0
+            self.best = min(self.best, loss)
+            if self.count >= self.patience:
+                return i
+        return None
+
+
+class Session:
+    """One fit: the split, the engine's chunks (with val_loss, cut where it stops early), and
+    its report. Both training workers run fits through this."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, params: FitParams) -> None:
+        self.x, self.y, self.params = x, y, params
+        self.train_x, self.train_y, self.val_x, self.val_y = split(
+            x, y, params.validation_fraction, params.seed
+        )
+        if not bool(self.train_x.any()):
+            raise InvalidInput(
+                "every x left to train on after holding out validation_fraction is zero, so w "
+                "cannot be learned: send more non-zero x or a smaller validation_fraction",
+                [
+                    {
+                        "field": "validation_fraction",
+                        "message": "no non-zero x left",
+                        "code": "limit",
+                    }
+                ],
+            )
+        self.val = None
+        if self.val_x is not None and self.val_y is not None:
+            self.val = quadratic(self.val_x, self.val_y)
+        self.train_q = quadratic(self.train_x, self.train_y)
+        self._stop = None if params.tol is None else _EarlyStop(params.tol, params.n_iter_no_change)
+        self.last: Chunk | None = None
+        self.stopped_early = False
+        self.epochs_run = 0
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The fit's history chunk by chunk; raises Diverged on NaN/Inf."""
+        for chunk in train(self.train_x, self.train_y, self.params):
+            val_loss = None if self.val is None else losses(self.val, chunk.w, chunk.b)
+            if val_loss is not None and not math.isfinite(max(val_loss, default=0.0)):
+                # the model's error on the held-out rows overflows a float: it has diverged
+                first = next(i for i, v in enumerate(val_loss) if not math.isfinite(v))
+                raise Diverged(chunk.first_epoch + first, self.params.learning_rate)
+            chunk = dataclasses.replace(chunk, val_loss=val_loss)
+            if self._stop is not None:
+                monitored = (
+                    val_loss if val_loss is not None else losses(self.train_q, chunk.w, chunk.b)
+                )
+                at = self._stop.stop_at(monitored)
+                if at is not None:
+                    chunk = _cut(chunk, at + 1)
+                    self.stopped_early = True
+            self.last = chunk
+            self.epochs_run = chunk.first_epoch + len(chunk)
+            yield chunk
+            if self.stopped_early:
+                return
+
+    def report(self) -> FitReport:
+        """The outcome once chunks() is exhausted; raises Diverged unless all of it is finite."""
+        assert self.last is not None
+        out = result(self.x, self.y, self.last, self.params)
+        w, b = out.w, out.b
+        # One exact pass over the rows at the end, as `mse` is: no formula at the extremes.
+        train_mse = out.mse if self.val is None else mse(self.train_x, self.train_y, w, b)
+        val_x, val_y = self.val_x, self.val_y
+        val_mse = None if val_x is None or val_y is None else mse(val_x, val_y, w, b)
+        if not all(v is None or math.isfinite(v) for v in (train_mse, val_mse)):
+            raise Diverged(self.epochs_run, self.params.learning_rate)
+        return FitReport(
+            w=w,
+            b=b,
+            final_loss=out.final_loss,
+            mse=out.mse,
+            train_mse=train_mse,
+            train_r2=_r2(train_mse, self.train_q),
+            val_mse=val_mse,
+            val_r2=None if self.val is None or val_mse is None else _r2(val_mse, self.val),
+            epochs_run=self.epochs_run,
+            stopped_early=self.stopped_early,
+            val=self.val,
+        )
+
+
+def _cut(chunk: Chunk, keep: int) -> Chunk:
+    """The chunk's first `keep` epochs; the parameters after them are the next epoch's."""
+    if keep >= len(chunk):
+        return chunk
+    return Chunk(
+        chunk.first_epoch,
+        chunk.w[:keep],
+        None if chunk.b is None else chunk.b[:keep],
+        chunk.loss[:keep],
+        chunk.w[keep],
+        0.0 if chunk.b is None else chunk.b[keep],
+        None if chunk.val_loss is None else chunk.val_loss[:keep],
+    )
+
+
+def _r2(mse: float, rows: Quadratic) -> float | None:
+    """1 - MSE / var(y) on these rows; None where y is constant (undefined) or it overflows."""
+    if rows.var_y <= 0:
+        return None
+    r2 = 1.0 - mse / rows.var_y
+    return r2 if math.isfinite(r2) else None
 
 
 def rel_diff(a: Sequence[float], b: Sequence[float]) -> float:

@@ -219,7 +219,7 @@ def _grid_points(store: Store, job: Job, stride: int, start: int) -> ProgressEve
     """The grid epochs recorded at or after `start` (and the final epoch once the job ended)."""
     total = job.progress.epoch
     first = -(-start // stride) * stride
-    cols: dict[str, Any] = {"epoch": [], "w": [], "b": None, "loss": []}
+    cols: dict[str, Any] = {"epoch": [], "w": [], "b": None, "loss": [], "val_loss": None}
     if first < total:
         count = (total - 1 - first) // stride + 1
         last = first + (count - 1) * stride
@@ -237,6 +237,8 @@ def _extend(cols: dict[str, Any], history: History) -> None:
     cols["epoch"] += history.epoch
     cols["w"] += history.w
     cols["loss"] += history.loss
+    if history.val_loss is not None:
+        cols["val_loss"] = (cols["val_loss"] or []) + history.val_loss
     if history.b is not None:
         cols["b"] = (cols["b"] or []) + history.b
 

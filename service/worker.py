@@ -56,20 +56,18 @@ class Hello:
 
 @dataclass(frozen=True)
 class Chunk:
-    """The next `count` epochs follow as raw float64 columns: w, loss (and b)."""
+    """The next `count` epochs follow as raw float64 columns, these in this order: w, loss,
+    then b (with an intercept) and val_loss (with a validation split)."""
 
     job_id: str
     count: int
-    columns: int
+    columns: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Done:
     job_id: str
-    w: float
-    b: float
-    final_loss: float
-    mse: float
+    report: dict[str, Any]  # a schemas.FitReport's fields: plain types, no import of its own
 
 
 @dataclass(frozen=True)
@@ -99,9 +97,10 @@ class Channel:
         self.conn = conn
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
 
-    def send_floats(self, job_id: str, columns: list[bytes]) -> None:
-        self.conn.send(Chunk(job_id, len(columns[0]) // 8, len(columns)))
-        for column in columns:
+    def send_floats(self, job_id: str, columns: dict[str, bytes]) -> None:
+        first = next(iter(columns.values()))
+        self.conn.send(Chunk(job_id, len(first) // 8, tuple(columns)))
+        for column in columns.values():
             self._sock.sendall(column)
 
     def recv_floats(self, count: int) -> "memoryview[float]":
@@ -161,25 +160,24 @@ def _exit() -> NoReturn:
 def _run(chan: Channel, msg: Fit) -> None:
     """One fit: stream its history, then exactly one of Done, Cancelled or Failed."""
     from service import training
-    from service.errors import Diverged, WorkerCrashed
+    from service.errors import Diverged, InvalidInput, WorkerCrashed
 
     x, y = training.as_tensor(msg.x), training.as_tensor(msg.y)
-    fit = training.FitParams(**msg.params)
-    outbox = _Outbox(chan, msg.job_id, fit.fit_intercept)
+    fit = training.FitParams.of(msg.params)
+    outbox = _Outbox(chan, msg.job_id)
     conn = chan.conn
     try:
-        last = None
-        for last in training.train(x, y, fit):
-            outbox.add(last)
+        session = training.Session(x, y, fit)
+        for chunk in session.chunks():
+            outbox.add(chunk)
             if _interrupted(conn, msg.job_id):
                 outbox.flush()
                 conn.send(Cancelled(msg.job_id))
                 return
         outbox.flush()
-        assert last is not None
-        outcome = training.result(x, y, last, fit)  # raises Diverged unless all finite
-        conn.send(Done(msg.job_id, outcome.w, outcome.b, outcome.final_loss, outcome.mse))
-    except Diverged as exc:
+        report = session.report()  # raises Diverged unless all finite
+        conn.send(Done(msg.job_id, report.model_dump()))
+    except (Diverged, InvalidInput) as exc:
         outbox.flush()
         conn.send(Failed(msg.job_id, exc.problem()))
     except Exception as exc:  # report, and stay alive for the next job
@@ -236,13 +234,21 @@ def _threads() -> list[int]:
         return [0]
 
 
+def columns(parts: list[Any]) -> dict[str, bytes]:
+    """Chunks' history as raw float64 columns by name: w, loss, then b and val_loss if any."""
+    out = {name: b"".join(getattr(c, name).tobytes() for c in parts) for name in ("w", "loss")}
+    for name in ("b", "val_loss"):
+        if getattr(parts[0], name) is not None:
+            out[name] = b"".join(getattr(c, name).tobytes() for c in parts)
+    return out
+
+
 class _Outbox:
     """Coalesces history chunks into one message every FLUSH_SECONDS."""
 
-    def __init__(self, chan: Channel, job_id: str, with_b: bool) -> None:
+    def __init__(self, chan: Channel, job_id: str) -> None:
         self._chan = chan
         self._job_id = job_id
-        self._with_b = with_b
         self._parts: list[Any] = []
         self._last = time.monotonic()
 
@@ -253,10 +259,6 @@ class _Outbox:
 
     def flush(self) -> None:
         if self._parts:
-            columns = [b"".join(c.w.tobytes() for c in self._parts)]
-            columns.append(b"".join(c.loss.tobytes() for c in self._parts))
-            if self._with_b:
-                columns.append(b"".join(c.b.tobytes() for c in self._parts))
-            self._chan.send_floats(self._job_id, columns)
+            self._chan.send_floats(self._job_id, columns(self._parts))
             self._parts = []
         self._last = time.monotonic()

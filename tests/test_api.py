@@ -430,10 +430,22 @@ def test_openapi_lists_the_problem_answers(served: TestClient) -> None:
 # -- numbers a caller can trust, work a caller cannot abuse ------------------------------------
 
 
+# Fields that are null by design (off, absent or undefined), never as a NaN in disguise.
+NULLABLE = {
+    "batch_size",  # every sample
+    "tol",  # no early stopping
+    "init_from",  # no warm start
+    "val_mse",  # no validation split
+    "val_r2",
+    "train_r2",  # undefined for constant y
+    "not_published_because",  # published
+}
+
+
 def no_null_numbers(job: dict[str, Any]) -> None:
     for section in ("result", "progress", "params"):
         for name, value in (job.get(section) or {}).items():
-            if name not in ("batch_size",):
+            if name not in NULLABLE:
                 assert value is not None, (section, name, job)
 
 
@@ -506,7 +518,15 @@ def test_every_version_is_kept_and_a_rollback_serves_an_older_one(make_client: F
     assert [v["served"] for v in listed["versions"]] == [True, False, False]
     one = client.get("/models/1").json()
     assert (one["w"], one["served"]) == (w[0]["w"], False)
-    assert one["metrics"] == {"final_loss": w[0]["final_loss"], "mse": w[0]["mse"]}
+    first = w[0]
+    assert one["metrics"] == {
+        "final_loss": first["final_loss"],
+        "mse": first["mse"],
+        "train_mse": first["mse"],  # no split: every row is a training row
+        "train_r2": first["train_r2"],
+        "val_mse": None,
+        "val_r2": None,
+    }
     assert client.get("/models", params={"limit": 1}).json()["versions"][0]["version"] == 3
     # a kept version answers without being served
     old = client.get("/predict", params={"hours": 4, "version": 1}).json()

@@ -87,6 +87,12 @@ def test_fit_options_are_passed_on(live_server: Server, capsys: pytest.CaptureFi
         "batch_size": None,
         "fit_intercept": True,
         "seed": 3,
+        "validation_fraction": 0.0,  # the lifecycle options, left to the service
+        "tol": None,
+        "n_iter_no_change": 5,
+        "publish": "always",
+        "init_from": None,
+        "init_b": 0.0,
     }
     code, out, _ = run(
         ["fit", "--url", live_server.url, *TUTORIAL_ARGS, "--batch-size", "2"], capsys

@@ -91,6 +91,13 @@ def test_fit_sends_only_the_options_given(sgd: SGDClient) -> None:
         "batch_size": None,  # None: full-batch gradient descent
         "fit_intercept": True,
         "seed": 3,
+        # the lifecycle options left out: no split, no early stop, published, a cold start
+        "validation_fraction": 0.0,
+        "tol": None,
+        "n_iter_no_change": 5,
+        "publish": "always",
+        "init_from": None,
+        "init_b": 0.0,
     }
     assert sgd.wait(job.id).status is JobStatus.succeeded
 
