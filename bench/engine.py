@@ -197,6 +197,46 @@ def sklearn_reference(n: int = 1_000_000) -> dict[str, Any]:
     }
 
 
+def session_seconds(x: torch.Tensor, y: torch.Tensor, params: FitParams) -> float:
+    """Wall time of a whole fit as the workers run it (training.Session): the split, the
+    engine, val_loss and the early-stopping check every epoch, and the report."""
+
+    def run() -> None:
+        session = training.Session(x, y, params)
+        for _ in session.chunks():
+            pass
+        session.report()
+
+    return seconds(run)
+
+
+def lifecycle() -> dict[str, Any]:
+    """Per-epoch cost of a fit with and without a validation split and early stopping (a tol
+    it never meets, so every epoch runs and is checked), on the tutorial's 3 rows and on
+    1,000,000 rows, batch 1: the split's losses are O(1) an epoch, whatever the rows."""
+    out: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(0)
+    big_x = torch.randn(1_000_000, generator=gen, dtype=torch.float64)
+    big_y = 2 * big_x + 1 + 0.1 * torch.randn(1_000_000, generator=gen, dtype=torch.float64)
+    datasets = {
+        "tutorial": (training.as_tensor(TUTORIAL_X), training.as_tensor(TUTORIAL_Y)),
+        "1M rows": (big_x, big_y),
+    }
+    epochs = 1_000_000
+    variants: dict[str, dict[str, Any]] = {
+        "plain": {},
+        "split": {"validation_fraction": 0.2},
+        "split + early stop": {"validation_fraction": 0.2, "tol": -1.0, "n_iter_no_change": 10},
+        "early stop": {"tol": -1.0, "n_iter_no_change": 10},
+    }
+    for name, (x, y) in datasets.items():
+        for variant, extra in variants.items():
+            params = FitParams(epochs=epochs, fit_intercept=True, seed=1, **extra)
+            runs = [session_seconds(x, y, params) / epochs * 1e6 for _ in range(3)]
+            out[f"{name}, {variant}"] = median_best(runs)
+    return out
+
+
 def prepare_cost() -> dict[str, Any]:
     """prepare() in fresh processes, after torch is imported: what a worker pays at start-up."""
     code = (
@@ -223,6 +263,7 @@ def run_all(log: Callable[[str], None]) -> dict[str, Any]:
         ("per_sample", per_sample_sgd),
         ("full_batch", full_batch),
         ("sklearn", sklearn_reference),
+        ("lifecycle", lifecycle),
     ):
         log(f"engine: {name} ...")
         results[name] = fn()

@@ -157,7 +157,27 @@ def engine_rows(e: dict[str, Any]) -> list[Row]:
             "none",
             None,
         ),
+        *lifecycle_rows(e["lifecycle"]),
     ]
+
+
+def lifecycle_rows(costs: dict[str, dict[str, float]]) -> list[Row]:
+    """Per-epoch cost of a fit with a validation split and early stopping, against plain."""
+    rows: list[Row] = []
+    for key, figure in costs.items():
+        data, variant = key.split(", ", 1)
+        plain = costs[f"{data}, plain"]["median"]
+        rows.append(
+            (
+                f"fit epoch (batch 1, with b), {data}, {variant}",
+                median_best(figure, "{:.3f} us"),
+                f"plain {plain:.3f} us",
+                f"{figure['median'] / plain:.2f}x",
+                "O(1) an epoch" if variant != "plain" else "",
+                None,
+            )
+        )
+    return rows
 
 
 def serving_rows(s: dict[str, Any]) -> list[Row]:
