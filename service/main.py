@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from service import __version__, api, views
+from service import __version__, api, oip, views
 from service.fastpath import FastPredict
 from service.jobs import JobRunner, Runner
 from service.middleware import AllowedHosts, BodyLimit, SecurityHeaders
@@ -74,15 +74,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(api.router)
     app.include_router(views.router)
+    app.include_router(oip.router)
     app.add_middleware(SecurityHeaders, docs_paths=DOCS_PATHS)  # behind /predict's fast path
     app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
+    app.add_middleware(oip.ProtocolErrors)  # /v2's errors, the two above's too, as {"error"}
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_limits(FastAPI.openapi(app), settings)
+            spec = document_limits(FastAPI.openapi(app), settings)
+            app.openapi_schema = oip.document(spec, settings)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

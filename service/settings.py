@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     job_timeout: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     history_max_points: int = Field(default=10_000, ge=2, le=1_000_000)
 
+    # The model's name in the Open Inference Protocol's paths (/v2/models/{name}): one URL
+    # segment, as Triton and KServe name models.
+    model_name: str = Field(default="sgd", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
     api_token: SecretStr | None = None
     # The Host header values answered (anything else is a 400): a page on another site that
     # the user visits cannot reach a service on loopback by DNS rebinding. Comma-separated

@@ -1,0 +1,676 @@
+"""The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) under /v2: health, metadata and
+inference with JSON tensors and the binary tensor data extension.
+
+The model is named by SGD_MODEL_NAME; its input `hours` and output `score` are FP64 tensors of
+shape [-1]. An inference is /predict's: one read of the served model (or of a kept version, as
+`?version=` reads it), plain Python, never torch, never a wait on training.
+
+Errors on /v2 take the protocol's form, `{"error": "..."}`: the routes raise domain errors like
+every route, and ProtocolErrors, a pure ASGI layer in front of the Host check and the body limit,
+rewrites each problem+json answer on a /v2 path into that form. So the Host check's 400, the body
+limit's 413 and routing's 404 and 405 take it too, while every other path keeps problem+json.
+"""
+
+import json
+import math
+import re
+import struct
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    WithJsonSchema,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.deps import SettingsDep, StoreDep
+from service.errors import ModelNotReady, ServiceError, VersionNotFound
+from service.problems import PROBLEM_JSON
+from service.schemas import Model
+from service.settings import Settings
+from service.store import Store
+
+SERVER_NAME = "sgd-service"
+# The protocol's "framework/backend" of the model: this service's own linear model, y = w*x + b.
+PLATFORM = "sgd-service"
+EXTENSIONS = ["binary_tensor_data"]
+INPUT, OUTPUT = "hours", "score"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPE, BINARY_TYPE = "application/json", "application/octet-stream"
+
+# The datatypes `hours` may come in: their binary format (little-endian, as the extension says)
+# and, for integers, their range. FP16 and BF16 have no JSON form; BOOL and BYTES are no numbers.
+FLOATS = {"FP32": "f", "FP64": "d"}
+INTEGERS = {
+    f"{kind}{bits}": (code, lo, hi)
+    for bits, codes in ((8, "bB"), (16, "hH"), (32, "iI"), (64, "qQ"))
+    for kind, code, lo, hi in (
+        ("INT", codes[0], -(2 ** (bits - 1)), 2 ** (bits - 1) - 1),
+        ("UINT", codes[1], 0, 2**bits - 1),
+    )
+}
+DATATYPES: list[JsonValue] = ["FP64", "FP32", *INTEGERS]
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")  # a version number as GET /models shows it
+
+
+class InvalidInferenceRequest(ServiceError):
+    type = "invalid-inference-request"
+    title = "The inference request is not valid"
+    status = 400
+
+
+class ModelNotFound(ServiceError):
+    type = "model-not-found"
+    title = "No such model"
+    status = 404
+
+
+# -- the protocol's objects ----------------------------------------------------------------
+
+
+def _parameter(value: Any) -> Any:
+    if not isinstance(value, bool | int | float | str):
+        raise ValueError("a parameter is a number, a string or a boolean")
+    return value
+
+
+# One check, not a union of four types: one message per bad parameter.
+Parameter = Annotated[
+    Any, AfterValidator(_parameter), WithJsonSchema({"type": ["boolean", "number", "string"]})
+]
+Parameters = dict[str, Parameter]
+
+
+class _Wire(BaseModel):
+    # Fields the service has no use for are ignored, as Triton and KServe ignore them (Triton's
+    # own examples put "model_name" in a request); types are strict: "3" is no shape.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class RequestInput(_Wire):
+    name: str = Field(json_schema_extra={"enum": [INPUT]})
+    shape: list[Annotated[int, Field(ge=0)]] = Field(
+        json_schema_extra={"minItems": 1, "maxItems": 1}, examples=[[3]]
+    )
+    datatype: str = Field(json_schema_extra={"enum": DATATYPES}, examples=["FP64"])
+    parameters: Parameters | None = Field(
+        default=None, description="binary_data_size: the input's bytes after the JSON object"
+    )
+    data: list[Any] | None = Field(
+        default=None,
+        description="the values, row-major, flat or nested; absent when sent as binary data",
+        examples=[[1, 2, 4]],
+    )
+
+
+class RequestOutput(_Wire):
+    name: str = Field(json_schema_extra={"enum": [OUTPUT]})
+    parameters: Parameters | None = Field(
+        default=None, description="binary_data: true for the output as binary data"
+    )
+
+
+class InferenceRequest(_Wire):
+    id: str | None = Field(default=None, description="echoed in the response")
+    parameters: Parameters | None = Field(
+        default=None,
+        description="binary_data_output: true for every output as binary data; others ignored",
+    )
+    inputs: list[RequestInput] = Field(min_length=1, json_schema_extra={"maxItems": 1})
+    outputs: list[RequestOutput] | None = None
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ServerMetadata(_Out):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class MetadataTensor(_Out):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(_Out):
+    name: str
+    versions: list[str] = Field(description="the kept versions, newest first")
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ServerLive(_Out):
+    live: bool
+
+
+class ServerReady(_Out):
+    ready: bool
+
+
+class ModelReady(_Out):
+    name: str
+    ready: bool
+
+
+class ResponseOutput(_Out):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, int] | None = None
+    data: list[float] | None = None
+
+
+class InferenceResponse(_Out):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class ProtocolError(_Out):
+    error: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the protocol's error answers a route can give."""
+    return {code: {"model": ProtocolError} for code in codes}
+
+
+# -- the routes -----------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+
+
+async def _model_name(name: str, settings: SettingsDep) -> str:
+    if name != settings.model_name:
+        raise ModelNotFound(f"no model {name!r}: this server serves {settings.model_name!r}")
+    return name
+
+
+NameDep = Annotated[str, Depends(_model_name)]
+
+
+async def _version_number(name: NameDep, version: str) -> int:
+    if not _VERSION.fullmatch(version):
+        raise VersionNotFound(
+            f"model {name!r} has no version {version!r}: versions are numbers, and "
+            f"GET /v2/models/{name} lists the kept ones"
+        )
+    return int(version)
+
+
+VersionDep = Annotated[int, Depends(_version_number)]
+
+
+def _served(store: Store, name: str) -> Model:
+    model = store.model  # one read: one version
+    if model is None:
+        raise ModelNotReady(
+            f"model {name!r} is not ready: no fit has succeeded yet (POST /fit, then retry)"
+        )
+    return model
+
+
+async def _kept(store: Store, name: str, version: int) -> Model:
+    try:
+        return await run_in_threadpool(store.version, version)
+    except VersionNotFound:
+        raise VersionNotFound(
+            f"model {name!r} has no version {version}: GET /v2/models/{name} lists the kept ones"
+        ) from None
+
+
+@router.get("")
+async def server_metadata() -> ServerMetadata:
+    """Server metadata: name, version and the protocol extensions it supports."""
+    return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+
+@router.get("/health/live")
+async def server_live() -> ServerLive:
+    """Liveness: the process answers."""
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", responses=errors(503))
+async def server_ready(store: StoreDep, settings: SettingsDep) -> ServerReady:
+    """Readiness for inference: 200 once a model is served, 503 before."""
+    _served(store, settings.model_name)
+    return ServerReady(ready=True)
+
+
+async def _metadata(store: Store, settings: Settings) -> ModelMetadata:
+    kept = await run_in_threadpool(store.versions, settings.keep_versions)
+    return ModelMetadata(
+        name=settings.model_name,
+        versions=[str(m.version) for m in kept],
+        platform=PLATFORM,
+        inputs=[MetadataTensor(name=INPUT, datatype="FP64", shape=[-1])],
+        outputs=[MetadataTensor(name=OUTPUT, datatype="FP64", shape=[-1])],
+    )
+
+
+@router.get("/models/{name}", responses=errors(404, 503))
+async def model_metadata(name: NameDep, store: StoreDep, settings: SettingsDep) -> ModelMetadata:
+    """The model's metadata: its kept versions, its input and output tensors."""
+    return await _metadata(store, settings)
+
+
+@router.get("/models/{name}/versions/{version}", responses=errors(404, 503))
+async def version_metadata(
+    name: NameDep, version: VersionDep, store: StoreDep, settings: SettingsDep
+) -> ModelMetadata:
+    """The model's metadata, for a kept version (404 for any other)."""
+    await _kept(store, name, version)
+    return await _metadata(store, settings)
+
+
+@router.get("/models/{name}/ready", responses=errors(404, 503))
+async def model_ready(name: NameDep, store: StoreDep) -> ModelReady:
+    """Model readiness: 200 once a model is served, 503 before."""
+    _served(store, name)
+    return ModelReady(name=name, ready=True)
+
+
+@router.get("/models/{name}/versions/{version}/ready", responses=errors(404, 503))
+async def version_ready(name: NameDep, version: VersionDep, store: StoreDep) -> ModelReady:
+    """Readiness of a version: 200 while it is kept, 404 otherwise."""
+    await _kept(store, name, version)
+    return ModelReady(name=name, ready=True)
+
+
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferenceResponse,
+        "description": "The scores; with binary outputs asked for, the JSON object then the "
+        f"binary data as {BINARY_TYPE}, the JSON's length in {HEADER_LENGTH}",
+        "content": {BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **errors(400, 404, 413, 503),
+}
+
+
+@router.post("/models/{name}/infer", response_model=None, responses=_INFER_RESPONSES)
+async def infer(
+    name: NameDep, request: Request, store: StoreDep, settings: SettingsDep
+) -> Response:
+    """Inference with the served model: `hours` in, `score` out."""
+    asked = await _read(request, name, settings)
+    return _answer(name, _served(store, name), asked)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer", response_model=None, responses=_INFER_RESPONSES
+)
+async def infer_version(
+    name: NameDep, version: VersionDep, request: Request, store: StoreDep, settings: SettingsDep
+) -> Response:
+    """Inference with a kept version (404 for any other)."""
+    asked = await _read(request, name, settings)
+    return _answer(name, await _kept(store, name, version), asked)
+
+
+# -- inference -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A request, checked: what was asked, and how to answer."""
+
+    id: str | None
+    hours: list[float]
+    binary_output: bool
+
+
+async def _read(request: Request, name: str, settings: Settings) -> Inference:
+    """The request's body, checked at the edge like POST /predict's; the model comes after."""
+    body = await request.body()
+    header, tail = _split(body, request.headers)
+    try:
+        document = json.loads(header)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidInferenceRequest(f"the body is not a JSON inference request: {exc}") from None
+    try:
+        parsed = InferenceRequest.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidInferenceRequest(_describe(exc)) from None
+    for tensor in parsed.inputs:
+        if tensor.name != INPUT:
+            raise InvalidInferenceRequest(
+                f"model {name!r} has no input {tensor.name!r}: its input is {INPUT!r}"
+            )
+    if len(parsed.inputs) > 1:
+        raise InvalidInferenceRequest(f"input {INPUT!r} is given {len(parsed.inputs)} times")
+    return Inference(
+        id=parsed.id,
+        hours=_hours(parsed.inputs[0], tail, settings),
+        binary_output=_binary_output(parsed, name),
+    )
+
+
+def _split(body: bytes, headers: Headers) -> tuple[bytes, bytes]:
+    """The JSON object and the binary data after it (the binary tensor data extension)."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise InvalidInferenceRequest(
+            f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+        )
+    length = headers.get(HEADER_LENGTH)
+    if length is None:
+        return body, b""
+    length = length.strip()
+    if not (length.isascii() and length.isdigit() and len(length) < 19) or int(length) > len(body):
+        raise InvalidInferenceRequest(
+            f"{HEADER_LENGTH} must be the length in bytes of the JSON object that starts the "
+            f"body (at most {len(body)}), not {length[:40]!r}"
+        )
+    return body[: int(length)], body[int(length) :]
+
+
+def _describe(exc: ValidationError) -> str:
+    """Pydantic's complaints, each at the place a caller wrote it: inputs[0].shape[1]."""
+    seen: dict[str, str] = {}
+    for error in exc.errors():
+        where = ""
+        for part in error["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else f".{part}" if where else str(part)
+        seen.setdefault(where or "body", error["msg"])
+    issues = "; ".join(f"{where}: {message}" for where, message in list(seen.items())[:5])
+    return f"the inference request is not valid: {issues}"
+
+
+def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> list[float]:
+    """The input's values as floats, each finite and within SGD_MAX_ABS_VALUE."""
+    datatype = tensor.datatype
+    if datatype not in FLOATS and datatype not in INTEGERS:
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} cannot be {datatype!r}: send FP64 (FP32, INT8 to INT64 and "
+            "UINT8 to UINT64 are accepted too)"
+        )
+    if len(tensor.shape) != 1:
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} has shape {tensor.shape}: it has one dimension, shape [n]"
+        )
+    (n,) = tensor.shape
+    if n > settings.max_predict_batch:
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} has {n} values: at most SGD_MAX_PREDICT_BATCH="
+            f"{settings.max_predict_batch} per request; split the request"
+        )
+    parameters = tensor.parameters or {}
+    _refuse_shared_memory(parameters)
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        values = _from_binary(size, tensor.data, binary, n, datatype)
+    else:
+        if binary:
+            raise InvalidInferenceRequest(
+                f"{len(binary)} bytes follow the JSON object but no input says binary_data_size"
+            )
+        values = _from_json(tensor.data, n, datatype)
+    if datatype == "FP32":  # an FP32 tensor holds float32 values, whatever JSON wrote
+        values = array("f", values).tolist()
+    limit = settings.max_abs_value
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise InvalidInferenceRequest(f"{INPUT}[{i}] is {value}: send finite numbers")
+        if abs(value) > limit:
+            raise InvalidInferenceRequest(
+                f"{INPUT}[{i}] is {value:g}: every |{INPUT}| must be at most "
+                f"SGD_MAX_ABS_VALUE={limit:g}"
+            )
+    return values
+
+
+def _refuse_shared_memory(parameters: Parameters) -> None:
+    if "shared_memory_region" in parameters:
+        raise InvalidInferenceRequest(
+            "the shared memory extension is not supported: send the tensor in the request"
+        )
+
+
+def _from_binary(size: object, data: object, binary: bytes, n: int, datatype: str) -> list[float]:
+    if data is not None:
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} has both 'data' and binary_data_size: send one of them"
+        )
+    code = FLOATS.get(datatype) or INTEGERS[datatype][0]
+    expected = n * struct.calcsize(f"<{code}")
+    if type(size) is not int or size != expected:  # not True, nor 24.0
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} of shape [{n}] and datatype {datatype} is {expected} bytes, but its "
+            f"binary_data_size is {size!r}"
+        )
+    if len(binary) != expected:
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} announces {expected} bytes of binary data, but {len(binary)} bytes "
+            f"follow the JSON object ({HEADER_LENGTH} gives its length)"
+        )
+    return [float(v) for v in struct.unpack(f"<{n}{code}", binary)]
+
+
+def _from_json(data: list[Any] | None, n: int, datatype: str) -> list[float]:
+    if data is None:
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} has no data: send 'data', or binary data with binary_data_size"
+        )
+    elements = _flatten(data, n)
+    if len(elements) != n:
+        held = "more" if len(elements) > n else str(len(elements))
+        raise InvalidInferenceRequest(
+            f"input {INPUT!r} has shape [{n}] but its data holds {held} values: the shape "
+            "counts every value"
+        )
+    return [_number(value, i, datatype) for i, value in enumerate(elements)]
+
+
+def _flatten(data: list[Any], n: int) -> list[Any]:
+    """The values of nested lists in row-major order, up to n + 1 of them; iterative, so that
+    no nesting depth can exhaust the stack."""
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack and len(out) <= n:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+            if len(out) > n:
+                break
+        else:
+            stack.pop()
+    return out
+
+
+def _number(value: Any, index: int, datatype: str) -> float:
+    """One JSON value of a tensor of this datatype, as a float (or infinity when it has none)."""
+    shown = json.dumps(value)[:40]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInferenceRequest(f"{INPUT}[{index}] is {shown}, not a number")
+    if datatype in INTEGERS:
+        _, lo, hi = INTEGERS[datatype]
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise InvalidInferenceRequest(
+                f"{INPUT}[{index}] is {shown}, not an {datatype} value (an integer in [{lo}, {hi}])"
+            )
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float: refused as the infinity it is
+        return math.inf if value > 0 else -math.inf
+
+
+def _binary_output(parsed: InferenceRequest, name: str) -> bool:
+    """Whether `score` goes back as binary data: the request's binary_data_output, unless the
+    requested output says otherwise."""
+    binary = _flag(parsed.parameters or {}, "binary_data_output", False)
+    outputs = parsed.outputs or []
+    for output in outputs:
+        if output.name != OUTPUT:
+            raise InvalidInferenceRequest(
+                f"model {name!r} has no output {output.name!r}: its output is {OUTPUT!r}"
+            )
+    if len(outputs) > 1:
+        raise InvalidInferenceRequest(f"output {OUTPUT!r} is asked for {len(outputs)} times")
+    for output in outputs:
+        parameters = output.parameters or {}
+        if "classification" in parameters:
+            raise InvalidInferenceRequest(
+                f"the classification extension is not supported: {OUTPUT!r} is a number"
+            )
+        _refuse_shared_memory(parameters)
+        binary = _flag(parameters, "binary_data", binary)
+    return binary
+
+
+def _flag(parameters: Parameters, key: str, default: bool) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInferenceRequest(f"parameter {key!r} must be true or false, not {value!r}")
+    return value
+
+
+def _answer(name: str, model: Model, asked: Inference) -> Response:
+    """The scores of one model version, as JSON or as binary data after the JSON object."""
+    scores = [model.predict(h) for h in asked.hours]
+    for i, score in enumerate(scores):
+        if not math.isfinite(score):
+            raise InvalidInferenceRequest(
+                f"the score of {INPUT}[{i}] = {asked.hours[i]:g} overflows a float: send smaller "
+                f"{INPUT}"
+            )
+    n = len(scores)
+    output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP64", "shape": [n]}
+    if asked.binary_output:
+        output["parameters"] = {"binary_data_size": 8 * n}
+    else:
+        output["data"] = scores
+    answer: dict[str, Any] = {"model_name": name, "model_version": str(model.version)}
+    if asked.id is not None:
+        answer["id"] = asked.id
+    answer["outputs"] = [output]
+    header = json.dumps(answer, allow_nan=False, separators=(",", ":")).encode()
+    if not asked.binary_output:
+        return Response(header, media_type=JSON_TYPE)
+    return Response(
+        header + struct.pack(f"<{n}d", *scores),
+        media_type=BINARY_TYPE,
+        headers={HEADER_LENGTH: str(len(header))},
+    )
+
+
+# -- errors: the protocol's form on /v2 ------------------------------------------------------
+
+
+def is_protocol_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+class ProtocolErrors:
+    """Pure ASGI: on /v2 paths, answer each problem+json error as the protocol's error object.
+
+    The problem's detail becomes the message; its status stays, but for 422: the protocol calls
+    an invalid request 400. Its headers (Allow, Retry-After, Connection) stay too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_protocol_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def rewrite(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and _is_problem(message):
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                status, headers, body = _protocol_error(start, b"".join(chunks))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
+
+
+def _is_problem(start: Message) -> bool:
+    headers: Sequence[tuple[bytes, bytes]] = start.get("headers", [])
+    return any(k.lower() == b"content-type" and v == PROBLEM_JSON.encode() for k, v in headers)
+
+
+def _protocol_error(start: Message, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    problem = json.loads(body)
+    message = str(problem.get("detail") or problem.get("title") or "error")
+    issues = problem.get("errors") or []
+    if issues:  # a validation problem: its fields say what is wrong
+        message += ": " + "; ".join(f"{i['field']}: {i['message']}" for i in issues[:5])
+    status = 400 if start["status"] == 422 else start["status"]
+    answer = json.dumps({"error": message}).encode()
+    kept = [
+        (k, v)
+        for k, v in start.get("headers", [])
+        if k.lower() not in (b"content-type", b"content-length")
+    ]
+    headers = [
+        *kept,
+        (b"content-type", JSON_TYPE.encode()),
+        (b"content-length", str(len(answer)).encode()),
+    ]
+    return status, headers, answer
+
+
+# -- the OpenAPI document ---------------------------------------------------------------------
+
+
+def document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Describe /v2 as it behaves: the protocol's request body, the model's name, the limits,
+    and no 422 (the protocol answers 400)."""
+    schemas = spec["components"]["schemas"]
+    request = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(request.pop("$defs", {}))
+    schemas["InferenceRequest"] = request
+    shape = schemas["RequestInput"]["properties"]["shape"]
+    shape["items"]["maximum"] = settings.max_predict_batch
+    for path, operations in spec["paths"].items():
+        if not is_protocol_path(path):
+            continue
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            for param in operation.get("parameters", []):
+                if param["name"] == "name":
+                    param["schema"] = {"type": "string", "enum": [settings.model_name]}
+                elif param["name"] == "version":
+                    param["schema"] = {"type": "string", "pattern": f"^{_VERSION.pattern}$"}
+            if path.endswith("/infer"):
+                operation["requestBody"] = {
+                    "required": True,
+                    "description": "An inference request; for binary data (the binary tensor "
+                    f"data extension), the JSON object then the data, with {HEADER_LENGTH}",
+                    "content": {
+                        JSON_TYPE: {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
+                    },
+                }
+    return spec
