@@ -3,13 +3,16 @@
 import asyncio
 import io
 import json
+import math
 from collections.abc import AsyncIterator
 from functools import cache
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import StoreDep
@@ -18,9 +21,15 @@ from service.problems import problems
 from service.schemas import History, Job, ProgressEvent
 from service.store import Store
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 # A plot never needs more points than a figure has pixels across; fewer keeps it fast.
 PLOT_POINTS = 2_000
 IMAGE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
+# A log axis draws losses within these bounds: matplotlib's log ticks overflow a float well
+# before the largest float, and a loss of exactly 0 has no logarithm (see _log_losses).
+LOG_FLOOR, LOG_CEILING = 1e-100, 1e100
 
 # The event stream polls the store (the worker writes into it about every 50 ms): one event per
 # poll at most bounds the rate at about 20 per second, whatever the fit's speed.
@@ -35,6 +44,19 @@ END_ID = "end"
 ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 router = APIRouter()
+
+
+def _strict_bool(value: Any) -> Any:
+    """A query flag is `true` or `false`, as JSON writes them: not 1, yes, on or True."""
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise PydanticCustomError("bool_parsing", "Input should be true or false")
+
+
+# The same 422 problem as every other bad query parameter, naming it; OpenAPI still says boolean.
+StrictFlag = Annotated[bool, BeforeValidator(_strict_bool)]
 
 
 # -- the plot ------------------------------------------------------------------------------
@@ -55,16 +77,22 @@ async def history_plot(
     store: StoreDep,
     job_id: str | None = None,
     image_format: Annotated[Literal["png", "svg"], Query(alias="format")] = "png",
+    log: Annotated[
+        StrictFlag,
+        Query(
+            description="draw the loss on a log scale (a loss of 0 at the smallest positive one)"
+        ),
+    ] = False,
 ) -> Response:
     """The tutorial's figure of the latest job (or ?job_id=): loss and w per epoch."""
     history = await run_in_threadpool(store.history, job_id, 0, None, PLOT_POINTS)
-    image = await run_in_threadpool(render_history, history, image_format)
+    image = await run_in_threadpool(render_history, history, image_format, log)
     return Response(
         image, media_type=IMAGE_TYPES[image_format], headers={"Cache-Control": "no-store"}
     )
 
 
-def render_history(history: History, image_format: str) -> bytes:
+def render_history(history: History, image_format: str, log: bool = False) -> bytes:
     """Draw loss, then the parameters, over a shared epoch axis; matplotlib loads only here."""
     import matplotlib
 
@@ -80,9 +108,16 @@ def render_history(history: History, image_format: str) -> bytes:
     model = "y = w·x + b" if history.b is not None else "y = w·x"
     fig.suptitle(f"SGD fit of {model}: job {history.job_id[:8]} ({history.status.value})")
 
-    loss_ax.plot(history.epoch, history.loss, color="tab:red", linewidth=1.2)
     loss_ax.set_title("Loss per epoch")
-    loss_ax.set_ylabel("loss (batch MSE)")
+    if log and history.loss:
+        losses, note = _log_losses(loss_ax, history.loss)
+        loss_ax.set_ylabel("loss (batch MSE, log scale)")
+        if note:
+            loss_ax.text(0.99, 0.96, note, ha="right", va="top", transform=loss_ax.transAxes)
+    else:
+        losses = history.loss
+        loss_ax.set_ylabel("loss (batch MSE)")
+    loss_ax.plot(history.epoch, losses, color="tab:red", linewidth=1.2)
 
     param_ax.plot(history.epoch, history.w, color="tab:blue", linewidth=1.2, label="w")
     if history.b is not None:
@@ -101,6 +136,35 @@ def render_history(history: History, image_format: str) -> bytes:
     out = io.BytesIO()
     fig.savefig(out, format=image_format)
     return out.getvalue()
+
+
+def _log_losses(ax: "Axes", loss: list[float]) -> tuple[list[float], str]:
+    """Put `ax` on a log scale fitted to the losses; the losses to draw, and a note on those
+    moved to fit it.
+
+    A loss of exactly 0 (a perfect fit) is drawn at the smallest positive loss, and the note
+    says how many there are: symlog would keep 0 on the axis, but its linear band squeezes
+    the decades just above 0 into a sliver. The limits are set before anything is drawn:
+    matplotlib's own margins would overflow a float for losses near its extremes.
+    """
+    positive = [v for v in loss if v > 0]
+    floor = min(max(min(positive, default=1.0), LOG_FLOOR), LOG_CEILING)
+    drawn = [min(max(v, floor), LOG_CEILING) for v in loss]
+    low, high = math.log10(floor), math.log10(max(drawn))
+    margin = 0.05 * max(high - low, 1.0)
+    ax.set_yscale("log")
+    ax.set_ylim(10.0 ** (low - margin), 10.0 ** (high + margin))
+    zeros = sum(v == 0 for v in loss)
+    tiny = sum(0 < v < floor for v in loss)  # only when some loss is below LOG_FLOOR
+    huge = sum(v > LOG_CEILING for v in loss)
+    notes = []
+    if zeros:
+        notes.append(f"{zeros:,} of 0 drawn at {floor:.3g}")
+    if tiny:
+        notes.append(f"{tiny:,} below {LOG_FLOOR:g} drawn there")
+    if huge:
+        notes.append(f"{huge:,} above {LOG_CEILING:g} drawn there")
+    return drawn, ("losses: " + "; ".join(notes)) if notes else ""
 
 
 # -- live events ---------------------------------------------------------------------------

@@ -238,6 +238,82 @@ def test_plot_errors_are_problems(
         assert r.json()["type"] == problem_type
 
 
+def test_log_plot_differs_from_the_linear_one(client: TestClient) -> None:
+    job = client.post("/fit", json={**TUTORIAL, "seed": 6}).json()
+    wait_job(client, job["id"])
+
+    def plot(**params: str) -> bytes:
+        r = client.get("/history/plot", params={"job_id": job["id"], **params})
+        assert r.status_code == 200
+        image: bytes = r.content
+        return image
+
+    linear_png, log_png = plot(), plot(log="true")
+    assert png_size(log_png) == png_size(linear_png) == (700, 550)
+    assert log_png != linear_png
+    assert plot(log="false") == linear_png  # false is the default
+    linear, log = plot(format="svg").decode(), plot(format="svg", log="true").decode()
+    assert "loss (batch MSE, log scale)" in log
+    assert "log scale" not in linear
+    # the log axis labels its decades (10^-k, as mathtext), which a linear axis never does
+    assert "10^{" in log
+    assert "10^{" not in linear
+    assert "Parameters per epoch (before each update)" in log  # the w panel is still there
+
+
+def test_log_plot_of_losses_that_are_zero_tiny_or_huge(app: TestClient) -> None:
+    """A loss of exactly 0 has no logarithm: it is drawn at the smallest positive loss, and the
+    plot says how many were; losses beyond matplotlib's range are drawn at its edge."""
+    store = store_of(app)
+    job = fake_job(store, 6)
+    losses = [4.0, 0.5, 0.0, 0.001, 0.0, 0.25]
+    store.append_history(job.id, array("d", [1.0] * 6), None, array("d", losses))
+    svg = app.get("/history/plot", params={"job_id": job.id, "format": "svg", "log": "true"})
+    assert svg.status_code == 200
+    assert "losses: 2 of 0 drawn at 0.001" in svg.text
+    png = app.get("/history/plot", params={"job_id": job.id, "log": "true"})
+    assert png.content.startswith(PNG_MAGIC)
+
+    for extremes, note in [
+        ([0.0, 0.0], "losses: 2 of 0 drawn at 1"),  # nothing positive: any decade will do
+        (
+            [1.7e308, 5e-324, 0.0],
+            "losses: 1 of 0 drawn at 1e-100; 1 below 1e-100 drawn there; "
+            "1 above 1e+100 drawn there",
+        ),
+    ]:
+        job = fake_job(store, len(extremes))
+        w = array("d", [1.0] * len(extremes))
+        store.append_history(job.id, w, None, array("d", extremes))
+        params = {"job_id": job.id, "log": "true"}
+        assert app.get("/history/plot", params=params).content.startswith(PNG_MAGIC)
+        svg = app.get("/history/plot", params={**params, "format": "svg"})
+        assert svg.status_code == 200
+        assert note in svg.text
+
+
+def test_log_plot_of_a_job_without_epochs(app: TestClient) -> None:
+    job = fake_job(store_of(app), 5)
+    r = app.get("/history/plot", params={"job_id": job.id, "format": "svg", "log": "true"})
+    assert r.status_code == 200
+    assert "no epochs recorded yet" in r.text
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "True", "on", "", "null"])
+def test_log_is_a_strict_boolean(client: TestClient, value: str) -> None:
+    """Only true and false, as JSON writes them: a bad value is a 422 naming the parameter."""
+    client.post("/fit", json=TUTORIAL)
+    wait_until(lambda: client.get("/history").status_code == 200, what="a history")
+    r = client.get("/history/plot", params={"log": value})
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["type"] == "validation-error"
+    assert [(e["field"], e["message"]) for e in problem["errors"]] == [
+        ("log", "Input should be true or false")
+    ]
+
+
 def test_plot_of_a_queued_job_is_404(app: TestClient) -> None:
     c = app
     job, _ = store_of(c).create_job(job_params(5), 3)  # queued: not started
@@ -549,6 +625,12 @@ def test_openapi_lists_every_status_of_the_views(client: TestClient) -> None:
         assert set(paths[path][method]["responses"]) == codes, path
     plot = paths["/history/plot"]["get"]["responses"]["200"]["content"]
     assert set(plot) == {"image/png", "image/svg+xml"}
+    log = next(p for p in paths["/history/plot"]["get"]["parameters"] if p["name"] == "log")
+    assert (log["in"], log["schema"]["type"], log["schema"]["default"]) == (
+        "query",
+        "boolean",
+        False,
+    )
     events = paths["/jobs/{job_id}/events"]["get"]
     stream = events["responses"]["200"]["content"]["text/event-stream"]["schema"]
     kinds = [option["properties"]["event"]["const"] for option in stream["oneOf"]]
