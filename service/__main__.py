@@ -12,12 +12,19 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import httpx
 import uvicorn
 
-from service.client import ClientError, FitOptions, ImageFormat, ProblemError, SGDClient
+from service.client import (
+    ClientError,
+    FitOptions,
+    ImageFormat,
+    ProblemError,
+    Publish,
+    SGDClient,
+)
 from service.jobs import Runner
 from service.main import create_app
 from service.observability import configure_logging
@@ -207,6 +214,31 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
     fit.add_argument("--fit-intercept", action="store_true", default=None, help="learn b too")
     fit.add_argument("--seed", type=int)
     fit.add_argument(
+        "--validation-fraction",
+        type=_finite,
+        help="hold out this share of the rows (0..0.5, chosen with the seed): val_mse, val_r2",
+    )
+    fit.add_argument(
+        "--tol",
+        type=_tol,
+        default=argparse.SUPPRESS,
+        help="stop early once the loss stops improving by tol (scikit-learn's), or 'off'",
+    )
+    fit.add_argument(
+        "--n-iter-no-change", type=int, help="epochs without improvement before --tol stops"
+    )
+    fit.add_argument(
+        "--publish",
+        choices=PUBLISH,
+        help="serve the new version always, never, or if_better on the held-out rows",
+    )
+    fit.add_argument(
+        "--init-from",
+        type=_init_from,
+        metavar="served|VERSION",
+        help="warm start from the served model or a kept version, not --init-w",
+    )
+    fit.add_argument(
         "--wait",
         action="store_true",
         help="wait for the job to end (its id goes to stderr first; Ctrl-C cancels it)",
@@ -234,6 +266,9 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
         type=_plot_path,
         help="write the figure here: .png or .svg (the service thins it to 2,000 points)",
     )
+    history.add_argument(
+        "--log", action="store_true", help="with --plot: draw the loss on a log scale"
+    )
 
 
 class UsageError(Exception):
@@ -257,6 +292,8 @@ def run_client_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "history" and args.plot is not None and args.max_points is not None:
             raise UsageError("--max-points thins the JSON history; a --plot is always thinned")
+        if args.command == "history" and args.plot is None and args.log:
+            raise UsageError("--log draws a --plot's loss on a log scale; add --plot FILE")
         headers = _headers()
     except UsageError as exc:
         print(f"sgd-service {args.command}: error: {exc}", file=sys.stderr)
@@ -280,12 +317,26 @@ def run_client_command(args: argparse.Namespace) -> int:
 
 
 def _fit(sgd: SGDClient, args: argparse.Namespace) -> int:
+    # Only what was given is sent: the service's defaults are the tutorial's.
     options: FitOptions = {}
-    for name in ("epochs", "learning_rate", "init_w", "fit_intercept", "seed"):
+    for name in (
+        "epochs",
+        "learning_rate",
+        "init_w",
+        "fit_intercept",
+        "seed",
+        "validation_fraction",
+        "n_iter_no_change",
+        "publish",
+        "init_from",
+    ):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    # None is a value of these two (every sample; no early stopping): absent means not given
     if hasattr(args, "batch_size"):
         options["batch_size"] = args.batch_size
+    if hasattr(args, "tol"):
+        options["tol"] = args.tol
     job = sgd.fit(args.x, args.y, **options)
     if args.wait:
         # The id first: whatever happens to this wait, the caller knows which job is theirs.
@@ -321,6 +372,26 @@ def _batch_size(text: str) -> int | None:
     return int(text)
 
 
+def _tol(text: str) -> float | None:
+    if text == "off":
+        return None  # no early stopping (sent as null)
+    return _finite(text)
+
+
+PUBLISH: tuple[Publish, ...] = ("always", "never", "if_better")
+
+
+def _init_from(text: str) -> Literal["served"] | int:
+    if text == "served":
+        return "served"
+    try:
+        return _version(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"'served' or a model version number (1, 2, ...), not {text!r}"
+        ) from None
+
+
 def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
     hours: list[float] = args.hours
     if len(hours) == 1:
@@ -351,8 +422,9 @@ def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
         print(sgd.history(args.job_id, max_points=args.max_points).model_dump_json())
         return 0
     image_format = PLOT_FORMATS[args.plot.suffix.lower()]
-    args.plot.write_bytes(sgd.plot(args.job_id, image_format))
-    print(f"wrote {args.plot} ({image_format})")
+    args.plot.write_bytes(sgd.plot(args.job_id, image_format, log=args.log))
+    scale = ", log scale" if args.log else ""
+    print(f"wrote {args.plot} ({image_format}{scale})")
     return 0
 
 

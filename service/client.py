@@ -35,6 +35,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 Event = ProgressEvent | Job  # what `events` yields: progress, then the ended job
 ImageFormat = Literal["png", "svg"]
+Publish = Literal["always", "never", "if_better"]
 
 # An event stream that drops is resumed (Last-Event-ID): at once if it had delivered an event,
 # else after a back-off that doubles from RECONNECT_DELAY; RECONNECTS drops in a row without an
@@ -45,7 +46,8 @@ POLL_MIN, POLL_MAX = 0.05, 0.5  # wait(): polls start fast and back off
 
 
 class FitOptions(TypedDict, total=False):
-    """POST /fit's optional fields; batch_size None means every sample each epoch."""
+    """POST /fit's optional fields, sent only when given; batch_size None means every sample
+    each epoch."""
 
     epochs: int
     learning_rate: float
@@ -53,6 +55,17 @@ class FitOptions(TypedDict, total=False):
     batch_size: int | None
     fit_intercept: bool
     seed: int
+    # the share of rows held out (chosen with the seed), 0..0.5: metrics gain val_mse, val_r2
+    validation_fraction: float
+    # early stopping, as scikit-learn's: stop after n_iter_no_change epochs (default 5) whose
+    # loss improves on the best by less than tol; None: off
+    tol: float | None
+    n_iter_no_change: int
+    # never: keep the version unserved; if_better: serve it only if its val_mse beats the
+    # served model's on the same held-out rows (needs validation_fraction)
+    publish: Publish
+    # warm start from the served model or a kept version, instead of init_w
+    init_from: Literal["served"] | int
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -252,8 +265,10 @@ def _history_call(
     return _Call("GET", "/history", _model(History), params=kept)
 
 
-def _plot_call(job_id: str | None, image_format: ImageFormat) -> _Call[bytes]:
+def _plot_call(job_id: str | None, image_format: ImageFormat, log: bool) -> _Call[bytes]:
     params = {"format": image_format} | ({} if job_id is None else {"job_id": job_id})
+    if log:
+        params["log"] = "true"
     return _Call("GET", "/history/plot", lambda r: r.content, params=params)
 
 
@@ -501,9 +516,11 @@ class SGDClient:
         """A job's history (the latest job by default), paged and thinned."""
         return self._send(_history_call(job_id, since, limit, max_points))
 
-    def plot(self, job_id: str | None = None, image_format: ImageFormat = "png") -> bytes:
-        """The history figure as PNG or SVG bytes."""
-        return self._send(_plot_call(job_id, image_format))
+    def plot(
+        self, job_id: str | None = None, image_format: ImageFormat = "png", *, log: bool = False
+    ) -> bytes:
+        """The history figure as PNG or SVG bytes; log=True draws the loss on a log scale."""
+        return self._send(_plot_call(job_id, image_format, log))
 
     def events(
         self, job_id: str, *, last_event_id: str | None = None, reconnects: int = RECONNECTS
@@ -629,9 +646,11 @@ class AsyncSGDClient:
         """A job's history (the latest job by default), paged and thinned."""
         return await self._send(_history_call(job_id, since, limit, max_points))
 
-    async def plot(self, job_id: str | None = None, image_format: ImageFormat = "png") -> bytes:
-        """The history figure as PNG or SVG bytes."""
-        return await self._send(_plot_call(job_id, image_format))
+    async def plot(
+        self, job_id: str | None = None, image_format: ImageFormat = "png", *, log: bool = False
+    ) -> bytes:
+        """The history figure as PNG or SVG bytes; log=True draws the loss on a log scale."""
+        return await self._send(_plot_call(job_id, image_format, log))
 
     async def events(
         self, job_id: str, *, last_event_id: str | None = None, reconnects: int = RECONNECTS

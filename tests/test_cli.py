@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from service.__main__ import DrainingServer, main
 from tests.conftest import TIMEOUT, Server, free_port, start_server, wait_until
+from tests.test_client import RecordingService
 
 TUTORIAL_ARGS = ["--x", "1", "2", "3", "--y", "2", "4", "6"]
 
@@ -72,6 +73,14 @@ def test_fit_wait_predict_and_history(
     code, out, _ = run(["history", *url, "--job-id", job["id"], "--plot", str(svg)], capsys)
     assert code == 0
     assert "<svg" in svg.read_text()
+    log_png, log_svg = tmp_path / "log.png", tmp_path / "log.svg"
+    code, out, _ = run(["history", *url, "--plot", str(log_png), "--log"], capsys)
+    assert (code, out.strip()) == (0, f"wrote {log_png} (png, log scale)")
+    assert log_png.read_bytes().startswith(b"\x89PNG")
+    assert log_png.read_bytes() != png.read_bytes()
+    run(["history", *url, "--plot", str(log_svg), "--log"], capsys)
+    assert "loss (batch MSE, log scale)" in log_svg.read_text()
+    assert "log scale" not in svg.read_text()
 
 
 def test_fit_options_are_passed_on(live_server: Server, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,6 +110,40 @@ def test_fit_options_are_passed_on(live_server: Server, capsys: pytest.CaptureFi
     assert json.loads(out)["params"]["fit_intercept"] is False  # left to the service
 
 
+@pytest.fixture
+def recording() -> Iterator[RecordingService]:
+    service = RecordingService()
+    yield service
+    service.close()
+
+
+def test_new_fit_options_are_sent_only_when_given(
+    recording: RecordingService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exactly the flags given reach the body (the service may not take them all yet: a
+    recording server stands in for it)."""
+    fit = ["fit", "--url", recording.url, *TUTORIAL_ARGS]
+    given = ["--validation-fraction", "0.2", "--tol", "1e-4", "--n-iter-no-change", "3"]
+    given += ["--publish", "if_better", "--init-from", "served"]
+    for args in (given, ["--tol", "off", "--publish", "never", "--init-from", "2"], []):
+        code, out, _ = run([*fit, *args], capsys)
+        assert code == 0
+        assert json.loads(out)["status"] == "queued"
+    tutorial = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
+    assert recording.bodies() == [
+        {
+            **tutorial,
+            "validation_fraction": 0.2,
+            "tol": 1e-4,
+            "n_iter_no_change": 3,
+            "publish": "if_better",
+            "init_from": "served",
+        },
+        {**tutorial, "tol": None, "publish": "never", "init_from": 2},
+        tutorial,  # nothing else: the service's defaults
+    ]
+
+
 def test_a_bad_batch_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["fit", *TUTORIAL_ARGS, "--batch-size", "some"], capsys)
     assert code == 2
@@ -118,6 +161,13 @@ def test_a_bad_batch_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
         (["predict", "--url", "localhost:8000", "4"], "not an http:// or https:// URL"),
         (["history", "--plot", "x.jpg"], "'x.jpg': the service draws .png and .svg"),
         (["history", "--plot", "x.png", "--max-points", "5"], "--max-points thins the JSON"),
+        (["history", "--log"], "--log draws a --plot's loss on a log scale; add --plot FILE"),
+        (["fit", *TUTORIAL_ARGS, "--publish", "maybe"], "argument --publish: invalid choice"),
+        (["fit", *TUTORIAL_ARGS, "--init-from", "latest"], "'served' or a model version number"),
+        (["fit", *TUTORIAL_ARGS, "--init-from", "0"], "'served' or a model version number"),
+        (["fit", *TUTORIAL_ARGS, "--tol", "nan"], "argument --tol: not a finite number"),
+        (["fit", *TUTORIAL_ARGS, "--validation-fraction", "x"], "not a number: 'x'"),
+        (["fit", *TUTORIAL_ARGS, "--n-iter-no-change", "1.5"], "--n-iter-no-change: invalid int"),
     ],
 )
 def test_a_usage_mistake_is_one_line(

@@ -1,5 +1,6 @@
 """The typed client against the real app (TestClient, and a real server for streams and async)."""
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -11,6 +12,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -758,3 +761,111 @@ def test_the_async_client_lists_and_serves_versions(live_server: Server) -> None
     served_version, version, score = asyncio.run(scenario())
     assert served_version == version
     assert score == pytest.approx(8.0, abs=0.01)
+
+
+# -- what fit sends: a recording service ----------------------------------------------------
+
+
+class RecordingService:
+    """A tiny real HTTP server that records each request and answers POST /fit with a queued
+    job: for what the client sends of fields the service may not take yet."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, Any]] = []
+        recorded = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                recorded.append(("POST", self.path, json.loads(body)))
+                answer = json.dumps({**CANCELLED_JOB, "status": "queued"}).encode()
+                self.send_response(202)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: the test reads `requests`
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def bodies(self) -> list[Any]:
+        return [body for _, _, body in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def recording() -> Iterator[RecordingService]:
+    service = RecordingService()
+    yield service
+    service.close()
+
+
+NEW_OPTIONS: FitOptions = {
+    "validation_fraction": 0.2,
+    "tol": 1e-4,
+    "n_iter_no_change": 3,
+    "publish": "if_better",
+    "init_from": "served",
+}
+# the other spellings: null turns early stopping off; a kept version to warm start from
+OTHER_OPTIONS: FitOptions = {"tol": None, "publish": "never", "init_from": 2}
+
+
+def test_fit_sends_the_new_options_exactly_as_given(recording: RecordingService) -> None:
+    with httpx.Client(base_url=recording.url, timeout=TIMEOUT) as http:
+        sgd = SGDClient(http)
+        assert sgd.fit(X, Y, **NEW_OPTIONS).status is JobStatus.queued
+        sgd.fit(X, Y, **OTHER_OPTIONS)
+        sgd.fit(X, Y, seed=1)
+    assert [path for _, path, _ in recording.requests] == ["/fit"] * 3
+    assert recording.bodies() == [
+        {"x": X, "y": Y, **NEW_OPTIONS},
+        {"x": X, "y": Y, "tol": None, "publish": "never", "init_from": 2},
+        {"x": X, "y": Y, "seed": 1},  # nothing the caller left out
+    ]
+
+
+def test_the_async_client_sends_the_new_options_too(recording: RecordingService) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=recording.url, timeout=TIMEOUT) as http:
+            sgd = AsyncSGDClient(http)
+            await sgd.fit(X, Y, **NEW_OPTIONS)
+            await sgd.fit(X, Y, **OTHER_OPTIONS)
+            await sgd.fit(X, Y)
+
+    asyncio.run(scenario())
+    assert recording.bodies() == [
+        {"x": X, "y": Y, **NEW_OPTIONS},
+        {"x": X, "y": Y, **OTHER_OPTIONS},
+        {"x": X, "y": Y},
+    ]
+
+
+def test_a_log_plot(sgd: SGDClient) -> None:
+    job = sgd.wait(sgd.fit(X, Y, seed=12).id)
+    assert sgd.plot(job.id, log=True).startswith(b"\x89PNG")
+    assert sgd.plot(job.id, log=True) != sgd.plot(job.id)
+    assert b"log scale" in sgd.plot(job.id, "svg", log=True)
+    assert b"log scale" not in sgd.plot(job.id, "svg")
+
+
+def test_the_client_shares_only_the_schemas_with_the_service() -> None:
+    """Other services import the client: of this package it may import service.schemas alone
+    (the request and answer models, ProgressEvent included), never the server's modules."""
+    source = Path(__file__).resolve().parents[1] / "service" / "client.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert {m for m in imported if m.split(".")[0] == "service"} == {"service.schemas"}
