@@ -5,17 +5,20 @@ SGD_UPDATE_DOCS=1 the README's pictures (docs/page.png, docs/plot.png) are refre
 """
 
 import io
+import json
+import math
 import os
 import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from tests.conftest import TIMEOUT, Server
+from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -61,6 +64,10 @@ def test_fit_the_tutorial_watch_it_and_predict(browser: Browser, server: Server)
     page.goto(f"{server.url}/")
     assert page.input_value("#x") == "1, 2, 3"
     assert page.input_value("#y") == "2, 4, 6"
+    # A service that has never fitted says so.
+    expect(page.locator("#fit-status")).to_have_text("No fit yet.")
+    expect(page.locator("#served")).to_have_text("No model is served yet: fit one.")
+    expect(page.locator("#versions tbody")).to_have_text("No versions yet.")
 
     # Before any fit: the service's problem is shown, not a crash.
     page.click("#predict-button")
@@ -89,6 +96,10 @@ def test_fit_the_tutorial_watch_it_and_predict(browser: Browser, server: Server)
     )
     assert result is not None
     assert float(result[1]) == pytest.approx(2.0, abs=1e-3)
+    # the fit's end refreshes what the service holds: its model is served, version 1
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    expect(page.locator('#versions tr[data-version="1"]')).to_have_attribute("data-served", "true")
+    expect(page.locator("#jobs tbody tr")).to_have_attribute("data-status", "succeeded")
     page.fill("#hours", "4")
     page.click("#predict-button")
     expect(page.locator("#score")).not_to_have_text(NO_SCORE)
@@ -263,4 +274,256 @@ def test_numbers_keep_their_significant_digits(browser: Browser, server: Server)
         "data-status", "succeeded", timeout=WAIT_MS
     )
     assert ", b = " in text(page, "#result")
+    page.close()
+
+
+# -- what the service holds, as the page opens; versions; the log scale; the fit options ---------
+
+
+def api_fit(srv: Server, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+    """A fit through the API (not the page), waited for: it succeeded."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with srv.client() as http:
+        job = http.post("/fit", json=body, headers=headers).json()
+        ended = wait_job(http, job["id"])
+    assert ended["status"] == "succeeded", ended
+    return ended
+
+
+def test_the_page_shows_what_the_service_holds_as_it_opens(
+    browser: Browser, server: Server
+) -> None:
+    """A model fitted before the page opened is shown at once, with its job: never "No fit
+    yet" while a model is served; the latest job's history is drawn."""
+    job = api_fit(server, {**TUTORIAL, "seed": 1})
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT * 1000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server.url}/")  # and nothing else: no click, no fill
+
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    assert text(page, "#served-version") == "1"
+    assert float(text(page, "#served-w")) == pytest.approx(job["result"]["w"], rel=1e-5)
+    assert page.get_attribute("#served-job code", "title") == job["id"]
+    row = page.locator(f'#jobs tr[data-job-id="{job["id"]}"]')
+    expect(row).to_have_attribute("data-status", "succeeded")
+    assert "v1: w = 1.99" in row.inner_text()
+    expect(page.locator("#fit-status")).to_have_text(f"Job {job['id']}: succeeded.")
+    expect(page.locator("#loss-chart")).to_have_attribute("data-points", "100")
+    assert text(page, "#result").startswith("Model version 1: w = 1.99")
+    assert "No fit yet" not in text(page, "body")
+    assert errors == []
+    page.close()
+
+
+def test_serve_a_kept_version_from_the_page(browser: Browser, server: Server) -> None:
+    first = api_fit(server, {**TUTORIAL, "seed": 1})  # w = 2
+    second = api_fit(server, {"x": [1.0, 2.0, 3.0], "y": [3.0, 6.0, 9.0], "seed": 2})  # w = 3
+    page = open_page(browser, server)
+    rows = page.locator("#versions tbody tr")
+    expect(rows).to_have_count(2)
+    assert [r.get_attribute("data-version") for r in rows.all()] == ["2", "1"]  # newest first
+    assert [r.get_attribute("data-served") for r in rows.all()] == ["true", "false"]
+    v1, v2 = page.locator('#versions tr[data-version="1"]'), rows.first
+    expect(v2.locator("button.serve")).to_have_count(0)  # the served one has no Serve button
+    assert "served" in v2.inner_text()
+    assert fmt_close(v1.locator("td").nth(1).inner_text(), first["result"]["w"])
+    assert fmt_close(v2.locator("td").nth(1).inner_text(), second["result"]["w"])
+    assert v1.locator('[data-metric="mse"]').inner_text().startswith("mse ")
+
+    v1.locator("button.serve").click()
+    expect(v1).to_have_attribute("data-served", "true")
+    expect(page.locator('#versions tr[data-version="2"]')).to_have_attribute("data-served", "false")
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    assert text(page, "#versions-status") == "Version 1 is served now."
+    expect(page.locator('#versions tr[data-version="2"] button.serve')).to_be_visible()
+    with server.client() as http:
+        answer = http.get("/predict", params={"hours": 4}).json()
+    assert answer["model_version"] == 1
+    assert answer["score"] == pytest.approx(8.0, abs=0.01)
+    page.click("#predict-button")
+    expect(page.locator("#score-version")).to_have_text("(model version 1)")
+    page.close()
+
+
+def fmt_close(shown: str, value: float) -> bool:
+    return float(shown) == pytest.approx(value, rel=1e-5)
+
+
+def test_serve_takes_the_pages_token(browser: Browser, make_server: Callable[..., Server]) -> None:
+    srv = make_server(SGD_API_TOKEN="s3cret")
+    for seed in (1, 2):
+        api_fit(srv, {**TUTORIAL, "seed": seed}, token="s3cret")
+    page = open_page(browser, srv)
+    sent: list[str | None] = []
+    page.on(
+        "request",
+        lambda r: sent.append(r.headers.get("authorization")) if r.url.endswith("/serve") else None,
+    )
+    serve = page.locator('#versions tr[data-version="1"] button.serve')
+    serve.click()
+    expect(page.locator("#versions-status")).to_contain_text(
+        "Serving version 1 was refused: Missing or wrong bearer token"
+    )
+    expect(page.locator("#served")).to_have_attribute("data-version", "2")  # nothing changed
+    page.fill("#token", "s3cret")
+    serve.click()
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    assert sent == [None, "Bearer s3cret"]
+    page.close()
+
+
+def chart(page: Page) -> dict[str, str | None]:
+    canvas = page.locator("#loss-chart")
+    return {
+        "scale": canvas.get_attribute("data-scale"),
+        "points": canvas.get_attribute("data-points"),
+        "ticks": canvas.get_attribute("data-y-ticks"),
+        "pixels": canvas.evaluate("(c) => c.toDataURL()"),
+        "caption": text(page, "#loss-caption"),
+    }
+
+
+def test_the_loss_chart_has_a_log_scale(browser: Browser, server: Server) -> None:
+    job = api_fit(server, {**TUTORIAL, "seed": 1})  # losses from about 8 to about 1e-9
+    with server.client() as http:
+        losses = http.get("/history", params={"job_id": job["id"]}).json()["loss"]
+    low, high = min(losses), max(losses)
+    assert 0 < low < 1e-6 < 1 < high
+    page = open_page(browser, server)
+    expect(page.locator("#loss-chart")).to_have_attribute("data-points", "100")
+    linear = chart(page)
+    assert (linear["scale"], linear["caption"]) == ("linear", "loss per epoch")
+    assert [float(t) for t in (linear["ticks"] or "").split()] == [
+        pytest.approx(high, rel=1e-3),
+        pytest.approx(low, rel=1e-3),
+    ]
+
+    page.check("#log-scale")
+    expect(page.locator("#loss-chart")).to_have_attribute("data-scale", "log")
+    log = chart(page)
+    assert log["points"] == "100"  # the same points, drawn again
+    assert log["caption"] == "loss per epoch (log scale)"
+    assert log["pixels"] != linear["pixels"]
+    ticks = [float(t) for t in (log["ticks"] or "").split()]
+    assert all(math.log10(t).is_integer() for t in ticks), ticks  # decades
+    assert min(ticks) <= low < 10 * min(ticks), ticks  # the axis spans the losses
+    assert max(ticks) >= high, ticks
+
+    page.uncheck("#log-scale")
+    expect(page.locator("#loss-chart")).to_have_attribute("data-scale", "linear")
+    assert chart(page) == linear
+    page.close()
+
+
+def test_a_log_chart_of_losses_that_are_zero(browser: Browser, server: Server) -> None:
+    """w starts at the optimum, so every loss is exactly 0: the log chart still draws them."""
+    api_fit(server, {**TUTORIAL, "init_w": 2.0, "seed": 1})
+    page = open_page(browser, server)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    expect(page.locator("#loss-chart")).to_have_attribute("data-points", "100")
+    page.check("#log-scale")
+    expect(page.locator("#loss-chart")).to_have_attribute("data-scale", "log")
+    assert chart(page)["points"] == "100"
+    assert errors == []
+    page.close()
+
+
+# What the page must send for the fit options below (the service's side of them is being
+# written: the test reads the request the page makes, not the service's answer).
+BASE_BODY = {
+    "x": [1, 2, 3],
+    "y": [2, 4, 6],
+    "epochs": 100,
+    "learning_rate": 0.01,
+    "batch_size": 1,
+    "fit_intercept": False,
+}
+REFUSED = {
+    "type": "validation-error",
+    "title": "The request is not valid",
+    "status": 422,
+    "detail": "fix these fields and retry: publish, validation_fraction, tol",
+    "errors": [
+        {"field": "tol", "message": "Input should be greater than or equal to 0", "code": "x"},
+        {
+            "field": "publish, validation_fraction",
+            "message": 'publish "if_better" compares validation MSEs',
+            "code": "combination",
+        },
+    ],
+}
+
+
+def test_the_fit_options_are_sent_only_when_set(browser: Browser, server: Server) -> None:
+    page = open_page(browser, server)
+    expect(page.locator("#fit-status")).to_have_text("No fit yet.")
+    bodies: list[Any] = []
+    answers: list[dict[str, Any] | None] = []  # None: let the real service answer
+
+    def record(route: Route) -> None:
+        bodies.append(route.request.post_data_json)
+        answer = answers.pop(0)
+        if answer is None:
+            route.continue_()
+        else:
+            route.fulfill(
+                status=answer["status"],
+                content_type="application/problem+json",
+                body=json.dumps(answer),
+            )
+
+    page.route("**/fit", record)
+
+    # Every option set: each is sent; a warm start replaces init_w. A 422 shows every message
+    # next to the form and marks the fields it names.
+    page.fill("#validation_fraction", "0.2")
+    page.fill("#tol", "0.0001")
+    page.fill("#n_iter_no_change", "3")
+    page.select_option("#publish", "if_better")
+    page.select_option("#init_from", "served")
+    expect(page.locator("#init_w")).to_be_disabled()
+    answers.append(REFUSED)
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_contain_text("The fit was refused")
+    status = text(page, "#fit-status")
+    assert "tol: Input should be greater than or equal to 0" in status
+    assert 'publish, validation_fraction: publish "if_better" compares validation MSEs' in status
+    for field in ("tol", "publish", "validation_fraction"):
+        expect(page.locator(f"#{field}")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#n_iter_no_change")).not_to_have_attribute("aria-invalid", "true")
+    assert bodies[-1] == {
+        **BASE_BODY,
+        "validation_fraction": 0.2,
+        "tol": 0.0001,
+        "n_iter_no_change": 3,
+        "publish": "if_better",
+        "init_from": "served",
+    }
+
+    # Nothing set: none is sent, and the service answers as it always has.
+    for field in ("validation_fraction", "tol", "n_iter_no_change"):
+        page.fill(f"#{field}", "")
+    page.select_option("#publish", "")
+    page.select_option("#init_from", "")
+    expect(page.locator("#init_w")).to_be_enabled()
+    answers.append(None)
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
+    assert bodies[-1] == {**BASE_BODY, "init_w": 1.0}
+    expect(page.locator("#tol")).not_to_have_attribute("aria-invalid", "true")
+
+    # The kept versions are warm-start choices: a version is sent as a number.
+    expect(page.locator('#init_from option[value="1"]')).to_have_count(1)
+    page.select_option("#init_from", "1")
+    page.select_option("#publish", "never")
+    answers.append(REFUSED)
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_contain_text("The fit was refused")
+    assert bodies[-1] == {**BASE_BODY, "init_from": 1, "publish": "never"}
+    assert len(bodies) == 3
     page.close()

@@ -590,8 +590,13 @@ def test_the_page_is_served_with_its_assets(client: TestClient) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"] == "text/html; charset=utf-8"
     html = r.text
-    for element in ('id="fit-form"', 'id="loss-chart"', 'id="param-chart"', 'id="score"'):
-        assert element in html
+    for element in ("fit-form", "loss-chart", "param-chart", "score", "served", "versions", "jobs"):
+        assert f'id="{element}"' in html
+    # the fit's optional fields, and the loss chart's log scale
+    for element in ("validation_fraction", "tol", "n_iter_no_change", "publish", "init_from"):
+        assert f'id="{element}"' in html
+    assert 'id="log-scale" type="checkbox"' in html
+    assert "No fit yet" not in html  # the page says so only once it knows
     assert 'value="1, 2, 3"' in html  # the tutorial's data is prefilled
     assert 'value="2, 4, 6"' in html
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)
