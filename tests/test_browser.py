@@ -311,6 +311,8 @@ def test_the_page_shows_what_the_service_holds_as_it_opens(
     assert "v1: w = 1.99" in row.inner_text()
     expect(page.locator("#fit-status")).to_have_text(f"Job {job['id']}: succeeded.")
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "100")
+    assert text(page, "#live-epoch") == "100"
+    assert text(page, "#live-w").startswith("1.99")  # w before the last update
     assert text(page, "#result").startswith("Model version 1: w = 1.99")
     assert "No fit yet" not in text(page, "body")
     assert errors == []

@@ -594,6 +594,10 @@ async function showLatest(job) {
     const h = await request("GET", `/history?${query}`);
     if (live.fitted) return; // a fit started meanwhile
     Object.assign(live, { epoch: h.epoch, w: h.w, b: h.b, loss: h.loss, valLoss: h.val_loss || null });
+    if (h.epoch.length > 0) {
+      $("live-w").textContent = fmt(h.w[h.w.length - 1]);
+      $("live-loss").textContent = fmt(h.loss[h.loss.length - 1], 4);
+    }
   } catch (error) {
     // a job cancelled before it started has no history: its outcome says enough
   }
