@@ -252,7 +252,8 @@ function showOutcome(job) {
     }
     if (r.stopped_early) notes.push(`Stopped early after ${r.epochs_run} epochs.`);
     if (r.published === false) {
-      notes.push(`Kept, not served${r.not_published_because ? `: ${r.not_published_because}` : ""}.`);
+      const why = r.not_published_because ? `: ${r.not_published_because}` : "";
+      notes.push(`Kept, not served${why}.`);
     }
     $("result").textContent = [
       `Model version ${r.model_version}: w = ${fmt(r.w)}${b}, mse on the data = ${fmt(r.mse, 4)}.`,
@@ -433,7 +434,9 @@ async function predict(event) {
 // -- what the service holds: the served model, the kept versions, the recent jobs -----------
 
 function served(model) {
-  const b = model.params.fit_intercept ? [", b = ", el("span", { id: "served-b" }, fmt(model.b))] : [];
+  const b = model.params.fit_intercept
+    ? [", b = ", el("span", { id: "served-b" }, fmt(model.b))]
+    : [];
   return [
     "Served: model version ", el("strong", { id: "served-version" }, String(model.version)),
     ": w = ", el("span", { id: "served-w" }, fmt(model.w)), ...b,
@@ -459,7 +462,9 @@ async function refreshServed() {
   }
 }
 
-const METRICS = { val_mse: "held-out mse", val_r2: "held-out r²", train_mse: "train mse", train_r2: "train r²" };
+const METRICS = {
+  val_mse: "held-out mse", val_r2: "held-out r²", train_mse: "train mse", train_r2: "train r²",
+};
 const PLAIN_METRICS = { mse: "mse", final_loss: "last batch loss" }; // a version without a split
 
 function metrics(m) {
@@ -499,6 +504,12 @@ function initFromChoices(versions) {
     `version ${v.version}${v.served ? " (served)" : ""}`));
   select.replaceChildren(...fixed, ...kept);
   select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+  syncInitW();
+}
+
+// A warm start replaces the initial w: the service takes one or the other.
+function syncInitW() {
+  $("init_w").disabled = $("init_from").value !== "";
 }
 
 async function refreshVersions() {
@@ -593,7 +604,8 @@ async function showLatest(job) {
     const query = `job_id=${encodeURIComponent(job.id)}&max_points=${CHART_POINTS}`;
     const h = await request("GET", `/history?${query}`);
     if (live.fitted) return; // a fit started meanwhile
-    Object.assign(live, { epoch: h.epoch, w: h.w, b: h.b, loss: h.loss, valLoss: h.val_loss || null });
+    Object.assign(live, { epoch: h.epoch, w: h.w, b: h.b, loss: h.loss });
+    live.valLoss = h.val_loss || null;
     if (h.epoch.length > 0) {
       $("live-w").textContent = fmt(h.w[h.w.length - 1]);
       $("live-loss").textContent = fmt(h.loss[h.loss.length - 1], 4);
@@ -621,10 +633,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("cancel-button").addEventListener("click", cancelFit);
   $("predict-form").addEventListener("submit", predict);
   $("log-scale").addEventListener("change", redraw);
-  // A warm start replaces the initial w: the service takes one or the other.
-  $("init_from").addEventListener("change", () => {
-    $("init_w").disabled = $("init_from").value !== "";
-  });
+  $("init_from").addEventListener("change", syncInitW);
   redraw();
   openPage();
 });
