@@ -109,15 +109,20 @@ def render_history(history: History, image_format: str, log: bool = False) -> by
     fig.suptitle(f"SGD fit of {model}: job {history.job_id[:8]} ({history.status.value})")
 
     loss_ax.set_title("Loss per epoch")
+    columns = {"loss": history.loss}
+    if history.val_loss is not None:  # a fit with a split: the held-out rows' MSE too
+        columns["held-out loss"] = history.val_loss
     if log and history.loss:
-        losses, note = _log_losses(loss_ax, history.loss)
+        columns, note = _log_losses(loss_ax, columns)
         loss_ax.set_ylabel("loss (batch MSE, log scale)")
         if note:
             loss_ax.text(0.99, 0.96, note, ha="right", va="top", transform=loss_ax.transAxes)
     else:
-        losses = history.loss
         loss_ax.set_ylabel("loss (batch MSE)")
-    loss_ax.plot(history.epoch, losses, color="tab:red", linewidth=1.2)
+    for (label, values), color in zip(columns.items(), ("tab:red", "tab:purple"), strict=False):
+        loss_ax.plot(history.epoch, values, color=color, linewidth=1.2, label=label)
+    if len(columns) > 1:
+        loss_ax.legend(loc="upper right")
 
     param_ax.plot(history.epoch, history.w, color="tab:blue", linewidth=1.2, label="w")
     if history.b is not None:
@@ -138,25 +143,26 @@ def render_history(history: History, image_format: str, log: bool = False) -> by
     return out.getvalue()
 
 
-def _log_losses(ax: "Axes", loss: list[float]) -> tuple[list[float], str]:
-    """Put `ax` on a log scale fitted to the losses; the losses to draw, and a note on those
-    moved to fit it.
+def _log_losses(ax: "Axes", columns: dict[str, list[float]]) -> tuple[dict[str, list[float]], str]:
+    """Put `ax` on a log scale fitted to the loss columns; the columns to draw, and a note on
+    the losses moved to fit it.
 
     A loss of exactly 0 (a perfect fit) is drawn at the smallest positive loss, and the note
     says how many there are: symlog would keep 0 on the axis, but its linear band squeezes
     the decades just above 0 into a sliver. The limits are set before anything is drawn:
     matplotlib's own margins would overflow a float for losses near its extremes.
     """
-    positive = [v for v in loss if v > 0]
+    every = [v for values in columns.values() for v in values]
+    positive = [v for v in every if v > 0]
     floor = min(max(min(positive, default=1.0), LOG_FLOOR), LOG_CEILING)
-    drawn = [min(max(v, floor), LOG_CEILING) for v in loss]
-    low, high = math.log10(floor), math.log10(max(drawn))
+    drawn = {k: [min(max(v, floor), LOG_CEILING) for v in vs] for k, vs in columns.items()}
+    low, high = math.log10(floor), math.log10(max(v for vs in drawn.values() for v in vs))
     margin = 0.05 * max(high - low, 1.0)
     ax.set_yscale("log")
     ax.set_ylim(10.0 ** (low - margin), 10.0 ** (high + margin))
-    zeros = sum(v == 0 for v in loss)
-    tiny = sum(0 < v < floor for v in loss)  # only when some loss is below LOG_FLOOR
-    huge = sum(v > LOG_CEILING for v in loss)
+    zeros = sum(v == 0 for v in every)
+    tiny = sum(0 < v < floor for v in every)  # only when some loss is below LOG_FLOOR
+    huge = sum(v > LOG_CEILING for v in every)
     notes = []
     if zeros:
         notes.append(f"{zeros:,} of 0 drawn at {floor:.3g}")

@@ -261,6 +261,22 @@ def test_log_plot_differs_from_the_linear_one(client: TestClient) -> None:
     assert "Parameters per epoch (before each update)" in log  # the w panel is still there
 
 
+def test_plot_draws_the_held_out_loss_of_a_fit_with_a_split(client: TestClient) -> None:
+    x = [float(i) for i in range(1, 13)]
+    body = {"x": x, "y": [2 * v + 0.5 * (-1) ** i for i, v in enumerate(x)], "seed": 4}
+    split = client.post("/fit", json={**body, "validation_fraction": 0.25}).json()
+    plain = client.post("/fit", json=body).json()
+    for job in (split, plain):
+        assert wait_job(client, job["id"])["status"] == "succeeded"
+    for log in ("false", "true"):
+        params = {"format": "svg", "log": log}
+        with_split = client.get("/history/plot", params={**params, "job_id": split["id"]}).text
+        without = client.get("/history/plot", params={**params, "job_id": plain["id"]}).text
+        assert ">held-out loss<" in with_split  # a second line, and a legend that names both
+        assert ">loss<" in with_split
+        assert "held-out loss" not in without
+
+
 def test_log_plot_of_losses_that_are_zero_tiny_or_huge(app: TestClient) -> None:
     """A loss of exactly 0 has no logarithm: it is drawn at the smallest positive loss, and the
     plot says how many were; losses beyond matplotlib's range are drawn at its edge."""
