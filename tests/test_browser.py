@@ -5,7 +5,6 @@ SGD_UPDATE_DOCS=1 the README's pictures (docs/page.png, docs/plot.png) are refre
 """
 
 import io
-import json
 import math
 import os
 import re
@@ -434,8 +433,8 @@ def test_a_log_chart_of_losses_that_are_zero(browser: Browser, server: Server) -
     page.close()
 
 
-# What the page must send for the fit options below (the service's side of them is being
-# written: the test reads the request the page makes, not the service's answer).
+# What the page sends for the fit options below (read from the request it makes: the job the
+# service answers shows the options as resolved, with its defaults filled in).
 BASE_BODY = {
     "x": [1, 2, 3],
     "y": [2, 4, 6],
@@ -444,75 +443,57 @@ BASE_BODY = {
     "batch_size": 1,
     "fit_intercept": False,
 }
-REFUSED = {
-    "type": "validation-error",
-    "title": "The request is not valid",
-    "status": 422,
-    "detail": "fix these fields and retry: publish, validation_fraction, tol",
-    "errors": [
-        {"field": "tol", "message": "Input should be greater than or equal to 0", "code": "x"},
-        {
-            "field": "publish, validation_fraction",
-            "message": 'publish "if_better" compares validation MSEs',
-            "code": "combination",
-        },
-    ],
-}
 
 
 def test_the_fit_options_are_sent_only_when_set(browser: Browser, server: Server) -> None:
     page = open_page(browser, server)
     expect(page.locator("#fit-status")).to_have_text("No fit yet.")
     bodies: list[Any] = []
-    answers: list[dict[str, Any] | None] = []  # None: let the real service answer
+    page.on(
+        "request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/fit") else None
+    )
 
-    def record(route: Route) -> None:
-        bodies.append(route.request.post_data_json)
-        answer = answers.pop(0)
-        if answer is None:
-            route.continue_()
-        else:
-            route.fulfill(
-                status=answer["status"],
-                content_type="application/problem+json",
-                body=json.dumps(answer),
-            )
-
-    page.route("**/fit", record)
-
-    # Every option set: each is sent; a warm start replaces init_w. A 422 shows every message
-    # next to the form and marks the fields it names.
+    # Every option set: each is sent, and a warm start replaces init_w. Nothing is served yet,
+    # so the service refuses to start from it, and the page says why.
     page.fill("#validation_fraction", "0.2")
     page.fill("#tol", "0.0001")
     page.fill("#n_iter_no_change", "3")
     page.select_option("#publish", "if_better")
     page.select_option("#init_from", "served")
     expect(page.locator("#init_w")).to_be_disabled()
-    answers.append(REFUSED)
     page.click("#fit-button")
-    expect(page.locator("#fit-status")).to_contain_text("The fit was refused")
-    status = text(page, "#fit-status")
-    assert "tol: Input should be greater than or equal to 0" in status
-    assert 'publish, validation_fraction: publish "if_better" compares validation MSEs' in status
-    for field in ("tol", "publish", "validation_fraction"):
-        expect(page.locator(f"#{field}")).to_have_attribute("aria-invalid", "true")
-    expect(page.locator("#n_iter_no_change")).not_to_have_attribute("aria-invalid", "true")
-    assert bodies[-1] == {
-        **BASE_BODY,
-        "validation_fraction": 0.2,
-        "tol": 0.0001,
-        "n_iter_no_change": 3,
-        "publish": "if_better",
-        "init_from": "served",
-    }
+    expect(page.locator("#fit-status")).to_contain_text(
+        "The fit was refused: No model is served to start from"
+    )
+    assert bodies == [
+        {
+            **BASE_BODY,
+            "validation_fraction": 0.2,
+            "tol": 0.0001,
+            "n_iter_no_change": 3,
+            "publish": "if_better",
+            "init_from": "served",
+        }
+    ]
 
-    # Nothing set: none is sent, and the service answers as it always has.
-    for field in ("validation_fraction", "tol", "n_iter_no_change"):
-        page.fill(f"#{field}", "")
-    page.select_option("#publish", "")
+    # Options that do not go together: the 422's messages are shown under the form, and the
+    # fields they name are marked.
+    page.fill("#validation_fraction", "")
+    page.fill("#tol", "")
     page.select_option("#init_from", "")
-    expect(page.locator("#init_w")).to_be_enabled()
-    answers.append(None)
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_contain_text("these options do not go together")
+    status = text(page, "#fit-status")
+    assert 'publish, validation_fraction: publish "if_better" compares validation MSEs' in status
+    assert "n_iter_no_change, tol: n_iter_no_change only applies with tol" in status
+    for field in ("publish", "validation_fraction", "n_iter_no_change", "tol"):
+        expect(page.locator(f"#{field}")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#epochs")).not_to_have_attribute("aria-invalid", "true")
+    assert bodies[-1] == {**BASE_BODY, "init_w": 1.0, "n_iter_no_change": 3, "publish": "if_better"}
+
+    # Nothing set: none is sent, and the fit goes as it always has.
+    page.fill("#n_iter_no_change", "")
+    page.select_option("#publish", "")
     page.click("#fit-button")
     expect(page.locator("#fit-status")).to_have_attribute(
         "data-status", "succeeded", timeout=WAIT_MS
@@ -524,9 +505,40 @@ def test_the_fit_options_are_sent_only_when_set(browser: Browser, server: Server
     expect(page.locator('#init_from option[value="1"]')).to_have_count(1)
     page.select_option("#init_from", "1")
     page.select_option("#publish", "never")
-    answers.append(REFUSED)
     page.click("#fit-button")
-    expect(page.locator("#fit-status")).to_contain_text("The fit was refused")
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
     assert bodies[-1] == {**BASE_BODY, "init_from": 1, "publish": "never"}
-    assert len(bodies) == 3
+    assert len(bodies) == 4
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")  # "never"
+    page.close()
+
+
+def test_a_fit_with_a_split_from_the_page(browser: Browser, server: Server) -> None:
+    """The service takes the page's options: a split's held-out loss is drawn and its metrics
+    shown; "never" keeps the version unserved; a warm start is recorded on the job."""
+    api_fit(server, {**TUTORIAL, "seed": 1})  # version 1, served
+    page = open_page(browser, server)
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    page.fill("#x", ", ".join(str(i) for i in range(1, 13)))
+    page.fill("#y", ", ".join(str(2 * i + 0.5 * (-1) ** i) for i in range(1, 13)))
+    page.fill("#seed", "2")
+    page.fill("#validation_fraction", "0.25")
+    page.select_option("#publish", "never")
+    page.select_option("#init_from", "served")
+    page.click("#fit-button")
+    expect(page.locator("#fit-status")).to_have_attribute(
+        "data-status", "succeeded", timeout=WAIT_MS
+    )
+    result = text(page, "#result")
+    assert re.search(r"On the held-out rows: mse = \S+, r² = \S+\.", result), result
+    assert "Kept, not served" in result
+    assert page.get_attribute("#loss-chart", "data-series") == "loss,held-out loss"
+    expect(page.locator('#versions tr[data-version="2"]')).to_have_attribute("data-served", "false")
+    assert page.locator('#versions tr[data-version="2"] [data-metric="val_mse"]').count() == 1
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")  # still version 1
+    job = page.locator("#jobs tbody tr").first
+    expect(job).to_contain_text("held out 0.25 · publish never · from v1")
+    expect(job).to_contain_text("(not served)")
     page.close()

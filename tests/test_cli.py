@@ -120,8 +120,8 @@ def recording() -> Iterator[RecordingService]:
 def test_new_fit_options_are_sent_only_when_given(
     recording: RecordingService, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Exactly the flags given reach the body (the service may not take them all yet: a
-    recording server stands in for it)."""
+    """Exactly the flags given reach the body, and nothing else: a recording server reads it
+    (a real one would apply defaults and hide what was sent)."""
     fit = ["fit", "--url", recording.url, *TUTORIAL_ARGS]
     given = ["--validation-fraction", "0.2", "--tol", "1e-4", "--n-iter-no-change", "3"]
     given += ["--publish", "if_better", "--init-from", "served"]
@@ -142,6 +142,30 @@ def test_new_fit_options_are_sent_only_when_given(
         {**tutorial, "tol": None, "publish": "never", "init_from": 2},
         tutorial,  # nothing else: the service's defaults
     ]
+
+
+def test_new_fit_options_reach_the_service(
+    live_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ["--url", live_server.url]
+    code, out, _ = run(["fit", *url, *TUTORIAL_ARGS, "--seed", "1", "--wait"], capsys)
+    assert code == 0
+    x = [str(i) for i in range(1, 13)]
+    y = [str(2 * i + 0.5 * (-1) ** i) for i in range(1, 13)]
+    args = ["fit", *url, "--x", *x, "--y", *y, "--seed", "2", "--epochs", "100000"]
+    args += ["--validation-fraction", "0.25", "--tol", "1e-4", "--n-iter-no-change", "3"]
+    args += ["--publish", "never", "--init-from", "served", "--wait"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    job = json.loads(out)
+    params, result = job["params"], job["result"]
+    assert params["validation_fraction"] == 0.25
+    assert (params["tol"], params["n_iter_no_change"], params["publish"]) == (1e-4, 3, "never")
+    assert isinstance(params["init_from"], int)  # "served", resolved to its version
+    assert result["val_mse"] is not None
+    assert result["published"] is False
+    code, out, _ = run(["models", *url, "--limit", "1"], capsys)
+    assert json.loads(out)["versions"][0]["served"] is False  # kept, not served
 
 
 def test_a_bad_batch_size_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -768,7 +768,8 @@ def test_the_async_client_lists_and_serves_versions(live_server: Server) -> None
 
 class RecordingService:
     """A tiny real HTTP server that records each request and answers POST /fit with a queued
-    job: for what the client sends of fields the service may not take yet."""
+    job: what the client sends, exactly (the service's job shows the options as resolved, with
+    its defaults filled in)."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, Any]] = []
@@ -856,6 +857,37 @@ def test_a_log_plot(sgd: SGDClient) -> None:
     assert sgd.plot(job.id, log=True) != sgd.plot(job.id)
     assert b"log scale" in sgd.plot(job.id, "svg", log=True)
     assert b"log scale" not in sgd.plot(job.id, "svg")
+
+
+def test_the_new_options_against_the_service(make_client: Callable[..., TestClient]) -> None:
+    """The service takes what the client sends: a split, early stopping, a warm start from the
+    served model, and a version kept without being served."""
+    sgd = SGDClient(make_client())
+    x = [float(i) for i in range(1, 13)]
+    y = [2 * v + 0.5 * (-1) ** i for i, v in enumerate(x)]
+    first = sgd.wait(sgd.fit(x, y, seed=1).id)
+    assert first.result is not None
+    options: FitOptions = {**NEW_OPTIONS, "publish": "never", "epochs": 100_000, "seed": 2}
+    job = sgd.fit(x, y, **options)
+    assert job.params.init_from == first.result.model_version  # resolved when accepted
+    assert (job.params.validation_fraction, job.params.tol) == (0.2, 1e-4)
+    assert (job.params.n_iter_no_change, job.params.publish) == (3, "never")
+    ended = sgd.wait(job.id, timeout=60)
+    result = ended.result
+    assert result is not None
+    assert result.val_mse is not None
+    assert result.stopped_early  # a warm start from a fitted model has little left to learn
+    assert result.epochs_run is not None
+    assert result.epochs_run < 100_000
+    assert result.published is False
+    assert sgd.model().version == first.result.model_version  # "never": still the first
+    kept = sgd.version(result.model_version)
+    assert not kept.served
+    assert kept.metrics is not None
+    assert kept.metrics.val_mse == result.val_mse
+    again = sgd.fit(x, y, seed=3, init_from=result.model_version)  # a kept version, by number
+    assert again.params.init_from == result.model_version
+    assert sgd.wait(again.id).status is JobStatus.succeeded
 
 
 def test_the_client_shares_only_the_schemas_with_the_service() -> None:

@@ -167,6 +167,7 @@ function drawChart(canvas, xs, series, lastX, scale = "linear") {
   // What a test (or a curious reader of the DOM) can see of a canvas.
   canvas.dataset.lastEpoch = String(xs[xs.length - 1]);
   canvas.dataset.points = String(xs.length);
+  canvas.dataset.series = series.map((s) => s.label).join(",");
   canvas.dataset.yTicks = axis.ticks.map((tick) => tick.label).join(" ");
 }
 
