@@ -487,10 +487,7 @@ class JobRunner:
             self._store.append_history(job.id, w, b, loss, val_loss=val)
             return None
         if isinstance(msg, worker.Done):
-            report = FitReport.model_validate(msg.report)
-            return self._store.succeed_job(
-                job.id, report.w, report.b, report.final_loss, report.mse, report=report
-            )
+            return self._store.succeed_job(job.id, FitReport.model_validate(msg.report))
         if isinstance(msg, worker.Cancelled):
             if timed_out and not self._cancel_asked:
                 return self._timed_out(job)

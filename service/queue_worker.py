@@ -139,15 +139,7 @@ class FitActor:
                     raise JobTimedOut(self.settings.job_timeout)
             flush()
             report = session.report()  # raises Diverged unless all finite
-            done = self.store.succeed_job(
-                job.id,
-                report.w,
-                report.b,
-                report.final_loss,
-                report.mse,
-                report=report,
-                attempt=attempt,
-            )
+            done = self.store.succeed_job(job.id, report, attempt=attempt)
             log_job(done)
         except _Cancelled:
             log_job(self.store.end_job(job.id, JobStatus.cancelled, attempt=attempt))

@@ -479,20 +479,10 @@ class RedisStore:
         self._change(job_id, change)
 
     @_available
-    def succeed_job(
-        self,
-        job_id: str,
-        w: float,
-        b: float,
-        final_loss: float,
-        mse: float,
-        report: FitReport | None = None,
-        attempt: int | None = None,
-    ) -> Job:
+    def succeed_job(self, job_id: str, report: FitReport, attempt: int | None = None) -> Job:
         """End the job and keep its model as the next version, served as the job's `publish`
         says, in one transaction that also watches the version counter (versions are numbered
         in order) and the served model (what "if_better" compared against is still served)."""
-        report = report or FitReport.plain(w, b, final_loss, mse)
         job_key, served_key = self._key("job", job_id), self._key("served")
         counter_key = self._key("version")
         with self.redis.pipeline() as pipe:

@@ -152,19 +152,11 @@ class Store(Protocol):
         """Start the next attempt of a running job: attempts + 1, progress and history from 0;
         raises JobNotFound, or JobAlreadyEnded if the job is not running."""
 
-    def succeed_job(
-        self,
-        job_id: str,
-        w: float,
-        b: float,
-        final_loss: float,
-        mse: float,
-        report: FitReport | None = None,
-    ) -> Job:
-        """End a job as succeeded and keep its model as the next version, atomically; the ended
-        job. The version is served as the job's `publish` says (see `publication`): "always" by
-        default. `report` carries the fit's other figures (validation, early stopping). Raises
-        JobNotFound, or JobAlreadyEnded if it has ended already."""
+    def succeed_job(self, job_id: str, report: FitReport) -> Job:
+        """End a job as succeeded and keep the model its fit reports as the next version,
+        atomically; the ended job. The version is served as the job's `publish` says (see
+        `publication`): "always" by default. Raises JobNotFound, or JobAlreadyEnded if it has
+        ended already."""
 
     def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
         """End a job as `status` (failed or cancelled) with its problem, publishing nothing; the
@@ -301,18 +293,9 @@ class MemoryStore:
             job = self._jobs[job_id]
             self._replace(job, progress=Progress(epoch=len(hist.w), epochs=job.params.epochs))
 
-    def succeed_job(
-        self,
-        job_id: str,
-        w: float,
-        b: float,
-        final_loss: float,
-        mse: float,
-        report: FitReport | None = None,
-    ) -> Job:
+    def succeed_job(self, job_id: str, report: FitReport) -> Job:
         """End a job successfully and keep its model as the next version, atomically; serve it
         as the job's `publish` says."""
-        report = report or FitReport.plain(w, b, final_loss, mse)
         with self._lock:
             job = self._running(job_id)
             self._last_version += 1

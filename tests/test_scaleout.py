@@ -22,7 +22,7 @@ import pytest
 
 from service.errors import Fenced
 from service.redis_store import RedisStore
-from service.schemas import JobParams, JobStatus
+from service.schemas import FitReport, JobParams, JobStatus
 from tests.conftest import (
     SERVER_ENV,
     TIMEOUT,
@@ -244,13 +244,13 @@ def test_a_stale_attempt_can_neither_append_nor_publish(redis_server: RedisServe
     with pytest.raises(Fenced):
         store.append_history(job.id, [9.0], None, [9.0], attempt=old.attempts)
     with pytest.raises(Fenced):
-        store.succeed_job(job.id, 9.0, 0.0, 9.0, 9.0, attempt=old.attempts)
+        store.succeed_job(job.id, FitReport.plain(9.0, 0.0, 9.0, 9.0), attempt=old.attempts)
     with pytest.raises(Fenced):
         store.end_job(job.id, JobStatus.failed, attempt=old.attempts)
     assert store.model is None
     assert store.history(job.id, 0, None, 10).total_epochs == 0
     store.append_history(job.id, [2.0], None, [0.1], attempt=new.attempts)
-    store.succeed_job(job.id, 2.0, 0.0, 0.1, 0.1, attempt=new.attempts)
+    store.succeed_job(job.id, FitReport.plain(2.0, 0.0, 0.1, 0.1), attempt=new.attempts)
     assert store.model is not None
     assert store.model.w == 2.0
     store.close()

@@ -17,7 +17,7 @@ from service.errors import (
     VersionNotFound,
 )
 from service.redis_store import RedisStore
-from service.schemas import JobParams, JobStatus
+from service.schemas import FitReport, JobParams, JobStatus
 from service.store import MemoryStore, Store
 from tests.conftest import RedisServer
 
@@ -51,7 +51,7 @@ def run(store: Store, epochs: int = 10, w: float = 2.0) -> str:
     job, _ = store.create_job(PARAMS.model_copy(update={"epochs": epochs}), 3)
     assert store.start_job(job.id) is not None
     store.append_history(job.id, [1.0] * epochs, None, [0.5] * epochs)
-    store.succeed_job(job.id, w, 0.0, 0.5, 0.25)
+    store.succeed_job(job.id, FitReport.plain(w, 0.0, 0.5, 0.25))
     return job.id
 
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from service import views
 from service.main import create_app
-from service.schemas import Job, JobParams, JobStatus
+from service.schemas import FitReport, Job, JobParams, JobStatus
 from service.store import Store
 from tests.conftest import (
     TIMEOUT,
@@ -84,7 +84,7 @@ def feeder(store: Store, job_id: str, epochs: int, per_tick: int, tick: float) -
         for start in range(0, epochs, per_tick):
             feed(store, job_id, start, min(epochs, start + per_tick))
             time.sleep(tick)
-        store.succeed_job(job_id, w=2.0, b=0.0, final_loss=0.0, mse=0.0)
+        store.succeed_job(job_id, FitReport.plain(2.0, 0.0, 0.0, 0.0))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -189,7 +189,7 @@ def test_plot_of_a_million_epochs_is_thinned(
     job = fake_job(store, 1_000_000)
     for start in range(0, 1_000_000, 100_000):
         feed(store, job.id, start, start + 100_000)
-    store.succeed_job(job.id, w=2.0, b=0.0, final_loss=0.0, mse=0.0)
+    store.succeed_job(job.id, FitReport.plain(2.0, 0.0, 0.0, 0.0))
     # How fast is the bench's business; here: it is thinned, and says so (the test's time limit
     # still fails a plot that hangs).
     r = c.get("/history/plot", params={"job_id": job.id, "format": "svg"})
@@ -481,7 +481,7 @@ def test_a_queued_job_streams_once_it_runs(app: TestClient) -> None:
         time.sleep(0.3)
         assert store.start_job(job.id) is not None
         feed(store, job.id, 0, 5)
-        store.succeed_job(job.id, w=2.0, b=0.0, final_loss=0.0, mse=0.0)
+        store.succeed_job(job.id, FitReport.plain(2.0, 0.0, 0.0, 0.0))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
