@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 import uuid
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -56,7 +57,7 @@ from service.schemas import (
     Progress,
 )
 from service.settings import Settings
-from service.store import Page, model_of, now, publication, result_of
+from service.store import HistoryPage, Page, model_of, now, publication, result_of
 
 log = logging.getLogger("sgd_service.redis")
 
@@ -654,6 +655,11 @@ class RedisStore:
     def history(
         self, job_id: str | None, since: int, limit: int | None, max_points: int
     ) -> History:
+        return self.history_page(job_id, since, limit, max_points).model()
+
+    def history_page(
+        self, job_id: str | None, since: int, limit: int | None, max_points: int
+    ) -> HistoryPage:
         if job_id is None:
             latest = self.redis.get(self._key("latest"))
             if latest is None:
@@ -668,22 +674,25 @@ class RedisStore:
         total = min(self.redis.strlen(k) for k in keys) // 8
         page = Page.of(total, since, limit, max_points)
         cols = {name: self._read(key, page) for name, key in zip(names, keys, strict=True)}
-        return page.history(job, cols["w"], cols.get("b"), cols["loss"], cols.get("val_loss"))
+        return HistoryPage(job, page, cols)
 
-    def _read(self, key: str, page: Page) -> list[float]:
+    def _read(self, key: str, page: Page) -> "array[float]":
         """A float64 column's values at the page's epochs: one GETRANGE of the page's range, or,
         for a sparse page, one small GETRANGE per epoch (pipelined)."""
-        picks = page.epochs
-        if not picks:
-            return []
+        out = array("d")
+        if page.end <= page.start:
+            return out
         if page.stride < PICK_READ_STRIDE:
             raw = self.redis.getrange(key, page.start * 8, page.end * 8 - 1)
             values = memoryview(raw).cast("d")
-            return [values[i - page.start] for i in picks]
+            out.frombytes(values[:: page.stride].tobytes())  # sliced in C
+            out.extend(values[i - page.start] for i in page.tail)
+            return out
         pipe = self.redis.pipeline(transaction=False)
-        for i in picks:
+        for i in page.epochs:
             pipe.getrange(key, i * 8, i * 8 + 7)
-        return [memoryview(v).cast("d")[0] for v in pipe.execute()]
+        out.frombytes(b"".join(pipe.execute()))
+        return out
 
 
 COLUMNS = ("w", "loss", "b", "val_loss")

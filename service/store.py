@@ -69,15 +69,15 @@ class _Column:
         self._chunks.append(chunk)
         self._starts.append(len(self) + len(chunk))
 
-    def take(self, start: int, stop: int, step: int) -> list[float]:
-        """The values at range(start, stop, step), sliced chunk by chunk."""
-        out: list[float] = []
+    def take(self, start: int, stop: int, step: int) -> "array[float]":
+        """The values at range(start, stop, step), sliced chunk by chunk (copies, in C)."""
+        out = array("d")
         i = start
         for chunk, first in zip(self._chunks, self._starts, strict=False):
             end = min(stop, first + len(chunk))
             if i < end:
                 part = chunk[i - first : end - first : step]
-                out += part.tolist()
+                out.frombytes(part.tobytes())
                 i += len(part) * step
         return out
 
@@ -168,6 +168,11 @@ class Store(Protocol):
         """A page of a job's history (default: the latest started): at most `limit` epochs from
         `since`, thinned evenly to at most max_points, the page's last one kept. Raises
         JobNotFound, or HistoryNotFound if no job (or not this one) has started yet."""
+
+    def history_page(
+        self, job_id: str | None, since: int, limit: int | None, max_points: int
+    ) -> "HistoryPage":
+        """history(), its columns kept as float64 arrays: what GET /history writes in slices."""
 
     def versions(self, limit: int) -> list[Model]:
         """At most `limit` kept model versions, newest first. Every publication is kept, up to
@@ -343,6 +348,12 @@ class MemoryStore:
         self, job_id: str | None, since: int, limit: int | None, max_points: int
     ) -> History:
         """A page of a job's history (the latest started job by default), thinned evenly."""
+        return self.history_page(job_id, since, limit, max_points).model()
+
+    def history_page(
+        self, job_id: str | None, since: int, limit: int | None, max_points: int
+    ) -> "HistoryPage":
+        """history(), its columns kept as float64 arrays."""
         with self._lock:
             job_id = job_id or self._latest_started
             if job_id is None:
@@ -353,13 +364,16 @@ class MemoryStore:
                 raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
             page = Page.of(len(hist.w), since, limit, max_points)
 
-            def pick(col: _Column) -> list[float]:
-                return col.take(page.start, page.end, page.stride) + [col[i] for i in page.tail]
+            def pick(col: _Column) -> "array[float]":
+                values = col.take(page.start, page.end, page.stride)
+                values.extend(col[i] for i in page.tail)
+                return values
 
-            w, loss = pick(hist.w), pick(hist.loss)
-            b = None if hist.b is None else pick(hist.b)
-            val = None if hist.val_loss is None else pick(hist.val_loss)
-        return page.history(job, w, b, loss, val)
+            columns = {"w": pick(hist.w), "loss": pick(hist.loss)}
+            for name, col in (("b", hist.b), ("val_loss", hist.val_loss)):
+                if col is not None:
+                    columns[name] = pick(col)
+        return HistoryPage(job, page, columns)
 
     def _running(self, job_id: str) -> Job:
         """A job that has not ended yet (queued or running)."""
@@ -441,6 +455,21 @@ class Page:
             loss=loss,
             val_loss=val_loss,
         )
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """A page of a job's history as float64 columns: w and loss, b and val_loss when the job
+    records them, each holding the values at `page.epochs`."""
+
+    job: Job
+    page: Page
+    columns: dict[str, "array[float]"]
+
+    def model(self) -> History:
+        cols = {name: values.tolist() for name, values in self.columns.items()}
+        b, val_loss = cols.get("b"), cols.get("val_loss")
+        return self.page.history(self.job, cols["w"], b, cols["loss"], val_loss)
 
 
 def model_of(job: Job, version: int, report: FitReport, at: datetime) -> Model:
