@@ -6,9 +6,7 @@ Redis, across a network, and the event loop must stay free for /predict.
 
 import asyncio
 import contextlib
-import hashlib
 import secrets
-from array import array
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
@@ -16,8 +14,10 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from service.bodies import FitRoute, PredictRoute
 from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import InvalidInput, JobNotFound, ModelNotReady, NothingServed
+from service.intake import Accepted, Refused, checked
 from service.jobs import Runner
 from service.problems import problems
 from service.schemas import (
@@ -47,12 +47,6 @@ MAX_HISTORY_POINTS = 1_000_000
 router = APIRouter()
 
 
-@router.post(
-    "/fit",
-    status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[AuthDep],
-    responses=problems(401, 404, 409, 413, 422, 429, 503),
-)
 async def fit(
     body: FitRequest,
     response: Response,
@@ -62,11 +56,12 @@ async def fit(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Job:
     """Start a fit as a background job; poll the job at its Location."""
-    body.check_limits(settings)
-    body.check_combinations()
-    idem = None
-    if idempotency_key is not None:
-        idem = (idempotency_key, hashlib.sha256(body.model_dump_json().encode()).hexdigest())
+    # parsed and checked by the intake process (service.bodies.FitRoute); here only if not
+    accepted = body._accepted or checked(body, settings, digest=idempotency_key is not None)
+    if isinstance(accepted, Refused):
+        raise accepted.error()
+    assert isinstance(accepted, Accepted)
+    idem = None if idempotency_key is None else (idempotency_key, accepted.digest or "")
     start = None
     if body.init_from is not None:
         start = await run_in_threadpool(_start_from, store, body)
@@ -84,10 +79,20 @@ async def fit(
         init_from=None if start is None else start.version,
         init_b=0.0 if start is None else start.b,
     )
-    x, y = array("d", body.x).tobytes(), array("d", body.y).tobytes()
-    job = await run_in_threadpool(_create, store, runner, params, x, y, idem)
+    job = await run_in_threadpool(_create, store, runner, params, accepted.x, accepted.y, idem)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
+
+
+router.add_api_route(
+    "/fit",
+    fit,
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[AuthDep],
+    responses=problems(401, 404, 409, 413, 422, 429, 503),
+    route_class_override=FitRoute,
+)
 
 
 def _start_from(store: Store, body: FitRequest) -> Model:
@@ -200,7 +205,6 @@ async def predict(
     return Prediction(hours=hours, score=score, model_version=model.version)
 
 
-@router.post("/predict", responses=problems(404, 413, 422, 503))
 async def predict_many(body: PredictRequest, store: StoreDep, settings: SettingsDep) -> Predictions:
     """Scores for many hours, all from one model version (the served one, or `version`)."""
     model = await _model(store, body.version)  # one read: every score from the same version
@@ -212,6 +216,15 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
     _check_hours(body.hours, settings, indexed=True)
     scores = [finite_or_raise(model.predict(h), "a score") for h in body.hours]
     return Predictions(scores=scores, model_version=model.version)
+
+
+router.add_api_route(
+    "/predict",
+    predict_many,
+    methods=["POST"],
+    responses=problems(404, 413, 422, 503),
+    route_class_override=PredictRoute,
+)
 
 
 @router.get("/model", responses=problems(503))

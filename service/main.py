@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, oip, views
 from service.fastpath import FastPredict
+from service.intake import Intake
 from service.jobs import JobRunner, Runner
 from service.middleware import AllowedHosts, BodyLimit, SecurityHeaders
 from service.observability import Metrics, RequestObserver
@@ -32,6 +33,7 @@ class State(TypedDict):
     runner: Runner
     settings: Settings
     metrics: Metrics
+    intake: Intake
 
 
 def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
@@ -58,9 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store, runner = _state(settings, metrics)
         metrics.watch(store, runner)
         runner.start()
+        intake = Intake(settings)
         try:
-            yield {"store": store, "runner": runner, "settings": settings, "metrics": metrics}
+            yield {
+                "store": store,
+                "runner": runner,
+                "settings": settings,
+                "metrics": metrics,
+                "intake": intake,
+            }
         finally:
+            await run_in_threadpool(intake.close)
             await run_in_threadpool(runner.stop)
 
     # FastAPIOffline: /docs and /redoc load their JavaScript and CSS from this service (a pinned
@@ -77,7 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oip.router)
     app.add_middleware(SecurityHeaders, docs_paths=DOCS_PATHS)  # behind /predict's fast path
     app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        max_predict_batch=settings.max_predict_batch,
+    )
     app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
     app.add_middleware(oip.ProtocolErrors)  # /v2's errors, the two above's too, as {"error"}
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer

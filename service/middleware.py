@@ -92,20 +92,41 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-class BodyLimit:
-    """Answer 413 problem+json for a body over max_bytes, with or without Content-Length."""
+# The most bytes a number takes in a JSON list: the longest float Python or JavaScript writes
+# (-2.2250738585072014e-308) with its comma, and a little room for spaces.
+BYTES_PER_NUMBER = 32
+ROOM = 1024 * 1024  # for the rest of a body: its keys, options, whitespace, nesting
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+def _takes_a_batch(method: str, path: str) -> bool:
+    """POST /predict and Open Inference Protocol infer: lists of at most SGD_MAX_PREDICT_BATCH."""
+    return method == "POST" and (
+        path == "/predict" or (path.startswith("/v2/models/") and path.endswith("/infer"))
+    )
+
+
+class BodyLimit:
+    """Answer 413 problem+json for a body over its route's limit, with or without
+    Content-Length: SGD_MAX_BODY_BYTES, or for a batch of predictions room for
+    max_predict_batch numbers (a 64 MiB /predict body is 50 times more than it can take)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_predict_batch: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_predict_batch = max_predict_batch
+        self.batch_bytes = max_bytes
+        if max_predict_batch is not None:
+            self.batch_bytes = min(max_bytes, ROOM + BYTES_PER_NUMBER * max_predict_batch)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        batch = _takes_a_batch(scope["method"], scope["path"])
+        max_bytes = self.batch_bytes if batch else self.max_bytes
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(scope, receive, send)
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+                await self._reject(scope, receive, send, max_bytes)
                 return
         seen = 0
         started = rejected = False
@@ -118,9 +139,9 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     if not started:
-                        await self._reject(scope, receive, send)
+                        await self._reject(scope, receive, send, max_bytes)
                     rejected = True
                     return {"type": "http.disconnect"}
             return message
@@ -134,10 +155,16 @@ class BodyLimit:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        too_large = PayloadTooLarge(
-            f"the body is over SGD_MAX_BODY_BYTES={self.max_bytes} bytes; "
-            "send less data per request"
-        )
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+        if max_bytes == self.max_bytes:
+            detail = (
+                f"the body is over SGD_MAX_BODY_BYTES={max_bytes} bytes; send less data per request"
+            )
+        else:
+            detail = (
+                f"the body is over {max_bytes} bytes, room for the SGD_MAX_PREDICT_BATCH="
+                f"{self.max_predict_batch} numbers this route takes; send fewer per request"
+            )
         # The rest of the body is never read: the connection cannot carry another request.
-        await problem_response(too_large, {"connection": "close"})(scope, receive, send)
+        answer = problem_response(PayloadTooLarge(detail), {"connection": "close"})
+        await answer(scope, receive, send)

@@ -5,7 +5,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    WithJsonSchema,
+)
 
 from service.errors import InvalidInput, PredictionOutOfRange
 from service.settings import Settings
@@ -102,6 +110,9 @@ class FitRequest(_Input):
         description="start from the served model's w (and b), or a kept version's, "
         "instead of init_w (a warm start)",
     )
+    # service.intake.Accepted, when the intake process parsed and checked this body: x and y
+    # are then empty lists, and the samples are its float64 bytes
+    _accepted: Any = PrivateAttr(default=None)
 
     def check_combinations(self) -> None:
         """Options that make no sense together; raises InvalidInput naming the fields."""

@@ -1,0 +1,132 @@
+"""Routes whose JSON bodies are counted before they are parsed, and the fit's parsed elsewhere.
+
+FastAPI reads a body whole, parses it and validates it on the event loop. For the two routes
+that take lists of numbers that is where a heavy caller would stall every /predict in flight,
+or make the server allocate gigabytes of Python floats for a body of zeros. Their route
+classes read the body chunk by chunk first, counting its values as they go (a comma per
+value), and refuse it as soon as it holds more than the route can take:
+
+- POST /fit hands the chunks to the intake process (service.intake), which parses and checks
+  them; FastAPI then gets the checked FitRequest as if it had parsed it, and runs the route.
+- POST /predict hands the body (at most SGD_MAX_PREDICT_BATCH numbers, which its body limit
+  also bounds) to FastAPI, which parses it as before.
+
+Everything else is FastAPI's: a body that is not JSON (by its Content-Type) goes to FastAPI
+untouched, and the answers to bad bodies are the ones FastAPI gave.
+"""
+
+import email.message
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope
+
+from service.deps import require_token
+from service.errors import InvalidInput
+from service.intake import Intake, Refused
+from service.settings import Settings
+
+OTHER_VALUES = 16  # values a body holds besides its lists, with room to spare
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class _Received(Request):
+    """A request whose body its route has read already, and for a fit, checked too."""
+
+    def __init__(self, scope: Scope, receive: Receive, body: bytes, parsed: Any = None) -> None:
+        super().__init__(scope, receive)
+        self._received = body
+        self._parsed = parsed
+
+    async def body(self) -> bytes:
+        return self._received
+
+    async def json(self) -> Any:
+        return await super().json() if self._parsed is None else self._parsed
+
+
+def _is_json(request: Request, strict: bool) -> bool:
+    """Whether FastAPI would parse this body as JSON (its own test of the Content-Type)."""
+    value = request.headers.get("content-type")
+    if not value:
+        return not strict
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+async def _counted(request: Request, most: int, refusal: InvalidInput) -> list[bytes]:
+    """The body's chunks, as they arrived; raises `refusal` once it holds over `most` values."""
+    chunks, values = [], 1
+    try:
+        async for chunk in request.stream():
+            values += chunk.count(b",")
+            if values > most:
+                refusal.headers["Connection"] = "close"  # the rest of the body is never read
+                raise refusal
+            if chunk:
+                chunks.append(chunk)
+    except ClientDisconnect as e:  # gone, or cut off by BodyLimit, which has answered 413
+        raise HTTPException(status_code=400, detail="There was an error parsing the body") from e
+    return chunks
+
+
+class _CountedRoute(APIRoute):
+    def get_route_handler(self) -> Handler:
+        handle = super().get_route_handler()
+        strict = bool(getattr(self.strict_content_type, "value", self.strict_content_type))
+
+        async def route(request: Request) -> Response:
+            state = request.scope.get("state") or {}
+            if "intake" not in state or not _is_json(request, strict):
+                # not JSON: FastAPI refuses it as it always did; no lifespan (an app under
+                # test that never started): FastAPI's own reading, nothing to count against
+                return await handle(request)
+            return await self.received(request, state["settings"], handle)
+
+        return route
+
+    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
+        raise NotImplementedError
+
+
+class FitRoute(_CountedRoute):
+    """POST /fit: the token first, then the body's count, then the intake process's checks."""
+
+    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
+        # before the body: a caller without the token cannot make the server read 64 MiB
+        await require_token(settings, request.headers.get("authorization"))
+        most = settings.max_samples
+        refusal = InvalidInput(
+            f"the body holds more than {2 * most + OTHER_VALUES:,} values; x and y take at "
+            f"most SGD_MAX_SAMPLES={most:,} each: send fewer samples per fit",
+            [{"field": "x", "message": "too many values", "code": "limit"}],
+        )
+        chunks = await _counted(request, 2 * most + OTHER_VALUES, refusal)
+        intake: Intake = request.state.intake
+        reply = await intake.accept(chunks, digest="idempotency-key" in request.headers)
+        if isinstance(reply, Refused):
+            raise reply.error()
+        # FastAPI checks only that there is a body; the intake has had all of it
+        checked = _Received(request.scope, request.receive, b"{}", reply.request())
+        return await handle(checked)
+
+
+class PredictRoute(_CountedRoute):
+    """POST /predict: at most SGD_MAX_PREDICT_BATCH hours, counted before FastAPI parses them."""
+
+    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
+        most = settings.max_predict_batch
+        refusal = InvalidInput(
+            f"at most {most} hours per request; split the request",
+            [{"field": "hours", "message": "too many values", "code": "limit"}],
+        )
+        chunks = await _counted(request, most + OTHER_VALUES, refusal)
+        return await handle(_Received(request.scope, request.receive, b"".join(chunks)))

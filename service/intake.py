@@ -1,0 +1,269 @@
+"""The fit intake: a process of its own parses and checks POST /fit bodies.
+
+A 1,000,000-sample body is ~20 MB of JSON; parsing and validating it takes ~60 ms of CPU
+while holding the GIL, and a thread would not help: every /predict in flight would wait for
+the GIL. So the server (service.bodies) keeps the body as the chunks it arrived in and sends
+them to a helper process over a socket, and gets back the checked fit: the options, and x and
+y as float64 bytes. The server never turns the samples into Python objects, nor joins the
+chunks; it only passes bytes on.
+
+The answers are exactly those FastAPI gave when it parsed on the event loop: the fast parser
+(orjson) is tried first, and whenever it or the validation fails the standard library parses
+the body again, so that a bad body gets the standard library's error texts and its reading of
+NaN and big integers.
+
+The helper takes one body at a time (an asyncio lock queues the others), runs at a lower
+priority than the server, and is started on the first fit.
+If it dies (OOM, kill -9) the fit in hand gets a 503 and the next one starts a new helper.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from service.errors import InvalidInput, NotReady
+from service.schemas import FitRequest
+from service.settings import Settings
+
+log = logging.getLogger("sgd_service")
+
+HELPER_NICE = 10  # below the server, which answers /predict; above the training worker
+_END = 0  # the frame length that ends a body
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A fit body that passed every check: its options, and x and y as float64 bytes."""
+
+    options: dict[str, Any]
+    given: frozenset[str]  # the fields the caller sent
+    n: int
+    x: bytes
+    y: bytes
+    digest: str | None  # of the validated body, for Idempotency-Key; asked for per request
+
+    def request(self) -> FitRequest:
+        """The FitRequest the route receives: the options, with x and y only as bytes."""
+        req = FitRequest.model_construct(set(self.given), x=[], y=[], **self.options)
+        req._accepted = self
+        return req
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a body was refused, in the form the server raises it."""
+
+    kind: str  # "json": (msg, pos); "utf8": (); "invalid": (errors,); "input": (detail, issues)
+    args: tuple[Any, ...]
+
+    def error(self) -> Exception:
+        """What FastAPI or the route raised for this body when it parsed it in the server."""
+        if self.kind == "json":
+            msg, pos = self.args
+            return RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body", pos),
+                        "msg": "JSON decode error",
+                        "input": {},
+                        "ctx": {"error": msg},
+                    }
+                ]
+            )
+        if self.kind == "utf8":
+            return HTTPException(status_code=400, detail="There was an error parsing the body")
+        if self.kind == "invalid":
+            return RequestValidationError(self.args[0])
+        detail, issues = self.args
+        return InvalidInput(detail, issues)
+
+
+Reply = Accepted | Refused
+
+
+def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
+    """Parse and check one fit body, as FastAPI and the route did in the server."""
+    try:
+        req = FitRequest.model_validate(orjson.loads(body))
+    except (orjson.JSONDecodeError, ValidationError):
+        try:
+            parsed = json.loads(body)
+        except json.JSONDecodeError as e:
+            return Refused("json", (e.msg, e.pos))
+        except ValueError:  # not UTF-8 (nor UTF-16/32): FastAPI answered 400, rendered as 422
+            return Refused("utf8", ())
+        try:
+            req = FitRequest.model_validate(parsed)
+        except ValidationError as e:
+            errors = [
+                {"type": err["type"], "loc": ("body", *err["loc"]), "msg": err["msg"]}
+                for err in e.errors(include_url=False)
+            ]
+            return Refused("invalid", (errors,))
+    return checked(req, settings, digest)
+
+
+def checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
+    """A valid FitRequest against the settings' limits and its own combinations."""
+    try:
+        req.check_limits(settings)
+        req.check_combinations()
+    except InvalidInput as e:
+        return Refused("input", (e.detail, e.extra["errors"]))
+    return Accepted(
+        options=req.model_dump(exclude={"x", "y"}),
+        given=frozenset(req.model_fields_set),
+        n=len(req.x),
+        x=array("d", req.x).tobytes(),
+        y=array("d", req.y).tobytes(),
+        digest=hashlib.sha256(req.model_dump_json().encode()).hexdigest() if digest else None,
+    )
+
+
+def lost() -> NotReady:
+    """The answer to a fit whose body the helper held when it died: retry it."""
+    error = NotReady("the process that reads fit bodies stopped while reading this one; retry")
+    error.headers["Retry-After"] = "1"
+    return error
+
+
+class Intake:
+    """The server's side: one helper process, one body at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = asyncio.Lock()
+        self._process: Any = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    async def accept(self, chunks: list[bytes], digest: bool) -> Reply:
+        """Send a body (as it arrived, in chunks) to the helper; its verdict. Raises NotReady if
+        the helper dies meanwhile."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                sock = self._sock
+                if sock is None:
+                    sock = await asyncio.to_thread(self._start)
+                await loop.sock_sendall(sock, b"D" if digest else b"-")
+                for chunk in chunks:
+                    await loop.sock_sendall(sock, len(chunk).to_bytes(4, "little"))
+                    await loop.sock_sendall(sock, chunk)
+                await loop.sock_sendall(sock, _END.to_bytes(4, "little"))
+                return await self._reply(loop, sock)
+            except OSError as e:
+                self.close()
+                raise lost() from e
+            except BaseException:  # cancelled mid-exchange: the channel is out of step
+                self.close()
+                raise
+
+    async def _reply(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Reply:
+        size = int.from_bytes(await _recv(loop, sock, 8), "little")
+        reply = pickle.loads(await _recv(loop, sock, size))  # noqa: S301 - our own child's
+        if isinstance(reply, Accepted):  # the samples follow the header, as raw bytes
+            x = bytes(await _recv(loop, sock, 8 * reply.n))
+            y = bytes(await _recv(loop, sock, 8 * reply.n))
+            reply = Accepted(reply.options, reply.given, reply.n, x, y, reply.digest)
+        assert isinstance(reply, Accepted | Refused)
+        return reply
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        ctx = multiprocessing.get_context("spawn")
+        process = ctx.Process(
+            target=_serve, args=(theirs, self._settings), name="sgd-intake", daemon=True
+        )
+        process.start()
+        theirs.close()
+        ours.setblocking(False)
+        self._process, self._sock = process, ours
+        log.info("fit intake process %d started", process.pid)
+        return ours
+
+    def close(self) -> None:
+        """Stop the helper (a new one starts with the next fit)."""
+        sock, process = self._sock, self._process
+        self._sock = self._process = None
+        if sock is not None:
+            sock.close()
+        if process is not None:
+            process.kill()
+            process.join(5)
+
+
+async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if not k:
+            raise ConnectionResetError("the intake process closed its socket")
+        got += k
+    return buf
+
+
+# -- the helper process ---------------------------------------------------------------------
+
+
+def _serve(sock: socket.socket, settings: Settings) -> None:
+    """The helper's loop: a body in, its reply out, until the server closes the socket."""
+    with contextlib.suppress(OSError):
+        os.nice(HELPER_NICE)
+    with sock:
+        while True:
+            flag = sock.recv(1)
+            if not flag:
+                return  # the server closed the socket
+            body = _body(sock)
+            reply = accept(body, settings, digest=flag == b"D")
+            del body
+            if isinstance(reply, Accepted):
+                header = Accepted(reply.options, reply.given, reply.n, b"", b"", reply.digest)
+                head = pickle.dumps(header)
+                sock.sendall(len(head).to_bytes(8, "little") + head)
+                sock.sendall(reply.x)
+                sock.sendall(reply.y)
+            else:
+                head = pickle.dumps(reply)
+                sock.sendall(len(head).to_bytes(8, "little") + head)
+
+
+def _body(sock: socket.socket) -> bytearray:
+    """The frames of one body, joined."""
+    body = bytearray()
+    while True:
+        size = int.from_bytes(_exactly(sock, 4), "little")
+        if size == _END:
+            return body
+        body += _exactly(sock, size)
+
+
+def _exactly(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise SystemExit(0)  # the server went away
+        got += k
+    return buf
