@@ -6,11 +6,14 @@ Redis, across a network, and the event loop must stay free for /predict.
 
 import asyncio
 import contextlib
+import itertools
 import secrets
-from typing import Annotated
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Header, Query, Response, status
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -37,7 +40,7 @@ from service.schemas import (
     finite_or_raise,
 )
 from service.settings import Settings
-from service.store import Store
+from service.store import HistoryPage, Store
 
 CANCEL_WAIT_SECONDS = 10.0
 MAX_LISTED_JOBS = 100
@@ -260,7 +263,7 @@ async def serve_version(version: int, store: StoreDep) -> ModelVersion:
     return ModelVersion.of(model, model)
 
 
-@router.get("/history", responses=problems(404, 422))
+@router.get("/history", response_model=History, responses=problems(404, 422))
 async def history(
     store: StoreDep,
     settings: SettingsDep,
@@ -268,10 +271,63 @@ async def history(
     since: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int | None, Query(ge=1)] = None,
     max_points: Annotated[int | None, Query(ge=2, le=MAX_HISTORY_POINTS)] = None,
-) -> History:
+) -> Response:
     """Loss and w per epoch of the latest job (or ?job_id=), paged and thinned."""
     points = max_points or settings.history_max_points
-    return await run_in_threadpool(store.history, job_id, since, limit, points)
+    page = await run_in_threadpool(store.history_page, job_id, since, limit, points)
+    if len(page.page.epochs) <= HISTORY_SLICE:
+        return Response(b"".join(_history_json(page)), media_type="application/json")
+    return StreamingResponse(_history_stream(page), media_type="application/json")
+
+
+# Values written per step: ~0.3 ms of orjson, after which /predict gets the event loop back.
+HISTORY_SLICE = 16_384
+
+
+def _history_json(page: HistoryPage) -> Iterator[bytes]:
+    """The History object of this page, as FastAPI wrote it (same keys, in the same order),
+    written column by column and HISTORY_SLICE values at a time."""
+    p, cols = page.page, page.columns
+    done = p.end >= p.total and page.job.status.ended
+    head = {
+        "job_id": page.job.id,
+        "status": page.job.status.value,
+        "total_epochs": p.total,
+        "since": p.start,
+        "stride": p.stride,
+        "count": len(cols["w"]),
+        "next_since": None if done else p.end,
+    }
+    yield orjson.dumps(head)[:-1]
+    grid = range(p.start, p.end, p.stride)
+    epochs = (list(grid[i : i + HISTORY_SLICE]) for i in range(0, len(grid), HISTORY_SLICE))
+    yield from _list("epoch", itertools.chain(epochs, [p.tail]))
+    for name in ("w", "b", "loss", "val_loss"):
+        values = cols.get(name)
+        if values is None:
+            yield f',"{name}":null'.encode()
+            continue
+        steps = range(0, len(values), HISTORY_SLICE)
+        yield from _list(name, (values[i : i + HISTORY_SLICE].tolist() for i in steps))
+    yield b"}"
+
+
+def _list(name: str, slices: Iterable[list[Any]]) -> Iterator[bytes]:
+    """`,"name":[...]`, written a slice at a time."""
+    yield f',"{name}":['.encode()
+    first = True
+    for values in slices:
+        if values:
+            text = orjson.dumps(values)[1:-1]
+            yield text if first else b"," + text
+            first = False
+    yield b"]"
+
+
+async def _history_stream(page: HistoryPage) -> AsyncIterator[bytes]:
+    for part in _history_json(page):
+        yield part
+        await asyncio.sleep(0)  # a slice at a time: let /predict in between
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
