@@ -14,6 +14,7 @@ from fastapi import Depends, Header, Request
 from service.errors import Unauthorized
 from service.jobs import Runner
 from service.observability import Metrics
+from service.plotter import Plotter
 from service.settings import Settings
 from service.store import Store
 
@@ -34,6 +35,11 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_plotter(request: Request) -> Plotter:
+    plotter: Plotter = request.state.plotter
+    return plotter
+
+
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.state.metrics
     return metrics
@@ -43,6 +49,7 @@ StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+PlotterDep = Annotated[Plotter, Depends(get_plotter)]
 
 
 async def require_token(

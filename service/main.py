@@ -15,6 +15,7 @@ from service.intake import Intake
 from service.jobs import JobRunner, Runner
 from service.middleware import AllowedHosts, BodyLimit, SecurityHeaders
 from service.observability import Metrics, RequestObserver
+from service.plotter import Plotter
 from service.problems import install_handlers
 from service.schemas import document_limits
 from service.settings import Settings
@@ -34,6 +35,7 @@ class State(TypedDict):
     settings: Settings
     metrics: Metrics
     intake: Intake
+    plotter: Plotter
 
 
 def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
@@ -60,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store, runner = _state(settings, metrics)
         metrics.watch(store, runner)
         runner.start()
-        intake = Intake(settings)
+        intake, plotter = Intake(settings), Plotter()
         try:
             yield {
                 "store": store,
@@ -68,8 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "settings": settings,
                 "metrics": metrics,
                 "intake": intake,
+                "plotter": plotter,
             }
         finally:
+            await run_in_threadpool(plotter.close)
             await run_in_threadpool(intake.close)
             await run_in_threadpool(runner.stop)
 

@@ -15,7 +15,7 @@ from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import StoreDep
+from service.deps import PlotterDep, StoreDep
 from service.errors import AssetNotFound, ServiceError
 from service.problems import problems
 from service.schemas import History, Job, ProgressEvent
@@ -75,6 +75,7 @@ StrictFlag = Annotated[bool, BeforeValidator(_strict_bool)]
 )
 async def history_plot(
     store: StoreDep,
+    plotter: PlotterDep,
     job_id: str | None = None,
     image_format: Annotated[Literal["png", "svg"], Query(alias="format")] = "png",
     log: Annotated[
@@ -86,7 +87,7 @@ async def history_plot(
 ) -> Response:
     """The tutorial's figure of the latest job (or ?job_id=): loss and w per epoch."""
     history = await run_in_threadpool(store.history, job_id, 0, None, PLOT_POINTS)
-    image = await run_in_threadpool(render_history, history, image_format, log)
+    image = await plotter.draw(history, image_format, log)
     return Response(
         image, media_type=IMAGE_TYPES[image_format], headers={"Cache-Control": "no-store"}
     )

@@ -1,0 +1,72 @@
+"""The plotting process: matplotlib draws /history/plot in a process of its own.
+
+Drawing a figure takes 30-100 ms of CPU while holding the GIL; in the server's threadpool two
+clients looping on the plot raised /predict's p99 tenfold. A process of its own (spawned on
+the first plot, at a lower priority than the server) draws instead; the server sends it the
+thinned history (a few thousand points) and gets the image's bytes back.
+"""
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from service.errors import NotReady
+from service.schemas import History
+
+log = logging.getLogger("sgd_service")
+
+PLOTTER_NICE = 10  # below the server, which answers /predict; above the training worker
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(PLOTTER_NICE)
+
+
+def _draw(history: History, image_format: str, log_scale: bool) -> bytes:
+    from service.views import render_history  # imported in the plotting process only
+
+    return render_history(history, image_format, log_scale)
+
+
+class Plotter:
+    """One plotting process, started on the first plot; a new one if it dies."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_lower_priority,
+                )
+            return self._pool
+
+    async def draw(self, history: History, image_format: str, log_scale: bool) -> bytes:
+        pool = self._executor()
+        try:
+            future = pool.submit(_draw, history, image_format, log_scale)
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool as e:  # killed (OOM, kill -9): the next plot starts anew
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            error = NotReady("the process that draws plots stopped while drawing this one; retry")
+            error.headers["Retry-After"] = "1"
+            raise error from e
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
