@@ -156,8 +156,9 @@ class FitRequest(_Input):
         if n > settings.max_samples:
             bad("x", f"{n} samples is more than SGD_MAX_SAMPLES={settings.max_samples}")
         for name, values in (("x", self.x), ("y", self.y)):
-            over = next((i for i, v in enumerate(values) if abs(v) > limit), None)
-            if over is not None:  # named as the caller wrote it, like the other errors: x[3]
+            if values and max(map(abs, values)) > limit:  # one pass in C; then find the first
+                over = next(i for i, v in enumerate(values) if abs(v) > limit)
+                # named as the caller wrote it, like the other errors: x[3]
                 bad(f"{name}[{over}]", f"every |value| must be at most SGD_MAX_ABS_VALUE={limit:g}")
         if not any(self.x):
             bad("x", "all x are zero, so w cannot be learned: send at least one non-zero x")
