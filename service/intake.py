@@ -14,7 +14,7 @@ NaN and big integers.
 
 The helper takes one body at a time (an asyncio lock queues the others), runs at a lower
 priority than the server, and is started on the first fit.
-If it dies (OOM, kill -9) the fit in hand gets a 503 and the next one starts a new helper.
+If it dies (OOM, kill -9), a new one reads the body in hand again: the fit is not lost.
 """
 
 import asyncio
@@ -136,8 +136,8 @@ def checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
 
 
 def lost() -> NotReady:
-    """The answer to a fit whose body the helper held when it died: retry it."""
-    error = NotReady("the process that reads fit bodies stopped while reading this one; retry")
+    """The answer to a fit whose body two helpers in a row died reading: retry it later."""
+    error = NotReady("the process that reads fit bodies stopped twice while reading this one")
     error.headers["Retry-After"] = "1"
     return error
 
@@ -156,26 +156,37 @@ class Intake:
         return None if self._process is None else int(self._process.pid)
 
     async def accept(self, chunks: list[bytes], digest: bool) -> Reply:
-        """Send a body (as it arrived, in chunks) to the helper; its verdict. Raises NotReady if
-        the helper dies meanwhile."""
+        """Send a body (as it arrived, in chunks) to the helper; its verdict.
+
+        The server keeps the chunks until the reply is in, so a helper that died (idle, or
+        while it read this body) costs nothing: a new one reads the body again. Only if that
+        one dies too (the body itself kills it) is the answer a 503.
+        """
         async with self._lock:
-            loop = asyncio.get_running_loop()
-            try:
-                sock = self._sock
-                if sock is None:
-                    sock = await asyncio.to_thread(self._start)
-                await loop.sock_sendall(sock, b"D" if digest else b"-")
-                for chunk in chunks:
-                    await loop.sock_sendall(sock, len(chunk).to_bytes(4, "little"))
-                    await loop.sock_sendall(sock, chunk)
-                await loop.sock_sendall(sock, _END.to_bytes(4, "little"))
-                return await self._reply(loop, sock)
-            except OSError as e:
-                self.close()
-                raise lost() from e
-            except BaseException:  # cancelled mid-exchange: the channel is out of step
-                self.close()
-                raise
+            for attempt in (1, 2):
+                try:
+                    return await self._exchange(chunks, digest)
+                except OSError as e:
+                    self.close()
+                    if attempt == 2:
+                        raise lost() from e
+                    log.warning("the fit intake process died (%s); starting another", e)
+                except BaseException:  # cancelled mid-exchange: the channel is out of step
+                    self.close()
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, chunks: list[bytes], digest: bool) -> Reply:
+        loop = asyncio.get_running_loop()
+        sock = self._sock
+        if sock is None:
+            sock = await asyncio.to_thread(self._start)
+        await loop.sock_sendall(sock, b"D" if digest else b"-")
+        for chunk in chunks:
+            await loop.sock_sendall(sock, len(chunk).to_bytes(4, "little"))
+            await loop.sock_sendall(sock, chunk)
+        await loop.sock_sendall(sock, _END.to_bytes(4, "little"))
+        return await self._reply(loop, sock)
 
     async def _reply(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Reply:
         size = int.from_bytes(await _recv(loop, sock, 8), "little")

@@ -3,7 +3,8 @@
 Drawing a figure takes 30-100 ms of CPU while holding the GIL; in the server's threadpool two
 clients looping on the plot raised /predict's p99 tenfold. A process of its own (spawned on
 the first plot, at a lower priority than the server) draws instead; the server sends it the
-thinned history (a few thousand points) and gets the image's bytes back.
+thinned history (a few thousand points) and gets the image's bytes back. If the process dies
+(OOM, kill -9), a new one draws the plot in hand.
 """
 
 import asyncio
@@ -52,18 +53,28 @@ class Plotter:
             return self._pool
 
     async def draw(self, history: History, image_format: str, log_scale: bool) -> bytes:
-        pool = self._executor()
-        try:
-            future = pool.submit(_draw, history, image_format, log_scale)
-            return await asyncio.wrap_future(future)
-        except BrokenProcessPool as e:  # killed (OOM, kill -9): the next plot starts anew
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            error = NotReady("the process that draws plots stopped while drawing this one; retry")
-            error.headers["Retry-After"] = "1"
-            raise error from e
+        """The image; if the process died (OOM, kill -9) a new one draws it, and only if that
+        one dies too is the answer a 503."""
+        for attempt in (1, 2):
+            pool = self._executor()
+            try:
+                future = pool.submit(_draw, history, image_format, log_scale)
+                return await asyncio.wrap_future(future)
+            except BrokenProcessPool as e:
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
+                    error = NotReady("the process that draws plots stopped twice drawing this one")
+                    error.headers["Retry-After"] = "1"
+                    raise error from e
+                log.warning("the plotting process died; starting another")
+        raise AssertionError("unreachable")
+
+    def pid(self) -> int:
+        """The plotting process's pid (starting it if need be); blocks, for tests and tools."""
+        return self._executor().submit(os.getpid).result(timeout=60)
 
     def close(self) -> None:
         with self._lock:
