@@ -110,6 +110,8 @@ class FitRoute(_CountedRoute):
             [{"field": "x", "message": "too many values", "code": "limit"}],
         )
         chunks = await _counted(request, 2 * most + OTHER_VALUES, refusal)
+        if not chunks:  # FastAPI's answer: the body is missing
+            return await handle(_Received(request.scope, request.receive, b""))
         intake: Intake = request.state.intake
         reply = await intake.accept(chunks, digest="idempotency-key" in request.headers)
         if isinstance(reply, Refused):

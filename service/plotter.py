@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from service.errors import NotReady
+from service.intake import name_process
 from service.schemas import History
 
 log = logging.getLogger("sgd_service")
@@ -25,6 +26,7 @@ PLOTTER_NICE = 10  # below the server, which answers /predict; above the trainin
 
 
 def _lower_priority() -> None:
+    name_process("sgd-plotter")
     with contextlib.suppress(OSError):
         os.nice(PLOTTER_NICE)
 
