@@ -4,9 +4,10 @@ Prints a table (figure, value, baseline, ratio, target) and writes the raw numbe
 bench/results/. Ratios are taken within one run, back to back, so a busy machine moves value
 and baseline together; each load ratio is the median of 7 rounds, printed with its range.
 Takes about 8 minutes on 2 cores (plus installing wrk and redis-server once); the Redis-mode
-rows (`--only redis`, bench/scaleout.py) about 3.5 of them, on a redis-server of their own.
+rows (`--only redis`, bench/scaleout.py) about 3.5 of them, on a redis-server of their own; the
+heavy-request rows (`--only heavy`, bench/heavy.py) about 3.5 more.
 
-    .venv/bin/python bench/run.py [--only engine|serving|redis] [--seconds 6] [--rounds 7]
+    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy] [--seconds 6] [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
 """
 
@@ -25,6 +26,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import engine  # noqa: E402
+import heavy  # noqa: E402
 import load  # noqa: E402
 import scaleout  # noqa: E402
 import serving  # noqa: E402
@@ -406,6 +408,97 @@ def redis_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def heavy_rows(h: dict[str, Any]) -> list[Row]:
+    """Heavy requests beside /predict (issue 13): median, best and worst of the rounds."""
+    a, hist, ld = h["accept"], h["history"], h["load"]
+
+    def ms(figure: dict[str, float], scale: float = 1e3) -> str:
+        return f"{fmt(figure['median'] * scale, ' ms')} (best {fmt(figure['best'] * scale, ' ms')})"
+
+    def ratio(figure: dict[str, Any], of_best: float | None = None) -> str:
+        text = f"{figure['median']:.2f}x (best {figure['best']:.2f}x, worst {figure['worst']:.2f}x)"
+        return text if of_best is None else f"{text}; best runs {of_best:.2f}x"
+
+    def p99_rows(key: str, figure: str) -> list[Row]:
+        run = ld[key]
+        errors = sum(c["errors"] for c in run["clients"].values()) + run["wrk_failed"]
+        counts = ", ".join(
+            f"{name} {c['errors']}/{c['requests']}" + (f" {c['statuses']}" if c["statuses"] else "")
+            for name, c in run["clients"].items()
+        )
+        return [
+            (
+                figure,
+                ms(run["p99_ms"], 1),
+                f"idle {ms(ld['idle_p99_ms'], 1)}",
+                ratio(run["ratio"], run["ratio_of_best"]),
+                "<= 1.5x",
+                run["ratio"]["median"] <= 1.5 and run["ratio_of_best"] <= 1.5,
+            ),
+            (
+                "  errors: heavy clients (errors/requests), wrk",
+                f"{counts}; wrk {run['wrk_failed']}",
+                "",
+                "",
+                "0",
+                errors == 0,
+            ),
+        ]
+
+    rows: list[Row] = [
+        *p99_rows("heavy", "GET /predict p99 beside 1M-sample fits + full 1M-epoch history"),
+        *p99_rows("plot", f"GET /predict p99 beside {heavy.PLOT_CLIENTS} clients on /history/plot"),
+        (
+            "  machine CPU used by other processes in load runs",
+            f"{ld['others_cpu_fraction']['median']:.0%}",
+            f"max {ld['others_cpu_fraction']['max']:.0%}",
+            "",
+            "~0% for trusted ratios",
+            None,
+        ),
+        (
+            f"POST /fit, 1M samples ({a['body_bytes'] / 2**20:.1f} MiB), round trip to 202",
+            ms(a["post_seconds"]),
+            f"orjson.loads {ms(a['orjson_loads_seconds'])}",
+            ratio(a["ratio"], a["ratio_of_best"]),
+            "<= 3x",
+            a["ratio"]["median"] <= 3,
+        ),
+        (
+            f"GET /history, all 1M epochs ({hist['bytes'] / 2**20:.1f} MiB), last byte",
+            ms(hist["last_byte_seconds"]),
+            f"orjson.dumps {ms(hist['orjson_dumps_seconds'])}",
+            ratio(hist["ratio"], hist["ratio_of_best"]),
+            "<= 3x",
+            hist["ratio"]["median"] <= 3,
+        ),
+        (
+            "  same, first byte of the body",
+            ms(hist["first_byte_seconds"]),
+            f"orjson.dumps {ms(hist['orjson_dumps_seconds'])}",
+            f"{hist['first_byte_seconds']['median'] / hist['orjson_dumps_seconds']['median']:.2f}x",
+            "reported",
+            None,
+        ),
+    ]
+    for m in h["memory"]:
+        token = m["token_set"]
+        answered = f"{m['status']} in {fmt(m['answer_seconds'], ' s')}"
+        expected = m["path"] != "/fit" or not token or m["status"] in (401, 413)
+        rows.append(
+            (
+                f"peak RSS growth, {m['body_bytes'] / 2**20:.1f} MiB of zeros to POST {m['path']}"
+                + (", token set, none sent" if token else ""),
+                f"{fmt(m['peak_growth_bytes'] / 2**20, ' MiB')}, {answered}",
+                f"RSS before {fmt(m['rss_before_bytes'] / 2**20, ' MiB')}",
+                f"{m['peak_growth_ratio']:.2f}x the body",
+                "<= 3x body" + ("; 401/413" if token and m["path"] == "/fit" else ""),
+                m["peak_growth_ratio"] <= 3 and expected,
+            )
+        )
+    return rows
+
+
 def spread(ratios: list[float]) -> str:
     """The median of per-round ratios, and their range: how much the machine moved."""
     return f"{statistics_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -439,7 +532,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--only", choices=["engine", "serving", "redis"])
+    parser.add_argument("--only", choices=["engine", "serving", "redis", "heavy"])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
     parser.add_argument("--service-pythonpath", help="serve `service` from this directory")
@@ -478,6 +571,17 @@ def main() -> int:
             results["redis"] = scaleout.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
         results["redis"]["load_generator"] = wrk or "python-asyncio"
         rows += redis_rows(results["redis"])
+    if args.only in (None, "heavy"):
+        wrk = load.ensure_wrk(log)
+        env = dict(item.split("=", 1) for item in args.service_env)
+        if args.service_pythonpath:
+            env["PYTHONPATH"] = args.service_pythonpath
+        section_started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="sgd-bench-heavy-") as tmp:
+            results["heavy"] = heavy.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
+        results["heavy"]["load_generator"] = wrk or "python-asyncio"
+        results["heavy"]["elapsed_seconds"] = time.monotonic() - section_started
+        rows += heavy_rows(results["heavy"])
     results["elapsed_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
