@@ -465,6 +465,14 @@ def heavy_rows(h: dict[str, Any]) -> list[Row]:
             a["ratio"]["median"] <= 3,
         ),
         (
+            "  server CPU during that POST (its worker not included)",
+            ms(a["server_cpu_seconds"]),
+            f"orjson.loads {ms(a['orjson_loads_seconds'])}",
+            f"{a['server_cpu_seconds']['median'] / a['orjson_loads_seconds']['median']:.2f}x",
+            "reported",
+            None,
+        ),
+        (
             f"GET /history, all 1M epochs ({hist['bytes'] / 2**20:.1f} MiB), last byte",
             ms(hist["last_byte_seconds"]),
             f"orjson.dumps {ms(hist['orjson_dumps_seconds'])}",
