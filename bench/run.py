@@ -409,7 +409,11 @@ def redis_rows(r: dict[str, Any]) -> list[Row]:
 
 
 def heavy_rows(h: dict[str, Any]) -> list[Row]:
-    """Heavy requests beside /predict (issue 13): median, best and worst of the rounds."""
+    """Heavy requests beside /predict (issue 13): median, best and worst of the rounds.
+
+    A ratio is met when both the median of the per-round ratios and the best-of-runs ratio
+    (the best value over the best baseline) are within its target: neither hides the other.
+    """
     a, hist, ld = h["accept"], h["history"], h["load"]
 
     def ms(figure: dict[str, float], scale: float = 1e3) -> str:
@@ -462,7 +466,7 @@ def heavy_rows(h: dict[str, Any]) -> list[Row]:
             f"orjson.loads {ms(a['orjson_loads_seconds'])}",
             ratio(a["ratio"], a["ratio_of_best"]),
             "<= 3x",
-            a["ratio"]["median"] <= 3,
+            a["ratio"]["median"] <= 3 and a["ratio_of_best"] <= 3,
         ),
         (
             "  CPU of the server and its child processes during that POST",
@@ -478,7 +482,7 @@ def heavy_rows(h: dict[str, Any]) -> list[Row]:
             f"orjson.dumps {ms(hist['orjson_dumps_seconds'])}",
             ratio(hist["ratio"], hist["ratio_of_best"]),
             "<= 3x",
-            hist["ratio"]["median"] <= 3,
+            hist["ratio"]["median"] <= 3 and hist["ratio_of_best"] <= 3,
         ),
         (
             "  same, first byte of the body",
