@@ -31,9 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 
 from service.errors import InvalidInput, NotReady
 from service.schemas import FitRequest
@@ -73,6 +71,10 @@ class Refused:
 
     def error(self) -> Exception:
         """What FastAPI or the route raised for this body when it parsed it in the server."""
+        # imported here: the intake process never needs the web framework (~0.1 s to import)
+        from fastapi.exceptions import RequestValidationError
+        from starlette.exceptions import HTTPException
+
         if self.kind == "json":
             msg, pos = self.args
             return RequestValidationError(
