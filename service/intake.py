@@ -22,10 +22,12 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 from array import array
 from dataclasses import dataclass
 from typing import Any
@@ -210,13 +212,18 @@ class Intake:
         return reply
 
     def _start(self) -> socket.socket:
+        """`python -m service.intake FD`, its end of a socket pair passed as FD, the settings
+        its first message. A plain subprocess, not multiprocessing's: it imports only this
+        module, and `ps` tells it from the training worker."""
         ours, theirs = socket.socketpair()
-        ctx = multiprocessing.get_context("spawn")
-        process = ctx.Process(
-            target=_serve, args=(theirs, self._settings), name="sgd-intake", daemon=True
-        )
-        process.start()
-        theirs.close()
+        with theirs:
+            process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "service.intake", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        settings = pickle.dumps(self._settings)
+        ours.sendall(len(settings).to_bytes(8, "little") + settings)
         ours.setblocking(False)
         self._process, self._sock = process, ours
         log.info("fit intake process %d started", process.pid)
@@ -230,7 +237,7 @@ class Intake:
             sock.close()
         if process is not None:
             process.kill()
-            process.join(5)
+            process.wait(5)
 
 
 async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytearray:
@@ -247,12 +254,17 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) ->
 # -- the helper process ---------------------------------------------------------------------
 
 
-def _serve(sock: socket.socket, settings: Settings) -> None:
+def main(fd: int) -> None:
     """The helper's loop: a body in, its reply out, until the server closes the socket."""
     name_process("sgd-intake")
+    # the server decides when the helper stops; a Ctrl-C to the process group is the server's
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(HELPER_NICE)
-    with sock:
+    with socket.socket(fileno=fd) as sock:
+        size = int.from_bytes(_exactly(sock, 8), "little")
+        settings = pickle.loads(_exactly(sock, size))  # noqa: S301 - the server's own
+        assert isinstance(settings, Settings)
         while True:
             flag = sock.recv(1)
             if not flag:
@@ -290,3 +302,10 @@ def _exactly(sock: socket.socket, n: int) -> bytearray:
             raise SystemExit(0)  # the server went away
         got += k
     return buf
+
+
+if __name__ == "__main__":
+    # run as service.intake, not __main__: what it pickles must name this module's classes
+    from service import intake
+
+    intake.main(int(sys.argv[1]))
