@@ -290,5 +290,38 @@ def make_server(tmp_path: Any) -> Iterator[Callable[..., Server]]:
 
 @pytest.fixture(params=STORES)
 def server(request: pytest.FixtureRequest, make_server: Callable[..., Server]) -> Server:
-    """A real server for end-to-end tests, on each store."""
+    """A real server of the test's own, on each store: for tests that need an empty store
+    (version 1 is theirs) or a log of their own."""
     return make_server(SGD_MAX_EPOCHS="2000000", **store_env(request, request.param))
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real server with the default settings (in memory) for the whole run: for the modules
+    whose tests only need a live server, never an empty one, and never stop or signal it."""
+    srv = start_server(str(tmp_path_factory.mktemp("default-server")))
+    yield srv
+    stop_shared(srv)
+
+
+@pytest.fixture(scope="session", params=STORES)
+def shared_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One real server per store for the whole run, configured as `server`'s: for end-to-end
+    tests that need no empty store, never stop or signal it, and leave it idle (every fit they
+    start has ended or been cancelled when they return)."""
+    log_dir = str(tmp_path_factory.mktemp("shared-server"))
+    srv = start_server(log_dir, SGD_MAX_EPOCHS="2000000", **store_env(request, request.param))
+    yield srv
+    stop_shared(srv)
+
+
+def stop_shared(srv: Server) -> None:
+    """Stop a server shared by many tests at the end of the run; killed if it will not stop."""
+    try:
+        srv.stop(timeout=20)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(10)

@@ -134,7 +134,7 @@ DOC_PAGES = [("/docs", ".swagger-ui .info .title"), ("/redoc", "h1")]
 
 @pytest.mark.parametrize(("path", "shows"), DOC_PAGES)
 def test_the_api_docs_render_without_internet(
-    browser: Browser, server: Server, path: str, shows: str
+    browser: Browser, shared_server: Server, path: str, shows: str
 ) -> None:
     """Every request the docs page makes goes to the service itself: no CDN (issue 15); and
     its CSP, which the browser enforces, blocks nothing the page needs."""
@@ -146,14 +146,14 @@ def test_the_api_docs_render_without_internet(
     page.on("pageerror", lambda e: errors.append(str(e)))
 
     def local_only(route: Route) -> None:
-        if route.request.url.startswith(server.url):
+        if route.request.url.startswith(shared_server.url):
             route.continue_()
         else:  # as on a machine without internet access
             elsewhere.append(route.request.url)
             route.abort()
 
     page.route("**/*", local_only)
-    page.goto(f"{server.url}{path}")
+    page.goto(f"{shared_server.url}{path}")
     assert "sgd-service" in text(page, shows)
     assert page.evaluate("fetch('/openapi.json').then((r) => r.status)") == 200
     assert elsewhere == []

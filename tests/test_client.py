@@ -38,7 +38,7 @@ from service.client import (
     WaitTimeout,
 )
 from service.schemas import Job, JobStatus, ProgressEvent
-from tests.conftest import TIMEOUT, TUTORIAL, Server, free_port, start_server
+from tests.conftest import TIMEOUT, TUTORIAL, Server, free_port
 
 X, Y = TUTORIAL["x"], TUTORIAL["y"]
 # A fit that runs for minutes whatever the engine: 65,536 samples drawn every epoch.
@@ -50,11 +50,10 @@ def sgd(client: TestClient) -> SGDClient:
     return SGDClient(client)
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(str(tmp_path_factory.mktemp("client")))
-    yield srv
-    srv.stop()
+@pytest.fixture
+def live_server(default_server: Server) -> Server:
+    """The run's shared default server: these tests never need an empty one."""
+    return default_server
 
 
 # -- the round trip ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import httpx
 from tests.conftest import TUTORIAL, Server, slow_fit, wait_job, wait_until
 
 
-def test_fit_poll_predict_history(server: Server) -> None:
-    with server.client() as http:
+def test_fit_poll_predict_history(shared_server: Server) -> None:
+    with shared_server.client() as http:
         assert http.get("/healthz").json() == {"status": "ok"}
         r = http.post("/fit", json=TUTORIAL)
         assert r.status_code == 202
@@ -32,22 +32,22 @@ def _maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def test_torch_is_loaded_in_the_worker_never_in_the_server(server: Server) -> None:
+def test_torch_is_loaded_in_the_worker_never_in_the_server(shared_server: Server) -> None:
     """The server stays small: a torch loaded by a pickled TorchVersion made full GCs take 0.2 s."""
-    with server.client() as http:
+    with shared_server.client() as http:
         job = wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
         assert job["status"] == "succeeded"
         assert http.get("/history").status_code == 200
         assert http.get("/predict", params={"hours": 4}).status_code == 200
-    pid = server.proc.pid
+    pid = shared_server.proc.pid
     tasks = Path(f"/proc/{pid}/task").iterdir()  # each thread lists the children it started
     children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
     assert any(_maps_torch(c) for c in children)  # the probe finds torch where it is
     assert not _maps_torch(pid)
 
 
-def test_cancel_over_http(server: Server) -> None:
-    with server.client() as http:
+def test_cancel_over_http(shared_server: Server) -> None:
+    with shared_server.client() as http:
         job = http.post("/fit", json=slow_fit()).json()
         wait_until(lambda: http.get(f"/jobs/{job['id']}").json()["progress"]["epoch"] > 0)
         r = http.post(f"/jobs/{job['id']}/cancel")
@@ -110,8 +110,8 @@ def test_every_prediction_comes_from_one_published_version(server: Server) -> No
     assert len(seen) > 1  # the race really happened
 
 
-def test_server_answers_problem_json_to_garbage(server: Server) -> None:
-    with httpx.Client(base_url=server.url, timeout=10) as http:
+def test_server_answers_problem_json_to_garbage(shared_server: Server) -> None:
+    with httpx.Client(base_url=shared_server.url, timeout=10) as http:
         r = http.post("/fit", content=b"\xff\xfe garbage", headers={"content-type": "text/plain"})
         assert r.status_code == 422
         assert r.headers["content-type"] == "application/problem+json"

@@ -263,9 +263,9 @@ def test_out_of_range_options_are_422(client: TestClient, extra: dict[str, Any])
 
 
 @pytest.mark.timeout(180)
-def test_lifecycle_options_end_to_end(server: Server) -> None:
+def test_lifecycle_options_end_to_end(shared_server: Server) -> None:
     """Through a real server on a free port: split, early stop, publish never, warm start."""
-    with httpx.Client(base_url=server.url, timeout=30) as http:
+    with httpx.Client(base_url=shared_server.url, timeout=30) as http:
         first = http.post("/fit", json={**TUTORIAL, "seed": 1})
         one = wait_job(http, first.json()["id"])
         body = {

@@ -3,7 +3,7 @@
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -12,19 +12,17 @@ from pydantic import ValidationError
 
 from service.middleware import DOCS_CSP, PAGE_CSP
 from service.settings import Settings
-from tests.conftest import TIMEOUT, TUTORIAL, Server, start_server, wait_job
+from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job
 
 PROBLEM = "application/problem+json"
 
 
 @pytest.fixture(scope="module")
-def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server with the default SGD_ALLOWED_HOSTS and a model to predict with."""
-    srv = start_server(str(tmp_path_factory.mktemp("hosts")))
-    with srv.client() as http:
+def default_server(default_server: Server) -> Server:
+    """The run's shared server (default SGD_ALLOWED_HOSTS), with a model to predict with."""
+    with default_server.client() as http:
         wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
-    yield srv
-    srv.stop()
+    return default_server
 
 
 def port(srv: Server) -> str:

@@ -58,13 +58,15 @@ def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", odd)
 
 
-def test_one_json_line_per_request_and_per_job_transition(server: Server) -> None:
-    with server.client() as http:
+def test_one_json_line_per_request_and_per_job_transition(shared_server: Server) -> None:
+    with shared_server.client() as http:
         job = wait_job(http, http.post("/fit", json=TUTORIAL).json()["id"])
         http.get("/predict", params={"hours": 4}, headers={"X-Request-ID": "trace-me"})
 
     def lines() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        return [
+            json.loads(line) for line in shared_server.log().splitlines() if line.startswith("{")
+        ]
 
     # the request's line is written once its response has gone, so it may trail the response
     wait_until(lambda: any(x.get("request_id") == "trace-me" for x in lines()), 10.0, "log line")

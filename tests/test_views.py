@@ -25,7 +25,6 @@ from tests.conftest import (
     TUTORIAL,
     Server,
     settings_for_tests,
-    start_server,
     wait_job,
     wait_until,
 )
@@ -542,11 +541,10 @@ def test_a_quiet_stream_sends_keep_alive_comments(
 # -- a slow client against a real server --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(str(tmp_path_factory.mktemp("views")))
-    yield srv
-    srv.stop()
+@pytest.fixture
+def live_server(default_server: Server) -> Server:
+    """The run's shared default server: these tests never need an empty one."""
+    return default_server
 
 
 # About two seconds of work in any engine: 1,024 samples drawn every epoch, 1,000 grid points.
