@@ -43,8 +43,7 @@ def mse(x: list[float], y: list[float], w: float, b: float) -> float:
     return math.fsum((w * u + b - v) ** 2 for u, v in zip(x, y, strict=True)) / len(x)
 
 
-def test_the_defaults_keep_todays_fit(make_client: Factory) -> None:
-    client = make_client()
+def test_the_defaults_keep_todays_fit(client: TestClient) -> None:
     job = fit_and_wait(client, seed=1)
     result = job["result"]
     assert (result["epochs_run"], result["stopped_early"], result["published"]) == (
@@ -59,8 +58,7 @@ def test_the_defaults_keep_todays_fit(make_client: Factory) -> None:
     assert client.get("/model").json()["version"] == result["model_version"]
 
 
-def test_a_split_is_held_out_never_trained_on_and_its_loss_exact(make_client: Factory) -> None:
-    client = make_client()
+def test_a_split_is_held_out_never_trained_on_and_its_loss_exact(client: TestClient) -> None:
     body = {**NOISY, "validation_fraction": 0.25, "fit_intercept": True, "epochs": 400}
     job = fit_and_wait(client, **body, seed=5, learning_rate=0.05)
     assert job["status"] == "succeeded", job
@@ -91,10 +89,9 @@ def test_a_split_is_held_out_never_trained_on_and_its_loss_exact(make_client: Fa
 
 
 def test_the_validation_loss_stays_exact_and_non_negative_at_convergence(
-    make_client: Factory,
+    client: TestClient,
 ) -> None:
     # y = 2x exactly: the loss goes to 0, where an expansion that cancels would go below it
-    client = make_client()
     x = [float(i % 7 + 1) for i in range(30)]
     body = {"x": x, "y": [2 * v for v in x], "validation_fraction": 0.3}
     job = fit_and_wait(client, **body, epochs=3000, batch_size=None, seed=2)
@@ -115,8 +112,7 @@ def sklearn_stop(losses: list[float], tol: float, patience: int) -> int | None:
     return None
 
 
-def test_early_stopping_on_the_training_loss(make_client: Factory) -> None:
-    client = make_client()
+def test_early_stopping_on_the_training_loss(client: TestClient) -> None:
     job = fit_and_wait(client, epochs=20_000, tol=1e-4, n_iter_no_change=5, seed=3)
     result = job["result"]
     assert job["status"] == "succeeded"
@@ -131,8 +127,7 @@ def test_early_stopping_on_the_training_loss(make_client: Factory) -> None:
     assert abs(result["w"] - 2) < 0.05
 
 
-def test_early_stopping_on_the_validation_loss(make_client: Factory) -> None:
-    client = make_client()
+def test_early_stopping_on_the_validation_loss(client: TestClient) -> None:
     body = {**NOISY, "validation_fraction": 0.2, "fit_intercept": True}
     job = fit_and_wait(client, **body, epochs=50_000, tol=1e-3, n_iter_no_change=10, seed=4)
     result = job["result"]
