@@ -151,18 +151,34 @@ def store_env(request: pytest.FixtureRequest, store: str) -> dict[str, str]:
     return {f"SGD_{k.upper()}": str(v) for k, v in store_settings(request, store).items()}
 
 
+@pytest.fixture(scope="session")
+def client_pool(redis_server: RedisServer) -> Iterator[dict[str, TestClient]]:
+    """The apps `client` shares, by store, each started on first use and stopped at the end of
+    the run. A pool rather than `client` itself: pytest tears a parametrized session fixture
+    down whenever the next test takes another parameter (between modules, often under
+    pytest-xdist), and each start-up costs a worker process importing torch. It holds the
+    session's redis-server, so that the Redis app stops before that does."""
+    pool: dict[str, TestClient] = {}
+    yield pool
+    for c in pool.values():
+        c.__exit__(None, None, None)
+
+
 @pytest.fixture(scope="session", params=STORES)
-def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
+def client(request: pytest.FixtureRequest, client_pool: dict[str, TestClient]) -> TestClient:
     """One app (and one worker process) per store, shared by the read-mostly API tests."""
-    settings = settings_for_tests(
-        max_queued_jobs=64,
-        keep_jobs=200,
-        max_epochs=2_000_000,
-        **store_settings(request, request.param),
-    )
-    with TestClient(create_app(settings)) as c:
+    if request.param not in client_pool:
+        settings = settings_for_tests(
+            max_queued_jobs=64,
+            keep_jobs=200,
+            max_epochs=2_000_000,
+            **store_settings(request, request.param),
+        )
+        c = TestClient(create_app(settings))
+        c.__enter__()
+        client_pool[request.param] = c
         wait_until(lambda: c.get("/readyz").status_code == 200, 120.0, "readiness")
-        yield c
+    return client_pool[request.param]
 
 
 @pytest.fixture(params=STORES)
@@ -304,17 +320,29 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     stop_shared(srv)
 
 
+@pytest.fixture(scope="session")
+def server_pool(redis_server: RedisServer) -> Iterator[dict[str, Server]]:
+    """The servers `shared_server` shares, by store, as `client_pool` keeps the apps."""
+    pool: dict[str, Server] = {}
+    yield pool
+    for srv in pool.values():
+        stop_shared(srv)
+
+
 @pytest.fixture(scope="session", params=STORES)
 def shared_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    server_pool: dict[str, Server],
+) -> Server:
     """One real server per store for the whole run, configured as `server`'s: for end-to-end
     tests that need no empty store, never stop or signal it, and leave it idle (every fit they
     start has ended or been cancelled when they return)."""
-    log_dir = str(tmp_path_factory.mktemp("shared-server"))
-    srv = start_server(log_dir, SGD_MAX_EPOCHS="2000000", **store_env(request, request.param))
-    yield srv
-    stop_shared(srv)
+    if request.param not in server_pool:
+        log_dir = str(tmp_path_factory.mktemp("shared-server"))
+        env = store_env(request, request.param)
+        server_pool[request.param] = start_server(log_dir, SGD_MAX_EPOCHS="2000000", **env)
+    return server_pool[request.param]
 
 
 def stop_shared(srv: Server) -> None:
