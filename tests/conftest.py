@@ -353,3 +353,28 @@ def stop_shared(srv: Server) -> None:
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait(10)
+
+
+# The modules that take longest, longest first; the rest follow in pytest's order. `make test`
+# hands whole modules to two pytest-xdist workers in this order, so that these overlap the rest
+# of the suite instead of trailing it: Schemathesis fuzzes for a fixed time budget (2.5 minutes),
+# the browser and the scale-out tests start many servers of their own.
+FIRST = (
+    "tests/test_schemathesis.py",
+    "tests/test_browser.py",
+    "tests/test_scaleout.py",
+    "tests/test_jobs.py",
+    "tests/test_load.py",
+    "tests/test_faults.py",
+)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest groups the tests by their parametrized fixtures
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The FIRST modules first, in that order; within a module the order stays (a stable sort)."""
+
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::")[0]
+        return FIRST.index(module) if module in FIRST else len(FIRST)
+
+    items.sort(key=rank)
