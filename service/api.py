@@ -124,8 +124,8 @@ def _create(
     store: Store,
     runner: Runner,
     params: JobParams,
-    x: bytes,
-    y: bytes,
+    x: bytes | bytearray,
+    y: bytes | bytearray,
     idem: tuple[str, str] | None,
 ) -> Job:
     """A queued job (or the Idempotency-Key's original); a refused one leaves no trace."""
@@ -275,13 +275,13 @@ async def history(
     """Loss and w per epoch of the latest job (or ?job_id=), paged and thinned."""
     points = max_points or settings.history_max_points
     page = await run_in_threadpool(store.history_page, job_id, since, limit, points)
-    if len(page.page.epochs) <= HISTORY_SLICE:
+    if len(page.columns["w"]) <= HISTORY_SLICE:
         return Response(b"".join(_history_json(page)), media_type="application/json")
     return StreamingResponse(_history_stream(page), media_type="application/json")
 
 
 # Values written per step: ~0.3 ms of orjson, after which /predict gets the event loop back.
-HISTORY_SLICE = 16_384
+HISTORY_SLICE = 4_096
 
 
 def _history_json(page: HistoryPage) -> Iterator[bytes]:

@@ -130,7 +130,7 @@ class QueueRunner:
         except Exception:
             return 0
 
-    def submit(self, job: Job, x: bytes, y: bytes) -> None:
+    def submit(self, job: Job, x: bytes | bytearray, y: bytes | bytearray) -> None:
         """Queue a job for whichever worker is free, or raise QueueFull/ShuttingDown."""
         if self._draining:
             raise ShuttingDown("the service is shutting down; send the fit to another replica")

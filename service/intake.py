@@ -52,8 +52,8 @@ class Accepted:
     options: dict[str, Any]
     given: frozenset[str]  # the fields the caller sent
     n: int
-    x: bytes
-    y: bytes
+    x: bytes | bytearray  # float64, native byte order
+    y: bytes | bytearray
     digest: str | None  # of the validated body, for Idempotency-Key; asked for per request
 
     def request(self) -> FitRequest:
@@ -205,8 +205,8 @@ class Intake:
         size = int.from_bytes(await _recv(loop, sock, 8), "little")
         reply = pickle.loads(await _recv(loop, sock, size))  # noqa: S301 - our own child's
         if isinstance(reply, Accepted):  # the samples follow the header, as raw bytes
-            x = bytes(await _recv(loop, sock, 8 * reply.n))
-            y = bytes(await _recv(loop, sock, 8 * reply.n))
+            x = await _recv(loop, sock, 8 * reply.n)  # kept as received: no copy here
+            y = await _recv(loop, sock, 8 * reply.n)
             reply = Accepted(reply.options, reply.given, reply.n, x, y, reply.digest)
         assert isinstance(reply, Accepted | Refused)
         return reply

@@ -77,7 +77,7 @@ class _Column:
             end = min(stop, first + len(chunk))
             if i < end:
                 part = chunk[i - first : end - first : step]
-                out.frombytes(part.tobytes())
+                out.frombytes(part.cast("B") if step == 1 else part.tobytes())  # one copy if it can
                 i += len(part) * step
         return out
 

@@ -24,12 +24,11 @@ FLUSH_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class Fit:
-    """Run this fit; x and y are float64 bytes in native order."""
+    """Run this fit on n samples: x's and y's float64 bytes (native order) follow it raw."""
 
     job_id: str
     params: dict[str, Any]
-    x: bytes
-    y: bytes
+    n: int
 
 
 @dataclass(frozen=True)
@@ -103,15 +102,22 @@ class Channel:
         for column in columns.values():
             self._sock.sendall(column)
 
+    def send_raw(self, *buffers: bytes | bytearray) -> None:
+        """Bytes after a message, as they are: no pickle, no copy with the GIL held."""
+        for buffer in buffers:
+            self._sock.sendall(buffer)
+
     def recv_floats(self, count: int) -> "memoryview[float]":
-        size = 8 * count
+        return memoryview(self.recv_raw(8 * count)).cast("d")
+
+    def recv_raw(self, size: int) -> bytes:
         data = self._sock.recv(size, socket.MSG_WAITALL)
         while len(data) < size:  # a signal can cut MSG_WAITALL short; EOF means the worker died
             more = self._sock.recv(size - len(data), socket.MSG_WAITALL)
             if not more:
-                raise EOFError("the worker closed the pipe in the middle of a chunk")
+                raise EOFError("the pipe closed in the middle of raw bytes")
             data += more
-        return memoryview(data).cast("d")
+        return data
 
     def close(self) -> None:
         self._sock.close()
@@ -162,7 +168,8 @@ def _run(chan: Channel, msg: Fit) -> None:
     from service import training
     from service.errors import Diverged, InvalidInput, WorkerCrashed
 
-    x, y = training.as_tensor(msg.x), training.as_tensor(msg.y)
+    x = training.as_tensor(chan.recv_raw(8 * msg.n))
+    y = training.as_tensor(chan.recv_raw(8 * msg.n))
     fit = training.FitParams.of(msg.params)
     outbox = _Outbox(chan, msg.job_id)
     conn = chan.conn
