@@ -82,7 +82,7 @@ async def fit(
         init_from=None if start is None else start.version,
         init_b=0.0 if start is None else start.b,
     )
-    job = await run_in_threadpool(_create, store, runner, params, accepted.x, accepted.y, idem)
+    job = await run_in_threadpool(_create, store, runner, params, accepted, idem)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
 
@@ -124,15 +124,14 @@ def _create(
     store: Store,
     runner: Runner,
     params: JobParams,
-    x: bytes | bytearray,
-    y: bytes | bytearray,
+    accepted: Accepted,
     idem: tuple[str, str] | None,
 ) -> Job:
     """A queued job (or the Idempotency-Key's original); a refused one leaves no trace."""
-    job, created = store.create_job(params, len(x) // 8, idem)
+    job, created = store.create_job(params, accepted.n, idem)
     if created:
         try:
-            runner.submit(job, x, y)
+            runner.submit(job, accepted.x, accepted.y)
         except Exception:
             store.discard_job(job.id)
             raise

@@ -25,6 +25,7 @@ from service.errors import NotReady, QueueFull, ServiceError, ShuttingDown, Stor
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
+from service.worker import Samples
 
 log = logging.getLogger("sgd_service.fleet")
 
@@ -130,7 +131,7 @@ class QueueRunner:
         except Exception:
             return 0
 
-    def submit(self, job: Job, x: bytes | bytearray, y: bytes | bytearray) -> None:
+    def submit(self, job: Job, x: Samples, y: Samples) -> None:
         """Queue a job for whichever worker is free, or raise QueueFull/ShuttingDown."""
         if self._draining:
             raise ShuttingDown("the service is shutting down; send the fit to another replica")
@@ -142,7 +143,7 @@ class QueueRunner:
                 "cancel one",
                 retry_after=2,
             )
-        self._store.put_data(job.id, x, y)
+        self._store.put_data(job.id, b"".join(x), b"".join(y))
         enqueue(self._broker, job.id)
 
     def cancel(self, job_id: str) -> Job:

@@ -75,7 +75,7 @@ class Runner(Protocol):
 
     def start(self) -> None: ...
 
-    def submit(self, job: Job, x: bytes | bytearray, y: bytes | bytearray) -> None:
+    def submit(self, job: Job, x: worker.Samples, y: worker.Samples) -> None:
         """Queue a created job with its samples (float64 bytes), or raise QueueFull or
         ShuttingDown."""
 
@@ -96,8 +96,8 @@ class WorkerLost(Exception):
 @dataclass(frozen=True)
 class _Pending:
     job_id: str
-    x: bytes | bytearray  # float64, native byte order
-    y: bytes | bytearray
+    x: worker.Samples  # float64, native byte order
+    y: worker.Samples
 
 
 class _Worker:
@@ -259,7 +259,7 @@ class JobRunner:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, job: Job, x: bytes | bytearray, y: bytes | bytearray) -> None:
+    def submit(self, job: Job, x: worker.Samples, y: worker.Samples) -> None:
         """Queue a job, or raise QueueFull/ShuttingDown."""
         with self._lock:
             if self._draining:
@@ -455,8 +455,8 @@ class JobRunner:
         recorded), or raises WorkerLost. Past the deadline the fit is cancelled as timed out."""
         current = self._worker
         assert current is not None
-        current.send(worker.Fit(job.id, job.params.model_dump(), len(pending.x) // 8))
-        current.send_raw(pending.x, pending.y)
+        current.send(worker.Fit(job.id, job.params.model_dump(), job.n_samples))
+        current.send_raw(*pending.x, *pending.y)
         cancel_sent = timed_out = False
         while True:
             if (self._cancel_asked or timed_out) and not cancel_sent:

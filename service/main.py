@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store, runner = _state(settings, metrics)
         metrics.watch(store, runner)
         runner.start()
-        intake, plotter = Intake(settings), Plotter()
+        intake = Intake(settings)
+        plotter = Plotter(settings.worker_nice, settings.worker_sched_idle)
         try:
             yield {
                 "store": store,

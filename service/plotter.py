@@ -2,13 +2,12 @@
 
 Drawing a figure takes 30-100 ms of CPU while holding the GIL; in the server's threadpool two
 clients looping on the plot raised /predict's p99 tenfold. A process of its own (spawned on
-the first plot, at a lower priority than the server) draws instead; the server sends it the
-thinned history (a few thousand points) and gets the image's bytes back. If the process dies
-(OOM, kill -9), a new one draws the plot in hand.
+the first plot, at the training worker's priority, below the server's) draws instead; the
+server sends it the thinned history (a few thousand points) and gets the image's bytes back.
+If the process dies (OOM, kill -9), a new one draws the plot in hand.
 """
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -19,16 +18,15 @@ from concurrent.futures.process import BrokenProcessPool
 from service.errors import NotReady
 from service.intake import name_process
 from service.schemas import History
+from service.worker import lower_priority
 
 log = logging.getLogger("sgd_service")
 
-PLOTTER_NICE = 10  # below the server, which answers /predict; above the training worker
 
-
-def _lower_priority() -> None:
+def _start(nice: int, sched_idle: bool) -> None:
     name_process("sgd-plotter")
-    with contextlib.suppress(OSError):
-        os.nice(PLOTTER_NICE)
+    # the training worker's priority: /predict's event loop wins the CPU from it at once
+    lower_priority(nice, sched_idle)
 
 
 def _draw(history: History, image_format: str, log_scale: bool) -> bytes:
@@ -40,7 +38,8 @@ def _draw(history: History, image_format: str, log_scale: bool) -> bytes:
 class Plotter:
     """One plotting process, started on the first plot; a new one if it dies."""
 
-    def __init__(self) -> None:
+    def __init__(self, nice: int, sched_idle: bool) -> None:
+        self._priority = (nice, sched_idle)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -50,7 +49,8 @@ class Plotter:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_lower_priority,
+                    initializer=_start,
+                    initargs=self._priority,
                 )
             return self._pool
 

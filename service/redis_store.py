@@ -261,7 +261,7 @@ class RedisStore:
         pipe.execute()
 
     @_available
-    def put_data(self, job_id: str, x: bytes | bytearray, y: bytes | bytearray) -> None:
+    def put_data(self, job_id: str, x: bytes, y: bytes) -> None:
         """The samples of a job, for whichever worker runs it."""
         self.redis.hset(self._key("data", job_id), mapping={"x": x, "y": y})
 

@@ -22,6 +22,10 @@ FLUSH_SECONDS = 0.05
 # -- messages: server to worker --------------------------------------------------------------
 
 
+# A fit's x or y as float64 bytes (native order), in one piece or several, sent as they are.
+Samples = tuple[bytes | bytearray, ...]
+
+
 @dataclass(frozen=True)
 class Fit:
     """Run this fit on n samples: x's and y's float64 bytes (native order) follow it raw."""

@@ -71,7 +71,7 @@ def runner(make_runner: Callable[..., Runner]) -> Runner:
 
 def submit(runner: JobRunner, store: MemoryStore, p: JobParams, big: bool = False) -> Job:
     job, _ = store.create_job(p, BIG_N if big else 3)
-    runner.submit(job, BIG_X if big else X, BIG_Y if big else Y)
+    runner.submit(job, (BIG_X,) if big else (X,), (BIG_Y,) if big else (Y,))
     return job
 
 
@@ -137,7 +137,7 @@ def test_queue_is_bounded_and_queued_jobs_cancel_at_once(
     queued = [submit(r, store, params()) for _ in range(2)]
     extra, _ = store.create_job(params(), 3)
     with pytest.raises(QueueFull) as info:
-        r.submit(extra, X, Y)
+        r.submit(extra, (X,), (Y,))
     assert int(info.value.headers["Retry-After"]) >= 1
     assert r.cancel(queued[0].id).status is JobStatus.cancelled
     r.cancel(running.id)
