@@ -306,8 +306,7 @@ def _history_json(page: HistoryPage) -> Iterator[bytes]:
         if values is None:
             yield f',"{name}":null'.encode()
             continue
-        steps = range(0, len(values), HISTORY_SLICE)
-        yield from _list(name, (values[i : i + HISTORY_SLICE].tolist() for i in steps))
+        yield from _list(name, values.slices(HISTORY_SLICE))
     yield b"}"
 
 

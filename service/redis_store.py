@@ -57,7 +57,7 @@ from service.schemas import (
     Progress,
 )
 from service.settings import Settings
-from service.store import HistoryPage, Page, model_of, now, publication, result_of
+from service.store import Column, HistoryPage, Page, floats, model_of, now, publication, result_of
 
 log = logging.getLogger("sgd_service.redis")
 
@@ -676,23 +676,20 @@ class RedisStore:
         cols = {name: self._read(key, page) for name, key in zip(names, keys, strict=True)}
         return HistoryPage(job, page, cols)
 
-    def _read(self, key: str, page: Page) -> "array[float]":
+    def _read(self, key: str, page: Page) -> Column:
         """A float64 column's values at the page's epochs: one GETRANGE of the page's range, or,
         for a sparse page, one small GETRANGE per epoch (pipelined)."""
-        out = array("d")
         if page.end <= page.start:
-            return out
+            return Column(())
         if page.stride < PICK_READ_STRIDE:
             raw = self.redis.getrange(key, page.start * 8, page.end * 8 - 1)
             values = memoryview(raw).cast("d")
-            out.frombytes(values[:: page.stride].tobytes())  # sliced in C
-            out.extend(values[i - page.start] for i in page.tail)
-            return out
+            tail = floats([values[i - page.start] for i in page.tail])
+            return Column((values[:: page.stride], tail))  # views, nothing copied
         pipe = self.redis.pipeline(transaction=False)
         for i in page.epochs:
             pipe.getrange(key, i * 8, i * 8 + 7)
-        out.frombytes(b"".join(pipe.execute()))
-        return out
+        return Column((memoryview(b"".join(pipe.execute())).cast("d"),))
 
 
 COLUMNS = ("w", "loss", "b", "val_loss")
@@ -712,6 +709,5 @@ def _columns(job: Job) -> list[str]:
 def _raw(values: Sequence[float]) -> bytes:
     if isinstance(values, memoryview):
         return values.tobytes()
-    from array import array
 
     return array("d", values).tobytes()

@@ -9,10 +9,10 @@ import threading
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from service.errors import (
     HistoryNotFound,
@@ -69,15 +69,15 @@ class _Column:
         self._chunks.append(chunk)
         self._starts.append(len(self) + len(chunk))
 
-    def take(self, start: int, stop: int, step: int) -> "array[float]":
-        """The values at range(start, stop, step), sliced chunk by chunk (copies, in C)."""
-        out = array("d")
+    def take(self, start: int, stop: int, step: int) -> list["memoryview[float]"]:
+        """The values at range(start, stop, step): views of the chunks, nothing copied."""
+        out = []
         i = start
         for chunk, first in zip(self._chunks, self._starts, strict=False):
             end = min(stop, first + len(chunk))
             if i < end:
                 part = chunk[i - first : end - first : step]
-                out.frombytes(part.cast("B") if step == 1 else part.tobytes())  # one copy if it can
+                out.append(part)
                 i += len(part) * step
         return out
 
@@ -364,10 +364,9 @@ class MemoryStore:
                 raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
             page = Page.of(len(hist.w), since, limit, max_points)
 
-            def pick(col: _Column) -> "array[float]":
-                values = col.take(page.start, page.end, page.stride)
-                values.extend(col[i] for i in page.tail)
-                return values
+            def pick(col: _Column) -> Column:
+                tail = floats([col[i] for i in page.tail])
+                return Column((*col.take(page.start, page.end, page.stride), tail))
 
             columns = {"w": pick(hist.w), "loss": pick(hist.loss)}
             for name, col in (("b", hist.b), ("val_loss", hist.val_loss)):
@@ -458,13 +457,38 @@ class Page:
 
 
 @dataclass(frozen=True)
+class Column:
+    """A history page's column: float64 values in pieces, views of what the store holds (a
+    1,000,000-epoch page copied would hold the GIL for milliseconds)."""
+
+    pieces: tuple["memoryview[float]", ...]
+
+    def __len__(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
+
+    def slices(self, size: int) -> Iterator[list[float]]:
+        """The values as lists of at most `size`."""
+        for piece in self.pieces:
+            for i in range(0, len(piece), size):
+                yield cast(list[float], piece[i : i + size].tolist())  # typeshed says list[int]
+
+    def tolist(self) -> list[float]:
+        return [v for values in self.slices(1 << 20) for v in values]
+
+
+def floats(values: Sequence[float]) -> "memoryview[float]":
+    """A float64 view of a few values."""
+    return memoryview(array("d", values).tobytes()).cast("d")
+
+
+@dataclass(frozen=True)
 class HistoryPage:
     """A page of a job's history as float64 columns: w and loss, b and val_loss when the job
     records them, each holding the values at `page.epochs`."""
 
     job: Job
     page: Page
-    columns: dict[str, "array[float]"]
+    columns: dict[str, Column]
 
     def model(self) -> History:
         cols = {name: values.tolist() for name, values in self.columns.items()}
