@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from service.errors import (
     HistoryNotFound,
@@ -470,7 +470,10 @@ class Column:
         """The values as lists of at most `size`."""
         for piece in self.pieces:
             for i in range(0, len(piece), size):
-                yield cast(list[float], piece[i : i + size].tolist())  # typeshed says list[int]
+                part = piece[i : i + size]
+                values = array("d")  # array's tolist is twice memoryview's
+                values.frombytes(part.cast("B") if part.contiguous else part.tobytes())
+                yield values.tolist()
 
     def tolist(self) -> list[float]:
         return [v for values in self.slices(1 << 20) for v in values]
