@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -23,16 +24,28 @@ from service.worker import lower_priority
 log = logging.getLogger("sgd_service")
 
 
-def _start(nice: int, sched_idle: bool) -> None:
+def _start(nice: int, sched_idle: bool, server: int) -> None:
     name_process("sgd-plotter")
     # the training worker's priority: /predict's event loop wins the CPU from it at once
     lower_priority(nice, sched_idle)
+    threading.Thread(target=_exit_with, args=(server,), daemon=True).start()
+
+
+def _exit_with(server: int) -> None:
+    """Exit once the server is gone. A pool's process holds both ends of its queue's pipe, so
+    it never reads an end of file; without this, a server killed with -9 would leave it behind."""
+    while os.getppid() == server:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(0)
 
 
 def _draw(history: History, image_format: str, log_scale: bool) -> bytes:
     from service.views import render_history  # imported in the plotting process only
 
     return render_history(history, image_format, log_scale)
+
+
+PARENT_POLL_SECONDS = 0.5
 
 
 class Plotter:
@@ -50,7 +63,7 @@ class Plotter:
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start,
-                    initargs=self._priority,
+                    initargs=(*self._priority, os.getpid()),
                 )
             return self._pool
 

@@ -381,3 +381,36 @@ def test_a_64_mib_body_costs_the_server_no_more_than_its_size(
             grown = peak_rss(srv.proc.pid) - before
         assert grown < size, f"the peak grew by {grown / MiB:.0f} MiB"
         srv.stop()
+
+
+def helpers_of(pid: int) -> dict[str, int]:
+    """The server's helper processes by name: sgd-intake, sgd-plotter."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and name in ("sgd-intake", "sgd-plotter"):
+            found[name] = int(entry.name)
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_a_server_killed_with_9_leaves_no_helper_behind(
+    make_server: Callable[..., Server],
+) -> None:
+    srv = make_server()
+    with srv.client() as c:
+        job = c.post("/fit", json={"x": [1, 2, 3], "y": [2, 4, 6], "epochs": 20}).json()
+        wait_job(c, job["id"])
+        assert c.get("/history/plot").status_code == 200
+    wait_until(lambda: len(helpers_of(srv.proc.pid)) == 2, 30.0, "both helpers named")
+    helpers = helpers_of(srv.proc.pid)
+    srv.proc.kill()
+    srv.proc.wait(10)
+    for name, pid in helpers.items():
+        wait_until(lambda pid=pid: _zombie(pid), 15.0, f"{name} gone with its server")  # type: ignore[misc]
