@@ -19,7 +19,6 @@ If it dies (OOM, kill -9), a new one reads the body in hand again: the fit is no
 """
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +37,7 @@ from pydantic import ValidationError
 from service.errors import InvalidInput, NotReady
 from service.schemas import FitRequest
 from service.settings import Settings
-from service.worker import Samples, lower_priority
+from service.worker import Samples, lower_priority, name_process
 
 log = logging.getLogger("sgd_service")
 
@@ -141,12 +140,6 @@ def checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
         y=(array("d", req.y).tobytes(),),
         digest=hashlib.sha256(req.model_dump_json().encode()).hexdigest() if digest else None,
     )
-
-
-def name_process(name: str) -> None:
-    """The name ps and top show for this process (Linux; elsewhere nothing happens)."""
-    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
-        comm.write(name)
 
 
 def lost() -> NotReady:

@@ -1,6 +1,6 @@
 """The job runner: a bounded queue, one long-lived training worker process, progress, cancel.
 
-Fits run in a separate process (service.worker, spawned once, at a lower CPU priority) so that
+Fits run in a separate process (service.worker, started once, at a lower CPU priority) so that
 neither the GIL nor the CPU a fit takes slows /predict. A dispatcher thread in the server feeds
 the worker one job at a time and writes what it streams back (history chunks, then the outcome)
 into the store.
@@ -112,7 +112,12 @@ class _Worker:
             name="sgd-worker",
             daemon=True,
         )
-        self.proc.start()
+        try:
+            self.proc.start()
+        except (OSError, EOFError) as exc:  # the fork server died, or could not start
+            parent.close()
+            child.close()
+            raise WorkerLost(f"the training worker could not be started: {exc!r}") from exc
         child.close()
         _LIVE_WORKERS.add(self)
         self.chan = worker.Channel(parent)
@@ -174,7 +179,10 @@ class JobRunner:
         self._store = store
         self._on_end = on_end
         self._settings = settings
-        self._ctx = mp.get_context("spawn")  # never fork a process that has threads
+        # Workers are forked from a fork server that has imported torch and nothing else, and
+        # runs no thread (service.forkserver): never from the server, which has threads.
+        self._ctx = mp.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["service.forkserver"])
         # Guards the fields below; held for a few assignments, never while talking to the worker.
         self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
@@ -344,7 +352,11 @@ class JobRunner:
         delay = START_BACKOFF[min(self._start_failures, len(START_BACKOFF) - 1)]
         if delay and self._sleep(delay):
             return
-        self._worker = new = _Worker(self._ctx, self._settings)
+        try:
+            self._worker = new = _Worker(self._ctx, self._settings)
+        except WorkerLost as exc:
+            self._start_failed(str(exc))
+            return
         while True:
             ready = mp.connection.wait([new.conn, new.sentinel, self._wake_r])
             self._drain_wake()
@@ -364,9 +376,13 @@ class JobRunner:
                 return
             if new.sentinel in ready:
                 break
-        self._start_failures += 1
-        log.error("%s during start-up (%d in a row)", new.died(), self._start_failures)
+        reason = new.died()
         self._lose_worker()
+        self._start_failed(reason)
+
+    def _start_failed(self, reason: str) -> None:
+        self._start_failures += 1
+        log.error("%s during start-up (%d in a row)", reason, self._start_failures)
         if self._start_failures >= MAX_START_FAILURES:
             self._broken = (
                 f"the training worker failed to start {self._start_failures} times in a row"

@@ -17,9 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from service.errors import NotReady
-from service.intake import name_process
 from service.schemas import History
-from service.worker import lower_priority
+from service.worker import lower_priority, name_process
 
 log = logging.getLogger("sgd_service")
 

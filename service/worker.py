@@ -134,6 +134,7 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     # group (a terminal, systemd's KillMode=control-group) must not kill a fit it will cancel.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    name_process("sgd-worker")
     started = time.perf_counter()
     import torch
 
@@ -235,6 +236,12 @@ def lower_priority(nice: int, sched_idle: bool) -> str:
             except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
                 policy = "other"
     return policy
+
+
+def name_process(name: str) -> None:
+    """The name ps and top show for this process (Linux; elsewhere nothing happens)."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name)
 
 
 def _threads() -> list[int]:

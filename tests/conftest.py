@@ -217,6 +217,28 @@ def child_pids(pid: int, marker: bytes) -> list[int]:
     return found
 
 
+def named_descendants(pid: int, name: str) -> list[int]:
+    """The live processes under `pid` (children, theirs, ...) that ps shows as `name`."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        comm, rest = stat[stat.index("(") + 1 :].rsplit(")", 1)
+        state, ppid = rest.split()[:2]
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(entry.name))
+            names[int(entry.name)] = comm
+    tree = [pid]
+    for p in tree:  # grows as it goes: breadth first
+        tree.extend(children.get(p, []))
+    return [p for p in tree[1:] if names[p] == name]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ from tests.conftest import (
     TIMEOUT,
     TUTORIAL,
     Server,
-    child_pids,
+    named_descendants,
     wait_job,
     wait_until,
 )
@@ -33,8 +34,16 @@ LONG = {"x": [1.0] * 100_000, "y": [2.0] * 100_000, "batch_size": 100_000, "epoc
 
 
 def worker_pids(server_pid: int) -> list[int]:
-    """The live training workers of a server: its children running multiprocessing's spawn."""
-    return child_pids(server_pid, b"spawn_main")
+    """The live training workers of a server (forked by its fork server, a child of it)."""
+    return named_descendants(server_pid, "sgd-worker")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def ready_worker(srv: Server, http: httpx.Client, not_pid: int = 0) -> int:
@@ -119,6 +128,35 @@ def test_kill_the_worker_at_random_moments(make_server: Callable[..., Server]) -
     log = srv.log()
     assert "Traceback" not in log
     assert log.count("training worker ready") == ROUNDS + 1
+
+
+@pytest.mark.timeout(180)
+def test_killing_the_fork_server_loses_no_fit(make_server: Callable[..., Server]) -> None:
+    """The process workers are forked from dies with -9, mid-fit and then while idle: the fit
+    runs again on a worker from a new fork server, and the server stays up and ready."""
+    srv = make_server(SGD_DRAIN_SECONDS="0.5")
+    with srv.client() as http:
+        pid = ready_worker(srv, http)
+        (forkserver,) = named_descendants(srv.proc.pid, "sgd-forkserver")
+        job_id = post(http, MEDIUM)
+        wait_running(http, job_id)
+        os.kill(forkserver, signal.SIGKILL)
+        job = wait_job(http, job_id)
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 2, job
+        wait_until(lambda: not alive(pid), 10.0, "the orphaned worker's exit")
+        pid = ready_worker(srv, http, not_pid=pid)
+        (forkserver,) = named_descendants(srv.proc.pid, "sgd-forkserver")
+        os.kill(forkserver, signal.SIGKILL)
+        ready_worker(srv, http, not_pid=pid)
+        wait_until(lambda: not alive(pid), 10.0, "the orphaned worker's exit")
+        after = wait_job(http, post(http, TUTORIAL))
+        assert after["status"] == "succeeded", after
+        assert after["attempts"] == 1, after
+    assert len(named_descendants(srv.proc.pid, "sgd-worker")) == 1
+    assert len(named_descendants(srv.proc.pid, "sgd-forkserver")) == 1
+    assert srv.stop(signal.SIGTERM, timeout=GRACE_SECONDS) == 0
+    assert "Traceback" not in srv.log()
 
 
 @pytest.mark.timeout(120)

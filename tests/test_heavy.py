@@ -29,7 +29,13 @@ from service.problems import install_handlers
 from service.schemas import FitRequest
 from service.settings import Settings
 from service.store import Store
-from tests.conftest import Server, settings_for_tests, wait_job, wait_until
+from tests.conftest import (
+    Server,
+    named_descendants,
+    settings_for_tests,
+    wait_job,
+    wait_until,
+)
 from tests.test_properties import bad_bodies
 
 JSON = {"content-type": "application/json"}
@@ -383,20 +389,13 @@ def test_a_64_mib_body_costs_the_server_no_more_than_its_size(
         srv.stop()
 
 
+HELPERS = ("sgd-intake", "sgd-plotter", "sgd-forkserver", "sgd-worker")
+
+
 def helpers_of(pid: int) -> dict[str, int]:
-    """The server's helper processes by name: sgd-intake, sgd-plotter."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            name = (entry / "comm").read_text().strip()
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and name in ("sgd-intake", "sgd-plotter"):
-            found[name] = int(entry.name)
-    return found
+    """The server's helper processes by name: the intake, the plotter, the training worker
+    and the fork server it comes from."""
+    return {name: p for name in HELPERS for p in named_descendants(pid, name)}
 
 
 @pytest.mark.timeout(120)
@@ -408,7 +407,7 @@ def test_a_server_killed_with_9_leaves_no_helper_behind(
         job = c.post("/fit", json={"x": [1, 2, 3], "y": [2, 4, 6], "epochs": 20}).json()
         wait_job(c, job["id"])
         assert c.get("/history/plot").status_code == 200
-    wait_until(lambda: len(helpers_of(srv.proc.pid)) == 2, 30.0, "both helpers named")
+    wait_until(lambda: len(helpers_of(srv.proc.pid)) == len(HELPERS), 30.0, "every helper named")
     helpers = helpers_of(srv.proc.pid)
     srv.proc.kill()
     srv.proc.wait(10)

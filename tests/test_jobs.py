@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from array import array
@@ -106,13 +108,33 @@ def test_a_job_runs_in_the_worker_and_publishes_its_model(
     worker = r.worker_info["pid"]
     assert worker != os.getpid()
     # background work, as the OS sees it: the lowest niceness, under SCHED_IDLE, in every
-    # thread (both are per thread on Linux, and torch's OpenBLAS starts a pool at import)
-    threads = [int(tid) for tid in os.listdir(f"/proc/{worker}/task")]
-    assert len(threads) > 1
-    for tid in threads:
-        assert os.getpriority(os.PRIO_PROCESS, tid) == 19, tid
-        assert os.sched_getscheduler(tid) == os.SCHED_IDLE, tid
+    # thread (both are per thread on Linux; the next test has threads started before)
+    for tid in os.listdir(f"/proc/{worker}/task"):
+        assert os.getpriority(os.PRIO_PROCESS, int(tid)) == 19, tid
+        assert os.sched_getscheduler(int(tid)) == os.SCHED_IDLE, tid
     assert r.worker_info["policy"] == "idle"
+
+
+def test_the_lower_priority_reaches_threads_started_before_it() -> None:
+    """A library's thread pool (OpenBLAS's, say) may start before the worker lowers itself."""
+    code = (
+        "import os, threading\n"
+        "from service.worker import lower_priority\n"
+        "stop = threading.Event()\n"
+        "threading.Thread(target=stop.wait).start()\n"
+        "print(lower_priority(19, True))\n"
+        "tids = [int(t) for t in os.listdir('/proc/self/task')]\n"
+        "assert len(tids) == 2, tids\n"
+        "for tid in tids:\n"
+        "    assert os.getpriority(os.PRIO_PROCESS, tid) == 19, tid\n"
+        "    assert os.sched_getscheduler(tid) == os.SCHED_IDLE, tid\n"
+        "stop.set()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "idle"
 
 
 def test_cancel_a_running_job_within_seconds(runner: tuple[JobRunner, MemoryStore]) -> None:

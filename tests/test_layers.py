@@ -17,6 +17,7 @@ DOMAIN = [
     "service.worker",
     "service.store",
     "service.jobs",
+    "service.forkserver",  # the process every training worker is forked from
     "service.client",  # other services import it: it must not drag a server framework in
 ]
 
