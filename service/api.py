@@ -41,6 +41,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store import HistoryPage, Store
+from service.turns import give_way
 
 CANCEL_WAIT_SECONDS = 10.0
 MAX_LISTED_JOBS = 100
@@ -325,7 +326,7 @@ def _list(name: str, slices: Iterable[list[Any]]) -> Iterator[bytes]:
 async def _history_stream(page: HistoryPage) -> AsyncIterator[bytes]:
     for part in _history_json(page):
         yield part
-        await asyncio.sleep(0)  # a slice at a time: let /predict in between
+        await give_way()  # a slice at a time: let /predict in between
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -29,6 +29,7 @@ from service.deps import require_token
 from service.errors import InvalidInput
 from service.intake import Intake, Refused
 from service.settings import Settings
+from service.turns import give_way
 
 OTHER_VALUES = 16  # values a body holds besides its lists, with room to spare
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -67,6 +68,7 @@ async def _counted(request: Request, most: int, refusal: InvalidInput) -> list[b
     chunks, values = [], 1
     try:
         async for chunk in request.stream():
+            await give_way()
             values += chunk.count(b",")
             if values > most:
                 refusal.headers["Connection"] = "close"  # the rest of the body is never read

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from service.errors import InvalidInput, NotReady
 from service.schemas import FitRequest
 from service.settings import Settings
+from service.turns import give_way
 from service.worker import Samples, lower_priority, name_process
 
 log = logging.getLogger("sgd_service")
@@ -190,6 +191,7 @@ class Intake:
             sock = await asyncio.to_thread(self._start)
         await loop.sock_sendall(sock, b"D" if digest else b"-")
         for chunk in chunks:
+            await give_way()
             await loop.sock_sendall(sock, len(chunk).to_bytes(4, "little"))
             await loop.sock_sendall(sock, chunk)
         await loop.sock_sendall(sock, _END.to_bytes(4, "little"))
@@ -238,6 +240,7 @@ async def _recv(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) ->
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
+        await give_way()
         k = await loop.sock_recv_into(sock, view[got:])
         if not k:
             raise ConnectionResetError("the intake process closed its socket")

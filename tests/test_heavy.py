@@ -7,6 +7,7 @@ the ones FastAPI gave when it did all of it on the event loop: a reference app t
 and the two must agree. How fast they are is bench/heavy.py's business, not the suite's.
 """
 
+import asyncio
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
+from service import turns
 from service.intake import Intake
 from service.plotter import Plotter
 from service.problems import install_handlers
@@ -413,3 +415,42 @@ def test_a_server_killed_with_9_leaves_no_helper_behind(
     srv.proc.wait(10)
     for name, pid in helpers.items():
         wait_until(lambda pid=pid: _zombie(pid), 15.0, f"{name} gone with its server")  # type: ignore[misc]
+
+
+def _turns_given(competitor_seconds: float) -> int:
+    """How many times a task that is always ready runs while one give_way() waits."""
+
+    async def main() -> int:
+        ran = 0
+
+        async def competitor() -> None:
+            nonlocal ran
+            while True:
+                end = time.perf_counter() + competitor_seconds
+                while time.perf_counter() < end:
+                    pass
+                ran += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(competitor())
+        await asyncio.sleep(0)  # the competitor starts
+        ran = 0
+        await turns.give_way()
+        other.cancel()
+        return ran
+
+    return asyncio.run(main())
+
+
+def test_a_heavy_step_gives_a_busy_loop_every_turn_and_a_quiet_one_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every turn ran something (the threshold below any turn): all TURNS turns are given
+    monkeypatch.setattr(turns, "IDLE_TURN_SECONDS", 0.0)
+    assert _turns_given(0.0) == turns.TURNS
+    # the first turn came back "at once" (the threshold above any turn): the loop is quiet
+    monkeypatch.setattr(turns, "IDLE_TURN_SECONDS", 10.0)
+    assert _turns_given(0.0) == 1
+    # the real threshold: a competitor that works 1 ms a turn is waited for every time
+    monkeypatch.undo()
+    assert _turns_given(0.001) == turns.TURNS
