@@ -189,6 +189,10 @@ def _run(chan: Channel, msg: Fit) -> None:
         outbox.flush()
         report = session.report()  # raises Diverged unless all finite
         conn.send(Done(msg.job_id, report.model_dump()))
+    except (BrokenPipeError, ConnectionResetError):
+        # The server closed the pipe: it is gone, or it gave this worker up (its fork server
+        # died, which the server sees as the worker's death). Nothing is left to report to.
+        _exit()
     except (Diverged, InvalidInput) as exc:
         outbox.flush()
         conn.send(Failed(msg.job_id, exc.problem()))
