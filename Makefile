@@ -52,7 +52,7 @@ redis-deps:
 	  && (systemctl disable --now redis-server 2>/dev/null || service redis-server stop 2>/dev/null || true))
 
 pytest: install browser-deps redis-deps
-	$(BIN)/pytest -n 2 --dist loadscope --no-loadscope-reorder
+	$(BIN)/pytest -n 3 --dist loadscope --no-loadscope-reorder
 
 test: lint typecheck pytest
 
