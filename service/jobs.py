@@ -205,7 +205,8 @@ class JobRunner:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the dispatcher; it spawns the worker, which imports torch once."""
+        """Start the dispatcher; it starts the worker, forked from a fork server that imports
+        torch once (the dispatcher waits for that import, ~1 s, before its first fork)."""
         self._thread.start()
 
     @property
