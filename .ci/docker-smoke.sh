@@ -157,10 +157,10 @@ worker=$(in_container python -c '
 import os
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
-        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        name = open(f"/proc/{pid}/comm").read().strip()
     except OSError:
         continue  # ended meanwhile
-    if b"multiprocessing.spawn" in cmd and b"resource_tracker" not in cmd:
+    if name == "sgd-worker":  # forked by sgd-forkserver, which names it
         p = int(pid)
         print(os.getpriority(os.PRIO_PROCESS, p), os.sched_getscheduler(p) == os.SCHED_IDLE)
 ')
