@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -571,34 +572,32 @@ def grid_epochs(events: list[Any]) -> list[int]:
 
 @pytest.mark.timeout(300)
 def test_events_through_a_proxy_that_cuts_at_random_offsets(live_server: Server) -> None:
-    """Every grid epoch arrives exactly once, however often and wherever the stream is cut."""
-    cuts: Counter[str] = Counter()
-    for seed in range(3):
-        proxy = CuttingProxy(live_server.url, seed, cuts=True)
-        try:
-            with (
-                live_server.client() as direct,
-                httpx.Client(base_url=proxy.url, timeout=TIMEOUT) as through,
-            ):
-                job = SGDClient(direct).fit(X, Y, **cut_fit(seed))
-                events = list(SGDClient(through).events(job.id, reconnects=100))
-        finally:
-            proxy.close()
-        assert grid_epochs(events) == CUT_GRID
-        cuts += proxy.cuts
+    """Every grid epoch arrives exactly once, however often and wherever the stream is cut:
+    four clients (three blocking, one async) follow one fit at once, each through a proxy that
+    cuts at offsets of its own."""
+    proxies = [CuttingProxy(live_server.url, seed, cuts=True) for seed in (0, 1, 2, 99)]
 
-    async def through_async() -> list[Any]:
-        async with httpx.AsyncClient(base_url=proxy.url, timeout=TIMEOUT) as through:
-            return [e async for e in AsyncSGDClient(through).events(job.id, reconnects=100)]
+    def through(proxy: CuttingProxy) -> list[Any]:
+        with httpx.Client(base_url=proxy.url, timeout=TIMEOUT) as http:
+            return list(SGDClient(http).events(job.id, reconnects=100))
 
-    proxy = CuttingProxy(live_server.url, 99, cuts=True)
+    async def through_async(proxy: CuttingProxy) -> list[Any]:
+        async with httpx.AsyncClient(base_url=proxy.url, timeout=TIMEOUT) as http:
+            return [e async for e in AsyncSGDClient(http).events(job.id, reconnects=100)]
+
     try:
         with live_server.client() as direct:
-            job = SGDClient(direct).fit(X, Y, **cut_fit(99))
-        assert grid_epochs(asyncio.run(through_async())) == CUT_GRID
+            job = SGDClient(direct).fit(X, Y, **cut_fit(0))
+        with ThreadPoolExecutor(len(proxies)) as pool:
+            streams = [pool.submit(through, proxy) for proxy in proxies[:-1]]
+            streams.append(pool.submit(asyncio.run, through_async(proxies[-1])))
+            for stream in streams:
+                assert grid_epochs(stream.result(timeout=240)) == CUT_GRID
     finally:
-        proxy.close()
-    cuts += proxy.cuts
+        for proxy in proxies:
+            proxy.close()
+    cuts = sum((proxy.cuts for proxy in proxies), Counter[str]())
+    print(f"cuts: {dict(cuts)}")
     assert set(cuts) == set(CuttingProxy.STYLES), cuts  # each way of cutting happened
     assert sum(cuts.values()) >= 40, cuts  # about 100 on the machine in README
 
