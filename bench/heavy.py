@@ -127,37 +127,17 @@ def _machine_busy() -> float:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / TICKS
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command's name, or None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and its live descendants: the server, its intake helpers and training worker."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        fields = _stat(int(entry)) if entry.isdigit() else None
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    tree = [root]
-    for pid in tree:  # grows as it goes: breadth first
-        tree.extend(children.get(pid, []))
-    return tree
-
-
 def _cpu(pids: list[int]) -> float:
     """CPU seconds (user + system, every thread) these processes have used so far."""
-    fields = [f for f in map(_stat, pids) if f is not None]
+    fields = [f for f in map(load.proc_stat, pids) if f is not None]
     return sum(int(f[11]) + int(f[12]) for f in fields) / TICKS
 
 
 def _ours(server_pid: int) -> float:
     """This process (its threads, and wrk once waited for) and the server with its worker."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system + _cpu(_tree(server_pid))
+    ours = t.user + t.system + t.children_user + t.children_system
+    return ours + _cpu(load.process_tree(server_pid))
 
 
 def hammer(wrk: str | None, srv: load.Server, seconds: float) -> dict[str, Any]:
@@ -205,12 +185,12 @@ def accept_cost(client: httpx.Client, pid: int, body: bytes, rounds: int) -> dic
     the server (pid) and its child processes used meanwhile: a busy machine moves it less."""
     posts, cpu, cpu_server, loads = [], [], [], []
     for _ in range(rounds):
-        tree = _tree(pid)
+        tree = load.process_tree(pid)
         before, before_server, start = _cpu(tree), _cpu([pid]), time.perf_counter()
         response = client.post("/fit", content=body, headers=JSON)
         posts.append(time.perf_counter() - start)
         cpu_server.append(_cpu([pid]) - before_server)
-        cpu.append(_cpu(tree) + _cpu([p for p in _tree(pid) if p not in tree]) - before)
+        cpu.append(_cpu(tree) + _cpu([p for p in load.process_tree(pid) if p not in tree]) - before)
         if response.status_code != 202:
             raise RuntimeError(f"POST /fit answered {response.status_code}: {response.text[:500]}")
         # the fit runs alone, so that the worker's share of the body is not on the next round
@@ -315,8 +295,8 @@ def body_memory(
         with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client:
             serving.wait_job(client, _submit_tutorial(client))
         time.sleep(0.5)  # let start-up's garbage go
-        reset = all(_reset_peak(pid) for pid in _tree(srv.pid))
-        before = {pid: _memory(pid) for pid in _tree(srv.pid)}
+        reset = all(_reset_peak(pid) for pid in load.process_tree(srv.pid))
+        before = {pid: _memory(pid) for pid in load.process_tree(srv.pid)}
         start = time.perf_counter()
         outcome: int | str
         try:
@@ -326,7 +306,7 @@ def body_memory(
             outcome = type(exc).__name__
         seconds = time.perf_counter() - start
         time.sleep(0.5)  # anything the server still does with the body
-        after = {pid: _memory(pid) for pid in {*before, *_tree(srv.pid)}}
+        after = {pid: _memory(pid) for pid in {*before, *load.process_tree(srv.pid)}}
     finally:
         srv.stop()
     growth = {

@@ -120,6 +120,27 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name, or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its live descendants (a server's helpers, fork server and training worker)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        fields = proc_stat(int(entry)) if entry.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree = [root]
+    for pid in tree:  # grows as it goes: breadth first
+        tree.extend(children.get(pid, []))
+    return tree
+
+
 def hammer(wrk: str | None, url: str, seconds: float) -> dict[str, Any]:
     """Load `url` with CONNECTIONS keep-alive connections; requests/s and latency percentiles."""
     if wrk is None:

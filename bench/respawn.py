@@ -5,6 +5,7 @@ start, `python -m service` to its first 200. Medians, with the best and the wors
     .venv/bin/python bench/respawn.py [kills]     # 10 kills by default
 """
 
+import contextlib
 import os
 import signal
 import statistics
@@ -18,21 +19,13 @@ import load
 
 
 def workers(server_pid: int) -> list[int]:
-    """The server's training workers (named sgd-worker), children of its children included."""
+    """The server's training workers: the processes under it named sgd-worker."""
     found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "sgd-worker":
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if stat[0] != "Z" and server_pid in (int(stat[1]), _ppid(int(stat[1]))):
-                    found.append(int(entry.name))
-        except OSError:
-            continue  # ended meanwhile
+    for pid in load.process_tree(server_pid)[1:]:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sgd-worker":
+                found.append(pid)
     return found
-
-
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def ready(url: str) -> bool:
