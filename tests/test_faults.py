@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from tests.conftest import (
     TIMEOUT,
     TUTORIAL,
     Server,
+    alive,
     named_descendants,
     wait_job,
     wait_until,
@@ -36,14 +36,6 @@ LONG = {"x": [1.0] * 100_000, "y": [2.0] * 100_000, "batch_size": 100_000, "epoc
 def worker_pids(server_pid: int) -> list[int]:
     """The live training workers of a server (forked by its fork server, a child of it)."""
     return named_descendants(server_pid, "sgd-worker")
-
-
-def alive(pid: int) -> bool:
-    """Whether a process runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def ready_worker(srv: Server, http: httpx.Client, not_pid: int = 0) -> int:

@@ -33,6 +33,7 @@ from service.settings import Settings
 from service.store import Store
 from tests.conftest import (
     Server,
+    alive,
     named_descendants,
     settings_for_tests,
     wait_job,
@@ -282,14 +283,7 @@ def test_a_history_without_b_writes_null(client: TestClient) -> None:
 
 def kill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 10.0, "the kill")
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    wait_until(lambda: not alive(pid), 10.0, "the kill")
 
 
 @pytest.mark.timeout(180)
@@ -414,7 +408,7 @@ def test_a_server_killed_with_9_leaves_no_helper_behind(
     srv.proc.kill()
     srv.proc.wait(10)
     for name, pid in helpers.items():
-        wait_until(lambda pid=pid: _zombie(pid), 15.0, f"{name} gone with its server")  # type: ignore[misc]
+        wait_until(lambda pid=pid: not alive(pid), 15.0, f"{name} gone with its server")  # type: ignore[misc]
 
 
 def _turns_given(competitor_seconds: float) -> int:
