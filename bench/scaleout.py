@@ -5,7 +5,7 @@ and the tutorial fit's turnaround in both modes.
 
 The bench starts its own redis-server (Debian's package, installed when missing and we are
 root) on a free port with its data in a temporary directory and persistence off, every replica
-in a process group of its own (an embedded training worker is a child of its replica), and
+in a process group of its own (an embedded training worker is in its replica's group), and
 stops each process by its id when done.
 """
 

@@ -439,7 +439,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = sub.add_parser(
         "worker", help="run a training worker on the shared queue (needs SGD_REDIS_URL)"
     )
-    worker.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)  # set by `serve`
     worker.add_argument(
         "--health-file",
         type=Path,
@@ -457,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             from service import queue_worker
 
             configure_logging(settings.log_level)
-            queue_worker.main(settings, args.ready_fd, args.health_file)
+            queue_worker.main(settings, health_file=args.health_file)
         else:
             serve(settings)
         return

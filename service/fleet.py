@@ -8,24 +8,25 @@ who owns a job now, is the store's: each run claims the job (its attempt number 
 token, see service.redis_store), so a run that lost its job can never write again.
 
 QueueRunner is the API side: the JobRunner interface on the queue, plus the SGD_WORKERS
-training-worker processes (`sgd-service worker`) it starts beside the API and restarts.
+training workers it starts beside the API and restarts. They run what `sgd-service worker`
+runs (service.queue_worker), forked from the fork server the in-memory runner's worker comes
+from: ready in a fraction of a second, at the start and after every crash, not an interpreter
+importing torch for a second and more.
 """
 
 import contextlib
 import logging
-import os
-import select
-import subprocess
-import sys
 import threading
 import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from service.errors import NotReady, QueueFull, ServiceError, ShuttingDown, StoreUnavailable
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
-from service.worker import Samples
+from service.worker import Samples, fork_context
 
 log = logging.getLogger("sgd_service.fleet")
 
@@ -63,22 +64,6 @@ def enqueue(broker: Any, job_id: str) -> None:
     )
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a `sgd-service worker` process these settings."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        key = "SGD_" + name.upper()
-        if value is None:
-            env.pop(key, None)
-        elif hasattr(value, "get_secret_value"):
-            env[key] = value.get_secret_value()
-        elif isinstance(value, tuple | list):
-            env[key] = ",".join(map(str, value))
-        else:
-            env[key] = str(value).lower() if isinstance(value, bool) else str(value)
-    return env
-
-
 class QueueRunner:
     """The runner of a replica in Redis mode: submit and cancel through the shared store and
     queue, readiness from the store, and the embedded training workers."""
@@ -89,8 +74,9 @@ class QueueRunner:
         self._broker = make_broker(settings, store)
         self._draining = False
         self._stopping = threading.Event()
-        self._procs: list[subprocess.Popen[bytes] | None] = [None] * settings.workers
-        self._ready_pipes: list[int | None] = [None] * settings.workers
+        self._ctx = fork_context()
+        self._procs: list[BaseProcess | None] = [None] * settings.workers
+        self._conns: list[Connection | None] = [None] * settings.workers  # open while it lives
         self._ready: set[int] = set()  # indexes of the workers that said they are ready
         self._start_failures = 0  # deaths before readiness, in a row
         self._broken: str | None = None
@@ -164,65 +150,85 @@ class QueueRunner:
     # -- the embedded workers --------------------------------------------------------------
 
     def _spawn(self, i: int) -> None:
-        """Start worker i; it writes a byte to its ready pipe once it can take fits."""
-        ready_r, ready_w = os.pipe()
-        cmd = [sys.executable, "-m", "service", "worker", "--ready-fd", str(ready_w)]
-        env = worker_env(self._settings)
-        self._procs[i] = subprocess.Popen(cmd, env=env, pass_fds=(ready_w,))  # noqa: S603  # ours
-        os.close(ready_w)
-        self._ready_pipes[i] = ready_r
-        self.worker_info[f"worker{i}"] = self._procs[i].pid  # type: ignore[union-attr]
+        """Start worker i, forked from the fork server (service.worker.fork_context) as the
+        in-memory runner's worker is. It sends a byte on its pipe once it can take fits, and
+        stops when the pipe closes: when this replica is gone, even killed with -9."""
+        from service import queue_worker
+
+        conn, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=queue_worker.embedded,
+            args=(self._settings, child),
+            name=f"sgd-worker-{i}",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        except (OSError, EOFError) as exc:  # the fork server died, or could not start
+            log.warning("training worker %d could not be started: %r", i, exc)
+            conn.close()
+            return
+        finally:
+            child.close()
+        self._procs[i] = proc
+        self._conns[i] = conn
+        self.worker_info[f"worker{i}"] = proc.pid
 
     def _check_ready(self) -> None:
-        pipes = [fd for fd in self._ready_pipes if fd is not None]
-        if not pipes:
-            return
-        readable, _, _ = select.select(pipes, [], [], 0)
-        for i, fd in enumerate(self._ready_pipes):
-            if fd in readable:
-                if os.read(fd, 1):
-                    self._ready.add(i)
-                    self._start_failures = 0
-                os.close(fd)  # ready, or EOF: it died before its hello
-                self._ready_pipes[i] = None
+        for i, conn in enumerate(self._conns):
+            if i in self._ready or conn is None or not conn.poll(0):
+                continue
+            with contextlib.suppress(EOFError, OSError):  # it died before its hello
+                conn.recv_bytes()
+                self._ready.add(i)
+                self._start_failures = 0
+
+    def _lost(self, i: int) -> None:
+        """Worker i died, or could not be started: forget it, and count it if it never was ready."""
+        proc = self._procs[i]
+        if proc is not None:
+            log.warning("training worker %d exited with %s; restarting", proc.pid, proc.exitcode)
+            proc.close()
+            self._procs[i] = None
+        if i not in self._ready:
+            self._start_failures += 1
+        self._ready.discard(i)
+        conn, self._conns[i] = self._conns[i], None
+        if conn is not None:
+            conn.close()
+        if self._start_failures >= MAX_START_FAILURES:
+            self._broken = (
+                f"training workers died {self._start_failures} times before they were ready"
+            )
 
     def _supervise(self) -> None:
         """Keep SGD_WORKERS workers alive until stop(); then stop them."""
+        for i in range(len(self._procs)):
+            self._spawn(i)
         while not self._stopping.is_set():
             self._check_ready()
             for i, proc in enumerate(self._procs):
-                if proc is not None and proc.poll() is None:
+                if proc is not None and proc.is_alive():
                     continue
-                if proc is not None:
-                    code = proc.returncode
-                    log.warning("training worker %d exited with %s; restarting", proc.pid, code)
-                    if i not in self._ready:
-                        self._start_failures += 1
-                    self._ready.discard(i)
-                    if self._ready_pipes[i] is not None:
-                        os.close(self._ready_pipes[i])  # type: ignore[arg-type]
-                        self._ready_pipes[i] = None
-                    if self._start_failures >= MAX_START_FAILURES:
-                        self._broken = (
-                            f"training workers died {self._start_failures} times before they "
-                            "were ready"
-                        )
-                    backoff = RESTART_BACKOFF[min(self._start_failures, len(RESTART_BACKOFF) - 1)]
-                    if self._stopping.wait(backoff):
-                        break
+                self._lost(i)
+                backoff = RESTART_BACKOFF[min(self._start_failures, len(RESTART_BACKOFF) - 1)]
+                if self._stopping.wait(backoff):
+                    break
                 self._spawn(i)
             self._stopping.wait(0.1)
         for proc in self._procs:
-            if proc is not None and proc.poll() is None:
+            if proc is not None and proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + WORKER_STOP_SECONDS
         for proc in self._procs:
             if proc is None:
                 continue
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.exitcode is None:
                 log.error("training worker %d did not stop; killing it", proc.pid)
                 with contextlib.suppress(OSError):
                     proc.kill()
-                proc.wait(5)
+                proc.join(5)
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()

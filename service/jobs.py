@@ -179,10 +179,7 @@ class JobRunner:
         self._store = store
         self._on_end = on_end
         self._settings = settings
-        # Workers are forked from a fork server that has imported torch and nothing else, and
-        # runs no thread (service.forkserver): never from the server, which has threads.
-        self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["service.forkserver"])
+        self._ctx = worker.fork_context()
         # Guards the fields below; held for a few assignments, never while talking to the worker.
         self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()

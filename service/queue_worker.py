@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,11 @@ from service.errors import (
     WorkerCrashed,
 )
 from service.jobs import log_job
+from service.observability import configure_logging
 from service.redis_store import RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
-from service.worker import FLUSH_SECONDS, columns, lower_priority
+from service.worker import FLUSH_SECONDS, columns, lower_priority, name_process
 
 log = logging.getLogger("sgd_service.worker")
 # How often the main thread marks the worker healthy (with --health-file).
@@ -164,7 +166,16 @@ def _touch_if_reachable(store: RedisStore, health_file: Path) -> None:
         health_file.touch()
 
 
-def main(settings: Settings, ready_fd: int | None = None, health_file: Path | None = None) -> None:
+def embedded(settings: Settings, replica: Connection) -> None:
+    """A replica's own worker (SGD_WORKERS), forked from its fork server (service.fleet)."""
+    name_process("sgd-worker")
+    configure_logging(settings.log_level)
+    main(settings, replica)
+
+
+def main(
+    settings: Settings, replica: Connection | None = None, health_file: Path | None = None
+) -> None:
     """Run one training worker until SIGTERM or Ctrl-C; a second signal exits at once."""
     import dramatiq
     import torch
@@ -199,15 +210,16 @@ def main(settings: Settings, ready_fd: int | None = None, health_file: Path | No
     info["worker_id"] = broker.broker_id
     info["startup_seconds"] = round(time.perf_counter() - started, 3)
     log.info("training worker ready", extra={"fields": info})
-    # An embedded worker (started by `serve`, which waits for a byte on ready_fd) lives and dies
-    # with its replica: killed outright, the replica cannot stop it, so it watches for that.
-    replica = os.getppid() if ready_fd is not None else None
-    if ready_fd is not None:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
+    # An embedded worker (its replica waits for a byte on the pipe between them) lives and dies
+    # with its replica: killed outright, the replica cannot stop it, so it watches for that. The
+    # replica sends nothing more, so anything to read is the end of the pipe: the replica is gone.
+    # (Not a change of parent: the worker's is the fork server, which outlives the replica.)
+    if replica is not None:
+        with contextlib.suppress(OSError):  # gone already: seen just below
+            replica.send_bytes(b"1")
     next_health = 0.0
     while not stop.wait(WATCH_SECONDS):
-        if replica is not None and os.getppid() != replica:
+        if replica is not None and replica.poll(0):
             log.warning("the replica that started this worker is gone; stopping")
             break
         if health_file is not None and time.monotonic() >= next_health:

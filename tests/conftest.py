@@ -202,23 +202,6 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., TestCl
         c.__exit__(None, None, None)
 
 
-def child_pids(pid: int, marker: bytes) -> list[int]:
-    """The live child processes of `pid` whose command line (NUL-separated) holds `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue  # ended meanwhile
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z" and marker in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def named_descendants(pid: int, name: str) -> list[int]:
     """The live processes under `pid` (children, theirs, ...) that ps shows as `name`."""
     children: dict[int, list[int]] = {}

@@ -29,7 +29,7 @@ from tests.conftest import (
     TUTORIAL,
     RedisServer,
     Server,
-    child_pids,
+    named_descendants,
     wait_job,
     wait_until,
 )
@@ -372,7 +372,7 @@ def gone(pid: int) -> bool:
 @pytest.mark.timeout(180)
 def test_an_embedded_worker_hands_its_fit_back_when_its_replica_is_killed(fleet: Fleet) -> None:
     doomed = fleet.replica(workers=1)
-    (worker,) = child_pids(doomed.proc.pid, b"worker\0--ready-fd")
+    (worker,) = named_descendants(doomed.proc.pid, "sgd-worker")
     with doomed.client() as http:
         job_id = http.post("/fit", json=SECONDS).json()["id"]
         started(http, job_id)
