@@ -212,15 +212,15 @@ def test_the_page_recovers_when_the_server_restarts_mid_fit(
     page.close()
 
 
-def test_cancel_a_running_fit(browser: Browser, server: Server) -> None:
-    page = open_page(browser, server)
+def test_cancel_a_running_fit(browser: Browser, shared_server: Server) -> None:
+    page = open_page(browser, shared_server)
     start_long_fit(page)
     page.click("#cancel-button")
     expect(page.locator("#fit-status")).to_have_attribute("data-status", "cancelled")
     expect(page.locator("#fit-button")).to_be_enabled()
     expect(page.locator("#cancel-button")).to_be_hidden()
     job_id = text(page, "#fit-status").split()[1].rstrip(":")
-    with server.client() as http:
+    with shared_server.client() as http:
         assert http.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
     page.close()
 
@@ -252,9 +252,9 @@ def test_the_token_is_a_header_only(browser: Browser, make_server: Callable[...,
     page.close()
 
 
-def test_numbers_keep_their_significant_digits(browser: Browser, server: Server) -> None:
+def test_numbers_keep_their_significant_digits(browser: Browser, shared_server: Server) -> None:
     """w = 0.002 is not 0.00, and b appears only when the fit learned one."""
-    page = open_page(browser, server)
+    page = open_page(browser, shared_server)
     page.fill("#y", "0.002, 0.004, 0.006")
     page.fill("#init_w", "0.002")  # the optimum already: w stays 0.002
     page.click("#fit-button")
@@ -387,13 +387,13 @@ def chart(page: Page) -> dict[str, str | None]:
     }
 
 
-def test_the_loss_chart_has_a_log_scale(browser: Browser, server: Server) -> None:
-    job = api_fit(server, {**TUTORIAL, "seed": 1})  # losses from about 8 to about 1e-9
-    with server.client() as http:
+def test_the_loss_chart_has_a_log_scale(browser: Browser, shared_server: Server) -> None:
+    job = api_fit(shared_server, {**TUTORIAL, "seed": 1})  # losses from about 8 to about 1e-9
+    with shared_server.client() as http:
         losses = http.get("/history", params={"job_id": job["id"]}).json()["loss"]
     low, high = min(losses), max(losses)
     assert 0 < low < 1e-6 < 1 < high
-    page = open_page(browser, server)
+    page = open_page(browser, shared_server)
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "100")
     linear = chart(page)
     assert (linear["scale"], linear["caption"]) == ("linear", "loss per epoch")
@@ -419,10 +419,10 @@ def test_the_loss_chart_has_a_log_scale(browser: Browser, server: Server) -> Non
     page.close()
 
 
-def test_a_log_chart_of_losses_that_are_zero(browser: Browser, server: Server) -> None:
+def test_a_log_chart_of_losses_that_are_zero(browser: Browser, shared_server: Server) -> None:
     """w starts at the optimum, so every loss is exactly 0: the log chart still draws them."""
-    api_fit(server, {**TUTORIAL, "init_w": 2.0, "seed": 1})
-    page = open_page(browser, server)
+    api_fit(shared_server, {**TUTORIAL, "init_w": 2.0, "seed": 1})
+    page = open_page(browser, shared_server)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     expect(page.locator("#loss-chart")).to_have_attribute("data-points", "100")
