@@ -6,7 +6,6 @@ from array import array
 
 import pytest
 import torch
-from sklearn.datasets import load_diabetes
 
 from service import training
 from service.errors import Diverged
@@ -171,6 +170,8 @@ def test_step_terms_are_each_epochs_own_autograd_derivatives() -> None:
 
 
 def test_full_batch_on_diabetes_bmi_lands_on_least_squares() -> None:
+    from sklearn.datasets import load_diabetes  # 0.7 s to import: paid by this test only
+
     features, target = load_diabetes(return_X_y=True)
     x = torch.tensor(features[:, 2], dtype=torch.float64)  # bmi, scaled as the package ships it
     y = torch.tensor(target, dtype=torch.float64)
