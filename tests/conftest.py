@@ -370,20 +370,28 @@ def stop_shared(srv: Server) -> None:
             srv.proc.wait(10)
 
 
-# The modules that take longest, longest first; the rest follow in pytest's order. `make test`
-# hands whole modules to three pytest-xdist workers in this order, so that these overlap the
-# rest of the suite instead of trailing it: Schemathesis fuzzes for a fixed time budget (2.5
-# minutes), the browser and the scale-out tests start many servers of their own. Seconds per
-# module with `--durations=0` under `make test`, 2026-11-28: 157, 109, 94, 68, 56, 54, 40, 40.
+# The modules that take longest, longest first; the rest (a few seconds each) follow in pytest's
+# order. `make test` hands whole modules to three pytest-xdist workers in this order, longest
+# first, so that the last ones handed out are short and the workers end together: Schemathesis
+# fuzzes for a fixed time budget (2.5 minutes), the browser and the scale-out tests start many
+# servers of their own. Seconds per module with `--durations=0` under `make test`, 2026-11-28.
 FIRST = (
-    "tests/test_schemathesis.py",
-    "tests/test_browser.py",
-    "tests/test_scaleout.py",
-    "tests/test_client.py",
-    "tests/test_api.py",
-    "tests/test_load.py",
-    "tests/test_heavy.py",
-    "tests/test_faults.py",
+    "tests/test_schemathesis.py",  # 159
+    "tests/test_scaleout.py",  # 104
+    "tests/test_browser.py",  # 92
+    "tests/test_load.py",  # 57
+    "tests/test_faults.py",  # 52
+    "tests/test_client.py",  # 52
+    "tests/test_api.py",  # 39
+    "tests/test_views.py",  # 37
+    "tests/test_heavy.py",  # 37
+    "tests/test_oip.py",  # 26
+    "tests/test_shutdown.py",  # 21
+    "tests/test_cli.py",  # 18
+    "tests/test_middleware.py",  # 17
+    "tests/test_properties.py",  # 15
+    "tests/test_readme.py",  # 12
+    "tests/test_jobs.py",  # 9
 )
 
 
