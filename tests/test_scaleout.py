@@ -385,6 +385,29 @@ def test_an_embedded_worker_hands_its_fit_back_when_its_replica_is_killed(fleet:
     assert (done["status"], done["attempts"]) == ("succeeded", 2)
 
 
+@pytest.mark.timeout(180)
+def test_a_killed_embedded_worker_is_forked_again_and_its_fit_runs_again(fleet: Fleet) -> None:
+    """The replica's own worker, killed with -9 mid-fit: the replica forks another from its
+    fork server (no new interpreter), and that one runs the fit again once the lease is out."""
+    srv = fleet.replica(workers=1)
+    (forkserver,) = named_descendants(srv.proc.pid, "sgd-forkserver")
+    (first,) = named_descendants(forkserver, "sgd-worker")
+    with srv.client() as http:
+        job_id = http.post("/fit", json=SECONDS).json()["id"]
+        started(http, job_id)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: gone(first), 20, "the killed worker to exit")
+        wait_until(
+            lambda: named_descendants(forkserver, "sgd-worker") not in ([], [first]),
+            30,
+            "a new worker forked from the same fork server",
+        )
+        done = wait_job(http, job_id, deadline=120)
+        assert (done["status"], done["attempts"]) == ("succeeded", 2)
+        assert http.get("/readyz").status_code == 200
+    assert "restarting" in srv.log()
+
+
 @pytest.mark.timeout(240)
 def test_restarting_redis_and_every_replica_keeps_every_version_job_and_history(
     fleet: Fleet,
