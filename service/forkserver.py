@@ -1,8 +1,9 @@
 """Imported once, by the training worker's fork server only: torch and the engine.
 
-The server never imports torch. Its training worker is forked from a small process of its own
-(multiprocessing's fork server) that has imported them, so a new worker, at start-up and after
-every crash, is a fork ready in about 0.06 s, not an interpreter importing torch for 0.9 s or more.
+The server never imports torch. Its training workers (the in-memory runner's, and a Redis-mode
+replica's embedded ones) are forked from a small process of its own (multiprocessing's fork
+server) that has imported them, so a new worker, at start-up and after every crash, is a fork
+ready in about 0.06 s, not an interpreter importing torch for 0.9 s or more.
 The fork server forks nothing else and runs no thread: OpenBLAS (loaded with numpy by torch)
 would start a thread pool here, so it is asked for one thread before anything loads it.
 """
