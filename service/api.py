@@ -19,9 +19,14 @@ from starlette.concurrency import run_in_threadpool
 
 from service.bodies import FitRoute, PredictRoute
 from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
-from service.errors import InvalidInput, JobNotFound, ModelNotReady, NothingServed
+from service.errors import (
+    InvalidInput,
+    JobNotFound,
+    ModelNotReady,
+    NothingServed,
+    StoreUnavailable,
+)
 from service.intake import Accepted, Refused, checked
-from service.jobs import Runner
 from service.problems import problems
 from service.schemas import (
     MAX_SEED,
@@ -83,7 +88,10 @@ async def fit(
         init_from=None if start is None else start.version,
         init_b=0.0 if start is None else start.b,
     )
-    job = await run_in_threadpool(_create, store, runner, params, accepted, idem)
+    # created and queued, or the key's original; a refusal (429, 503) leaves no trace
+    job, _ = await run_in_threadpool(
+        runner.submit, params, accepted.n, accepted.x, accepted.y, idem
+    )
     response.headers["Location"] = f"/jobs/{job.id}"
     return job
 
@@ -121,24 +129,6 @@ def _start_from(store: Store, body: FitRequest) -> Model:
     return model
 
 
-def _create(
-    store: Store,
-    runner: Runner,
-    params: JobParams,
-    accepted: Accepted,
-    idem: tuple[str, str] | None,
-) -> Job:
-    """A queued job (or the Idempotency-Key's original); a refused one leaves no trace."""
-    job, created = store.create_job(params, accepted.n, idem)
-    if created:
-        try:
-            runner.submit(job, accepted.x, accepted.y)
-        except Exception:
-            store.discard_job(job.id)
-            raise
-    return job
-
-
 @router.get("/jobs", responses=problems(422))
 async def list_jobs(
     store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20
@@ -170,6 +160,9 @@ async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> Job:
 def _served(store: Store) -> Model:
     model = store.model
     if model is None:
+        why = store.unreachable
+        if why is not None:
+            raise StoreUnavailable(f"this replica has not read the served model yet: {why}")
         raise ModelNotReady("no fit has succeeded yet: POST /fit, then retry when it succeeds")
     return model
 

@@ -1,11 +1,12 @@
 """Fits on a shared queue (Redis mode): any replica enqueues, any training worker runs.
 
-The queue, the delivery to one worker at a time, the heartbeats and the redelivery of a dead
-worker's job are Dramatiq's (its Redis broker): a worker acknowledges a fit's message only once
-the fit has ended, and a worker whose heartbeat is older than SGD_LEASE_SECONDS is dead to the
-others, which put its unacknowledged messages back on the queue. What Dramatiq does not know,
-who owns a job now, is the store's: each run claims the job (its attempt number is the fencing
-token, see service.redis_store), so a run that lost its job can never write again.
+The queue and the delivery to one worker at a time are Dramatiq's (its Redis broker): a worker
+acknowledges a fit's message only once the fit has ended. A fit's job, key, samples and message
+are written in one transaction (service.redis_store), so a 202 always has a message behind it.
+Who owns a job now is the store's: each run claims the job (its attempt number is the fencing
+token), beats while it runs, and every replica and worker runs a Reconciler that queues a job
+again once its owner's beat stood still for SGD_LEASE_SECONDS. Dramatiq's own redelivery of a
+worker it thinks dead is only a duplicate, which the claim drops.
 
 QueueRunner is the API side: the JobRunner interface on the queue, plus the SGD_WORKERS
 training workers it starts beside the API and restarts. They run what `sgd-service worker`
@@ -18,20 +19,19 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from service.errors import NotReady, QueueFull, ServiceError, ShuttingDown, StoreUnavailable
-from service.redis_store import RedisStore
-from service.schemas import Job, JobStatus
+from service.errors import NotReady, ServiceError, ShuttingDown, StoreUnavailable
+from service.redis_store import Reconciler, RedisStore
+from service.schemas import Job, JobParams
 from service.settings import Settings
 from service.worker import Samples, fork_context
 
 log = logging.getLogger("sgd_service.fleet")
 
-QUEUE = "fits"
-ACTOR = "fit"
 # Workers that die this many times in a row before they are ready cannot start at all.
 MAX_START_FAILURES = 5
 # A crash-looping worker is restarted no faster than this.
@@ -42,9 +42,9 @@ WORKER_STOP_SECONDS = 20.0
 
 def make_broker(settings: Settings, store: RedisStore) -> Any:
     """Dramatiq's Redis broker in the store's namespace: no middleware (retries, time limits and
-    cancels are the service's own, per attempt), heartbeats every fetch, a lease of
-    SGD_LEASE_SECONDS, and queue maintenance (the redelivery of dead workers' messages) on every
-    fetch rather than one in a thousand: a dead worker's fit is back on the queue at once."""
+    cancels are the service's own, per attempt) and a heartbeat timeout of SGD_LEASE_SECONDS.
+    Its redelivery of a silent worker's messages runs on every fetch, but what it delivers
+    again is only ever a duplicate or a job the reconciler would queue anyway."""
     from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 
     return RedisBroker(  # type: ignore[no-untyped-call]
@@ -56,12 +56,10 @@ def make_broker(settings: Settings, store: RedisStore) -> Any:
     )
 
 
-def enqueue(broker: Any, job_id: str) -> None:
-    from dramatiq import Message
-
-    broker.enqueue(
-        Message(queue_name=QUEUE, actor_name=ACTOR, args=(job_id,), kwargs={}, options={})
-    )
+def start_reconciler(store: RedisStore, settings: Settings, stop: threading.Event) -> None:
+    """Run a Reconciler on a thread of its own until stop is set."""
+    reconciler = Reconciler(store, settings.job_attempts)
+    threading.Thread(target=reconciler.run, args=(stop,), name="sgd-reconcile", daemon=True).start()
 
 
 class QueueRunner:
@@ -84,22 +82,25 @@ class QueueRunner:
         self.worker_info: dict[str, Any] = {}
 
     def start(self) -> None:
+        start_reconciler(self._store, self._settings, self._stopping)
         if self._settings.workers:
             self._supervisor.start()
 
     @property
     def ready(self) -> bool:
-        """Redis answers, the served model has been read, and an embedded worker is warm (if
-        this replica runs any: with SGD_WORKERS=0 the fits wait for standalone workers)."""
+        """Redis answers and takes writes, the served model has been read, and an embedded
+        worker is warm (if this replica runs any: with SGD_WORKERS=0 the fits wait for
+        standalone workers)."""
         workers_ok = not self._settings.workers or bool(self._ready)
-        return not self._draining and self._store.reachable and self._store.loaded and workers_ok
+        store_ok = self._store.problem is None and self._store.loaded
+        return not self._draining and store_ok and workers_ok
 
     def not_ready(self) -> ServiceError:
         if self._draining:
             return NotReady("the service is shutting down; send requests to another replica")
-        if not self._store.reachable:
+        if self._store.problem is not None:
             return StoreUnavailable(
-                "Redis cannot be reached; this replica still serves predictions from memory"
+                f"{self._store.problem}; this replica still serves predictions from memory"
             )
         if not self._store.loaded:
             return NotReady("the served model is being read from Redis; retry shortly")
@@ -113,27 +114,32 @@ class QueueRunner:
     @property
     def queue_depth(self) -> int:
         try:
-            return self._store.job_counts().get(JobStatus.queued, 0)
-        except Exception:
+            return self._store.queued_count()
+        except StoreUnavailable:
             return 0
 
-    def submit(self, job: Job, x: Samples, y: Samples) -> None:
-        """Queue a job for whichever worker is free, or raise QueueFull/ShuttingDown."""
+    def submit(
+        self,
+        params: JobParams,
+        n_samples: int,
+        x: Samples,
+        y: Samples,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Job, bool]:
+        """Create the job, its samples and its message in one transaction (or find the key's
+        original); QueueFull and ShuttingDown create nothing."""
         if self._draining:
             raise ShuttingDown("the service is shutting down; send the fit to another replica")
-        queued = self._store.job_counts().get(JobStatus.queued, 0) - 1  # less this new one
-        limit = self._settings.max_queued_jobs
-        if queued >= limit:
-            raise QueueFull(
-                f"{queued} jobs are queued (SGD_MAX_QUEUED_JOBS={limit}); retry later or "
-                "cancel one",
-                retry_after=2,
-            )
-        self._store.put_data(job.id, b"".join(x), b"".join(y))
-        enqueue(self._broker, job.id)
+        return self._store.create_job(
+            params,
+            n_samples,
+            idempotency,
+            max_queued=self._settings.max_queued_jobs,
+            samples=(b"".join(x), b"".join(y)),
+        )
 
     def cancel(self, job_id: str) -> Job:
-        return self._store.request_cancel(job_id)
+        return self._store.request_cancel(job_id, token=uuid.uuid4().hex)
 
     def drain(self) -> None:
         """Refuse new fits. Queued and running jobs stay: other replicas and workers run them."""

@@ -32,12 +32,11 @@ from service.errors import (
     JobAlreadyEnded,
     JobTimedOut,
     NotReady,
-    QueueFull,
     ServiceError,
     ShuttingDown,
     WorkerCrashed,
 )
-from service.schemas import FitReport, Job, JobStatus
+from service.schemas import FitReport, Job, JobParams, JobStatus
 from service.settings import Settings
 from service.store import Store
 
@@ -75,9 +74,17 @@ class Runner(Protocol):
 
     def start(self) -> None: ...
 
-    def submit(self, job: Job, x: worker.Samples, y: worker.Samples) -> None:
-        """Queue a created job with its samples (float64 bytes), or raise QueueFull or
-        ShuttingDown."""
+    def submit(
+        self,
+        params: JobParams,
+        n_samples: int,
+        x: worker.Samples,
+        y: worker.Samples,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Job, bool]:
+        """Create a job with its samples (float64 bytes) and queue it, all or nothing; or, for
+        an Idempotency-Key (key, body fingerprint) seen before, the original job and False.
+        Raises QueueFull or ShuttingDown having created nothing."""
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job now or ask a running one to stop; raises JobNotFound or
@@ -265,19 +272,26 @@ class JobRunner:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, job: Job, x: worker.Samples, y: worker.Samples) -> None:
-        """Queue a job, or raise QueueFull/ShuttingDown."""
+    def submit(
+        self,
+        params: JobParams,
+        n_samples: int,
+        x: worker.Samples,
+        y: worker.Samples,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Job, bool]:
+        """Create and queue a job (or find the key's original), or raise QueueFull or
+        ShuttingDown. Under the runner's lock, so the job is in the queue as it is created."""
         with self._lock:
             if self._draining:
                 raise ShuttingDown("the service is shutting down; send the fit to another replica")
-            if len(self._queue) >= self._settings.max_queued_jobs:
-                raise QueueFull(
-                    f"{len(self._queue)} jobs are queued (SGD_MAX_QUEUED_JOBS="
-                    f"{self._settings.max_queued_jobs}); retry later or cancel one",
-                    retry_after=2,
-                )
-            self._queue.append(_Pending(job.id, x, y))
-        self._wake()
+            limit = self._settings.max_queued_jobs
+            job, created = self._store.create_job(params, n_samples, idempotency, limit)
+            if created:
+                self._queue.append(_Pending(job.id, x, y))
+        if created:
+            self._wake()
+        return job, created
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued job now, or ask the running one to stop after its current chunk."""

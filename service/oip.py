@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.deps import SettingsDep, StoreDep
-from service.errors import ModelNotReady, ServiceError, VersionNotFound
+from service.errors import ModelNotReady, ServiceError, StoreUnavailable, VersionNotFound
 from service.problems import PROBLEM_JSON
 from service.schemas import Model
 from service.settings import Settings
@@ -222,6 +222,9 @@ VersionDep = Annotated[int, Depends(_version_number)]
 def _served(store: Store, name: str) -> Model:
     model = store.model  # one read: one version
     if model is None:
+        why = store.unreachable
+        if why is not None:
+            raise StoreUnavailable(f"model {name!r}: this replica has not read it yet: {why}")
         raise ModelNotReady(
             f"model {name!r} is not ready: no fit has succeeded yet (POST /fit, then retry)"
         )

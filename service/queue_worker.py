@@ -17,10 +17,12 @@ import os
 import signal
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -37,12 +39,15 @@ from service.errors import (
 )
 from service.jobs import log_job
 from service.observability import configure_logging
-from service.redis_store import RedisStore
+from service.redis_store import ACTOR, QUEUE, RedisStore
 from service.schemas import Job, JobStatus
 from service.settings import Settings
 from service.worker import FLUSH_SECONDS, columns, lower_priority, name_process
 
 log = logging.getLogger("sgd_service.worker")
+T = TypeVar("T")
+# How long a stopping worker tries to give its fit back while Redis is unavailable.
+HAND_BACK_SECONDS = 5.0
 # How often the main thread marks the worker healthy (with --health-file).
 HEALTH_SECONDS = 2.0
 # How often it looks for a stop, and for the replica that started it.
@@ -58,63 +63,86 @@ class _Cancelled(Exception):
 
 
 class FitActor:
-    """The body of the `fit` actor: one attempt at one job."""
+    """The body of the `fit` actor: one attempt at one job.
+
+    Redis may go away at any moment (restarted, hung, cut off): the attempt then waits for it
+    and goes on where it was, its history kept in memory meanwhile, rather than give its fit
+    back. Only its beats (service.redis_store.Reconciler) say whether it still owns the job,
+    and a write it can no longer make is refused (Fenced), never half made.
+    """
 
     def __init__(self, store: RedisStore, settings: Settings, broker: Any) -> None:
         self.store = store
         self.settings = settings
         self.broker = broker
         self.stopping = threading.Event()
+        self.current: tuple[str, int] | None = None  # the job and attempt this worker runs
 
     def run(self, job_id: str) -> None:
-        job = None
+        token = uuid.uuid4().hex  # the same for every try of this claim
         try:
-            job = self.store.claim(job_id, self.broker.broker_id, self.settings.job_attempts)
+            claim = self.store.claim
+            job = self._stored(lambda: claim(job_id, self.broker.broker_id, token))
             if job is None:
-                return  # ended, cancelled or out of attempts meanwhile
+                return  # ended, cancelled, or running elsewhere: a duplicate
+            self.current = (job.id, job.attempts)
             log_job(job)
             self._run(job)
         except (Fenced, JobAlreadyEnded, JobNotFound) as exc:
             log.warning("job %s: this attempt lost the job (%s); dropping it", job_id, exc)
         except _Stopped:
-            self._hand_back(job_id, job)
-        except StoreUnavailable:
-            log.warning(
-                "job %s: Redis is unreachable; handing the fit back once it answers", job_id
-            )
-            self._hand_back(job_id, job)
+            if self.current is not None:
+                self._hand_back(*self.current)
+        finally:
+            self.current = None
 
-    def _hand_back(self, job_id: str, job: Job | None) -> None:
-        """Put the job back on the queue for the next free worker, as soon as Redis answers. A
-        worker that stops first leaves it to the lease: its message is redelivered then."""
+    def _stored(self, write: Callable[[], T], grace: float = 0.0) -> T:
+        """write()'s result once Redis takes it: tried again every half second while Redis is
+        unavailable; raises _Stopped once this worker is stopping (after `grace` seconds)."""
+        deadline: float | None = None
+        warned = False
         while True:
             try:
-                if job is not None:
-                    with contextlib.suppress(Fenced, JobAlreadyEnded, JobNotFound):
-                        self.store.requeue_job(job_id, job.attempts)
-                fleet.enqueue(self.broker, job_id)
-                log.info("job %s handed back to the queue", job_id)
-                return
-            except (StoreUnavailable, redis.RedisError):
-                if self.stopping.wait(0.5):
-                    return
+                return write()
+            except StoreUnavailable as exc:
+                if not warned:
+                    log.warning("Redis is unavailable (%s); waiting for it", exc)
+                    warned = True
+                if self.stopping.is_set():
+                    deadline = deadline or time.monotonic() + grace
+                    if time.monotonic() >= deadline:
+                        raise _Stopped from exc
+                self.stopping.wait(0.5)
+
+    def _hand_back(self, job_id: str, attempt: int) -> None:
+        """Put the job back on the queue, with a new message, for the next free worker. One
+        that cannot reach Redis within a few seconds leaves it to the reconciler."""
+        with contextlib.suppress(Fenced, JobAlreadyEnded, JobNotFound, _Stopped):
+            self._stored(lambda: self.store.requeue_job(job_id, attempt), grace=HAND_BACK_SECONDS)
+            log.info("job %s handed back to the queue", job_id)
 
     def _run(self, job: Job) -> None:
         from service import training
 
         attempt = job.attempts
-        x_raw, y_raw = self.store.job_data(job.id)
+        x_raw, y_raw = self._stored(lambda: self.store.job_data(job.id))
         x, y = training.as_tensor(x_raw), training.as_tensor(y_raw)
         fit = training.FitParams.of(job.params.model_dump())
         started = job.started_at or datetime.now(UTC)
         deadline = started.timestamp() + self.settings.job_timeout
         parts: list[Any] = []
+        recorded = 0  # epochs in Redis
         last_flush = time.monotonic()
 
-        def flush() -> None:
-            nonlocal parts, last_flush
-            if parts:
-                cols = {k: memoryview(v).cast("d") for k, v in columns(parts).items()}
+        def flush(strict: bool = False) -> None:
+            """Append what is kept to the history; kept for the next flush if Redis is away
+            (or StoreUnavailable, if strict)."""
+            nonlocal parts, recorded, last_flush
+            last_flush = time.monotonic()
+            if not parts:
+                return
+            cols = {k: memoryview(v).cast("d") for k, v in columns(parts).items()}
+            try:
                 self.store.append_history(
                     job.id,
                     cols["w"],
@@ -122,9 +150,24 @@ class FitActor:
                     cols["loss"],
                     val_loss=cols.get("val_loss"),
                     attempt=attempt,
+                    at=recorded,
                 )
-                parts = []
-            last_flush = time.monotonic()
+            except StoreUnavailable:
+                if strict:
+                    raise
+                return
+            recorded += len(cols["w"])
+            parts = []
+
+        def cancelled() -> bool:
+            try:
+                return self.store.cancel_requested(job.id)
+            except StoreUnavailable:
+                return False
+
+        def end(status: JobStatus, problem: dict[str, Any] | None = None) -> None:
+            ended = self.store.end_job
+            log_job(self._stored(lambda: ended(job.id, status, problem, attempt=attempt)))
 
         try:
             session = training.Session(x, y, fit)
@@ -133,27 +176,35 @@ class FitActor:
                 if time.monotonic() - last_flush < FLUSH_SECONDS:
                     continue
                 flush()
-                if self.store.cancel_requested(job.id):
+                if cancelled():
                     raise _Cancelled
                 if self.stopping.is_set():
                     raise _Stopped
                 if time.time() > deadline:
                     raise JobTimedOut(self.settings.job_timeout)
-            flush()
+            self._stored(lambda: flush(strict=True))
             report = session.report()  # raises Diverged unless all finite
-            done = self.store.succeed_job(job.id, report, attempt=attempt)
+            done = self._stored(lambda: self.store.succeed_job(job.id, report, attempt=attempt))
             log_job(done)
         except _Cancelled:
-            log_job(self.store.end_job(job.id, JobStatus.cancelled, attempt=attempt))
+            end(JobStatus.cancelled)
         except (Diverged, JobTimedOut, InvalidInput) as exc:
-            flush()
-            log_job(self.store.end_job(job.id, JobStatus.failed, exc.problem(), attempt=attempt))
-        except (_Stopped, Fenced, JobAlreadyEnded, JobNotFound, StoreUnavailable):
+            self._stored(lambda: flush(strict=True))
+            end(JobStatus.failed, exc.problem())
+        except (_Stopped, Fenced, JobAlreadyEnded, JobNotFound):
             raise
         except Exception as exc:  # report, and stay alive for the next job
             log.exception("job %s: the fit raised", job.id)
-            problem = WorkerCrashed(f"the fit raised {exc!r}").problem()
-            log_job(self.store.end_job(job.id, JobStatus.failed, problem, attempt=attempt))
+            end(JobStatus.failed, WorkerCrashed(f"the fit raised {exc!r}").problem())
+
+
+def _beat(actor: FitActor, stop: threading.Event) -> None:
+    """Bump the running attempt's beat every lease/5 s: this worker owns its job."""
+    while not stop.wait(actor.store.lease_seconds / 5):
+        current = actor.current
+        if current is not None:
+            with contextlib.suppress(StoreUnavailable):
+                actor.store.beat(*current)
 
 
 def _touch_if_reachable(store: RedisStore, health_file: Path) -> None:
@@ -197,12 +248,23 @@ def main(
     torch.set_num_threads(settings.torch_threads)
     info: dict[str, Any] = {"pid": os.getpid(), "torch": str(torch.__version__)}
     info.update(training.prepare())
-    info["policy"] = lower_priority(settings.worker_nice, settings.worker_sched_idle)
     store = RedisStore.from_settings(settings, watch=False)
+    with contextlib.suppress(redis.RedisError):  # Redis away: the replicas warn too
+        store.check_config()
     broker = fleet.make_broker(settings, store)
     actor = FitActor(store, settings, broker)
-    dramatiq.actor(actor_name=fleet.ACTOR, queue_name=fleet.QUEUE, broker=broker)(actor.run)
-    worker = dramatiq.Worker(broker, queues={fleet.QUEUE}, worker_threads=1, worker_timeout=100)
+    # The beats and the reconciler keep the normal priority: a worker starved of CPU under
+    # SCHED_IDLE must not look dead for it, and their work is a few commands a second.
+    keepers = threading.Event()
+    beats = threading.Thread(target=_beat, args=(actor, keepers), name="sgd-beat", daemon=True)
+    beats.start()
+    fleet.start_reconciler(store, settings, keepers)
+    spared = {t.native_id for t in threading.enumerate() if t.name in ("sgd-beat", "sgd-reconcile")}
+    info["policy"] = lower_priority(
+        settings.worker_nice, settings.worker_sched_idle, spare={t for t in spared if t}
+    )
+    dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, broker=broker)(actor.run)
+    worker = dramatiq.Worker(broker, queues={QUEUE}, worker_threads=1, worker_timeout=100)
     worker.queue_prefetch = (
         1  # never hold a second fit while this one runs: another worker may be free
     )

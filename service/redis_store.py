@@ -2,21 +2,39 @@
 
 What lives where (every key under SGD_REDIS_PREFIX, `sgd:` by default):
 
-    job:{id}          hash: doc (the Job as JSON), worker (who runs the current attempt),
-                      cancel ("1" once asked), idem (its Idempotency-Key)
+    job:{id}          hash: doc (the Job as JSON); while it runs: worker, attempt, claim (the
+                      claim's token); cancel ("1" once asked), cancelled_by (the request's
+                      token), idem (its Idempotency-Key), msg (its current message), deaths
     data:{id}         hash: x, y (float64 bytes) until the job ends
     hist:{id}:{col}   string: the w, loss (and b) columns as raw float64, appended per chunk
+    beat:{id}:{n}     a counter the owner of attempt n bumps every lease/5 s: its liveness
     jobs / ended      sorted sets: ids by creation / by end (list, eviction)
+    queued / running  sorted sets: the open jobs by state (the queue's limit, the reconciler)
     idem:{key}        "<fingerprint> <job id>"
     models / versions hash: version -> Model JSON; sorted set: the kept versions (eviction)
     version           the last version number given out
-    served            the served Model as JSON; `served` (a channel) announces each change
+    served            the served Model as JSON
     latest            the latest started job's id
+    settings          hash: keep_jobs, keep_versions: retention, one setting of the service
+    queue:fits[.msgs] the job library's queue (Dramatiq's Redis layout): message ids, bodies
 
-Every change of a job is a WATCH/MULTI transaction on its hash, so two replicas never overwrite
-each other's change. A worker's writes carry its attempt number (the job's `attempts` when it
-claimed the job): a worker that lost its job (paused past its lease while another re-ran it)
-has a stale number, and the transaction refuses it (Fenced) before anything lands.
+Channels are server-wide in Redis, so theirs carry the database too: `{prefix}db{n}:served`
+announces each change of the served model, `{prefix}db{n}:ended` each job's end.
+
+Every change of a job is a WATCH/MULTI transaction on its hash, so two processes never overwrite
+each other's change, and each is safe to run twice: redis-py sends a command again after a cut
+connection, when the first one may have landed, and the transaction then reads what it did
+(a job that exists, a claim or cancel with its own token, history up to its own epoch). A fit is
+created with its key, its samples and its queue message in one transaction: a job exists whole,
+with a message, or not at all. A worker's writes carry its attempt number (the job's `attempts`
+when it claimed the job): a worker that lost its job has a stale number, and the transaction
+refuses it (Fenced) before anything lands.
+
+Who owns a running job is decided by beats, not clocks: the owner bumps a counter, and the
+Reconciler of every replica and worker, which watches the counters with its own monotonic clock,
+calls an owner dead once its counter has stood still for a whole lease of unbroken watching. A
+delivery of a running job's message is a duplicate, never a death (see claim). The same
+reconciler puts a message back for a queued job whose message is no longer queued.
 
 The served model is also held in memory, as in MemoryStore: `model` is one attribute read, kept
 fresh by a thread that listens on the `served` channel and re-reads `served` every
@@ -34,6 +52,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from service.errors import (
     Fenced,
@@ -41,6 +61,7 @@ from service.errors import (
     IdempotencyKeyReused,
     JobAlreadyEnded,
     JobNotFound,
+    ServiceError,
     StoreUnavailable,
     VersionNotFound,
     WorkerCrashed,
@@ -57,34 +78,65 @@ from service.schemas import (
     Progress,
 )
 from service.settings import Settings
-from service.store import Column, HistoryPage, Page, floats, model_of, now, publication, result_of
+from service.store import (
+    Column,
+    HistoryPage,
+    Page,
+    floats,
+    model_of,
+    now,
+    publication,
+    queue_full,
+    result_of,
+)
 
 log = logging.getLogger("sgd_service.redis")
 
-# How often the served model is re-read even without a message (a missed publication).
+# The job library's queue and actor (service.fleet, service.queue_worker): its keys are written
+# here, with the job, so that a fit and its message exist together.
+QUEUE = "fits"
+ACTOR = "fit"
+# How often the served model is re-read even without a message (a missed publication), and
+# how often a replica checks that Redis takes writes (/readyz).
 RECHECK_SECONDS = 0.5
+PROBE_SECONDS = 1.0
 # Socket timeouts: a Redis that does not answer is unavailable soon, not after minutes.
 CONNECT_TIMEOUT = 1.0
 COMMAND_TIMEOUT = 5.0
+# A cut connection is dialled again at once, twice (every transaction here is safe to run
+# again); a Redis that hangs is not asked again: its timeout is already the caller's wait.
+RETRY = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2, supported_errors=(redis.ConnectionError,))
 # Above this many epochs between two picks, a thinned page reads each pick with its own
 # GETRANGE (pipelined) instead of the whole range.
 PICK_READ_STRIDE = 64
+# Beat counters outlive their attempt by this long at most: a key's TTL only collects garbage,
+# it never decides liveness.
+BEAT_TTL_MS = 600_000
 
 T = TypeVar("T")
 Pipeline = Any  # redis.client.Pipeline, as loosely typed as the client
 
 
+def unavailable(exc: redis.RedisError) -> StoreUnavailable:
+    """What every Redis failure is to a caller: a lost connection, a timeout, a refused write
+    (OOM under maxmemory, MISCONF, READONLY) alike."""
+    if isinstance(exc, redis.ResponseError):
+        what = f"refuses the command: {str(exc).splitlines()[0][:200]}"
+    else:
+        what = f"cannot be reached: {exc.__class__.__name__}"
+    return StoreUnavailable(
+        f"the shared store (Redis) {what}; retry shortly (predictions still work)"
+    )
+
+
 def _available(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn a lost connection into StoreUnavailable (503 store-unavailable)."""
+    """Turn any Redis error into StoreUnavailable (503 store-unavailable)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-            raise StoreUnavailable(
-                f"the shared store (Redis) cannot be reached: {exc.__class__.__name__}; "
-                "retry shortly (predictions still work)"
-            ) from exc
+        except redis.RedisError as exc:
+            raise unavailable(exc) from exc
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -92,7 +144,8 @@ def _available(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 class RedisStore:
-    """The Store protocol on Redis, plus what training workers need: claim, fenced writes."""
+    """The Store protocol on Redis, plus what training workers need: claim, beats, fenced
+    writes, hand-backs, and the reconciler's two repairs."""
 
     def __init__(
         self,
@@ -108,7 +161,7 @@ class RedisStore:
         self.queue_namespace = prefix + "queue"  # the job library's keys (service.fleet)
         self._keep_jobs = keep_jobs
         self._keep_versions = keep_versions
-        self._lease_ms = int(lease_seconds * 1000)
+        self.lease_seconds = lease_seconds
         # Any: redis-py types every reply as bytes | str (for decode_responses) and leaves some
         # commands untyped; this client always answers bytes.
         self.redis: Any = redis.Redis.from_url(
@@ -116,12 +169,16 @@ class RedisStore:
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=COMMAND_TIMEOUT,
             health_check_interval=10,
+            retry=RETRY,
         )
+        db = self.redis.connection_pool.connection_kwargs.get("db", 0)
+        self._channels = f"{prefix}db{db}:"
         self._on_end = on_end
         self._model: Model | None = None
         self._caught_up = 0  # the highest published version _catch_up has read the model for
         self.loaded = False  # the served model has been read once: the replica can be ready
-        self.reachable = False
+        # Why Redis cannot take work now (unreachable, or refusing writes); None when it can.
+        self.problem: str | None = "Redis has not answered yet"
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
         if watch:
@@ -153,12 +210,24 @@ class RedisStore:
     def _key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def _queue_key(self, suffix: str = "") -> str:
+        return f"{self.queue_namespace}:{QUEUE}{suffix}"
+
     # -- the served model ------------------------------------------------------------------
 
     @property
     def model(self) -> Model | None:
         """The served model as this replica last saw it: one attribute read, never Redis."""
         return self._model
+
+    @property
+    def reachable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def unreachable(self) -> str | None:
+        """Why this replica may not know the served model (it has never read it), or None."""
+        return None if self.loaded else self.problem
 
     def _adopt(self, raw: bytes | None) -> None:
         model = None if raw is None else Model.model_validate_json(raw)
@@ -173,30 +242,93 @@ class RedisStore:
         self.loaded = True
 
     def _watch(self) -> None:
-        """Keep `model` fresh: a message per publication, a re-read as the fallback."""
+        """Keep `model` fresh: a message per publication, a re-read as the fallback; and keep
+        `problem` true: Redis answers and takes writes."""
+        announced = False
         while not self._closed.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self._key("served"), self._key("ended"))
+                pubsub.subscribe(self._channels + "served", self._channels + "ended")
                 self.refresh()
-                self.reachable = True
-                last = time.monotonic()
+                if not announced:
+                    self.check_config()
+                    self._share_retention()
+                    announced = True
+                self._probe()
+                last = probed = time.monotonic()
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=RECHECK_SECONDS / 2)
-                    if msg is not None and msg["channel"] == self._key("ended").encode():
+                    if msg is not None and msg["channel"].endswith(b":ended"):
                         self._ended(msg["data"])
                         continue
                     if msg is not None or time.monotonic() - last >= RECHECK_SECONDS:
                         self.refresh()
                         last = time.monotonic()
+                    if time.monotonic() - probed >= PROBE_SECONDS:
+                        self._probe()
+                        probed = time.monotonic()
             except redis.RedisError as exc:
-                if self.reachable:
+                if self.problem is None:
                     log.warning("Redis unreachable (%s); serving the model in memory", exc)
-                self.reachable = False
+                self.problem = f"Redis cannot be reached ({exc.__class__.__name__})"
                 self._closed.wait(0.2)
             finally:
                 with contextlib.suppress(redis.RedisError):
                     pubsub.close()
+
+    def _probe(self) -> None:
+        """Write a short-lived key: a Redis out of memory, read-only or unable to persist
+        refuses it, and the replica is not ready until it takes writes again."""
+        try:
+            self.redis.set(self._key("probe"), b"1", px=10_000)
+        except redis.ResponseError as exc:
+            problem = f"Redis refuses writes: {str(exc).splitlines()[0][:200]}"
+            if self.problem != problem:
+                log.warning("%s", problem)
+            self.problem = problem
+            return
+        if self.problem is not None:
+            log.info("Redis takes writes")
+        self.problem = None
+
+    def check_config(self) -> None:
+        """Warn of a Redis that may evict keys: the service needs every one it writes (a lost
+        version counter would give a number out twice)."""
+        try:
+            reply = self.redis.config_get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG is renamed or refused on some managed Redis
+            log.info("cannot read Redis's maxmemory-policy; it must be noeviction (README)")
+            return
+        policy = reply.get(b"maxmemory-policy", reply.get("maxmemory-policy", b""))
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy != "noeviction":
+            log.warning(
+                "Redis runs with maxmemory-policy %s, which may evict the service's keys "
+                "(jobs, versions, the version counter): set it to noeviction (README)",
+                policy,
+            )
+
+    def _share_retention(self) -> None:
+        """Make this replica's SGD_KEEP_JOBS and SGD_KEEP_VERSIONS the service's: every
+        process evicts by what is in Redis, not by its own environment."""
+        ours = {b"keep_jobs": str(self._keep_jobs).encode()}
+        ours[b"keep_versions"] = str(self._keep_versions).encode()
+        theirs = self.redis.hgetall(self._key("settings"))
+        changed = {k.decode(): v.decode() for k, v in theirs.items() if ours.get(k, v) != v}
+        if changed:
+            log.warning(
+                "this replica's retention replaces the service's: %s",
+                ", ".join(f"{k} {v} -> {ours[k.encode()].decode()}" for k, v in changed.items()),
+            )
+        self.redis.hset(self._key("settings"), mapping=ours)
+
+    def _retention(self) -> tuple[int, int]:
+        """keep_jobs, keep_versions: the service's (set by its replicas), else this process's."""
+        jobs, versions = self.redis.hmget(self._key("settings"), ["keep_jobs", "keep_versions"])
+        return (
+            int(jobs) if jobs else self._keep_jobs,
+            int(versions) if versions else self._keep_versions,
+        )
 
     def _ended(self, raw: bytes) -> None:
         """A job ended, on whichever worker: every replica reports it (metrics, the log)."""
@@ -211,8 +343,17 @@ class RedisStore:
 
     @_available
     def create_job(
-        self, params: JobParams, n_samples: int, idempotency: tuple[str, str] | None = None
+        self,
+        params: JobParams,
+        n_samples: int,
+        idempotency: tuple[str, str] | None = None,
+        max_queued: int | None = None,
+        samples: tuple[bytes, bytes] | None = None,
     ) -> tuple[Job, bool]:
+        """A new queued job and True, or the Idempotency-Key's original and False; with
+        `samples`, the job's data and its queue message too: all of it in one transaction.
+        A full queue (max_queued) raises QueueFull having written nothing, so a refusal never
+        takes away a job that another request was handed."""
         job = Job(
             id=uuid.uuid4().hex,
             status=JobStatus.queued,
@@ -221,49 +362,75 @@ class RedisStore:
             n_samples=n_samples,
             progress=Progress(epoch=0, epochs=params.epochs),
         )
-        key = self._key("job", job.id)
-        pipe = self.redis.pipeline()
-        pipe.hset(key, "doc", job.model_dump_json())
-        pipe.zadd(self._key("jobs"), {job.id: time.time()})
-        pipe.execute()
-        if idempotency is None:
-            return job, True
-        # The job exists before its key does, so a replica that loses the SET NX below always
-        # finds the winner's job; the loser drops its own.
-        name, fingerprint = idempotency
-        idem_key = self._key("idem", name)
-        while True:
-            if self.redis.set(idem_key, f"{fingerprint} {job.id}", nx=True):
-                self.redis.hset(key, "idem", name)  # discarded or evicted with its job
-                return job, True
-            seen = self.redis.get(idem_key)
-            if seen is None:
-                continue  # its job was discarded or evicted meanwhile: the key is free again
-            seen_fingerprint, seen_id = seen.decode().split(" ", 1)
-            if seen_fingerprint != fingerprint:
-                self._drop(job.id)
-                raise IdempotencyKeyReused(
-                    f"Idempotency-Key {name!r} was used with another body; "
-                    "use a new key for a new fit"
-                )
-            try:
-                original = self.get_job(seen_id)
-            except JobNotFound:
-                continue  # discarded between the two reads: its key went with it
-            self._drop(job.id)
-            return original, False
+        key, queued_key = self._key("job", job.id), self._key("queued")
+        idem_key = None if idempotency is None else self._key("idem", idempotency[0])
+        watched = [key, queued_key] + ([idem_key] if idem_key else [])
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(*watched)
+                    mine = pipe.hget(key, "doc")
+                    if mine is not None:  # this very call ran before its answer was lost
+                        return Job.model_validate_json(mine), True
+                    if idempotency is not None and idem_key is not None:
+                        original = self._original(pipe, idem_key, idempotency)
+                        if original is not None:
+                            return original, False
+                    if max_queued is not None:
+                        queued = int(pipe.zcard(queued_key))
+                        if queued >= max_queued:
+                            raise queue_full(queued, max_queued)
+                    pipe.multi()
+                    fields = {"doc": job.model_dump_json()}
+                    if idempotency is not None:
+                        fields["idem"] = idempotency[0]
+                        pipe.set(idem_key, f"{idempotency[1]} {job.id}")
+                    pipe.hset(key, mapping=fields)
+                    pipe.zadd(self._key("jobs"), {job.id: time.time()})
+                    pipe.zadd(queued_key, {job.id: time.time()})
+                    if samples is not None:
+                        x, y = samples
+                        pipe.hset(self._key("data", job.id), mapping={"x": x, "y": y})
+                        self._enqueue(pipe, job.id)
+                    pipe.execute()
+                    return job, True
+                except redis.WatchError:
+                    pipe.reset()
 
-    def _drop(self, job_id: str) -> None:
-        """Remove a job that was never handed out."""
-        pipe = self.redis.pipeline()
-        pipe.delete(self._key("job", job_id))
-        pipe.zrem(self._key("jobs"), job_id)
-        pipe.execute()
+    def _original(self, pipe: Pipeline, idem_key: str, idempotency: tuple[str, str]) -> Job | None:
+        """The job an Idempotency-Key already names, or None if it names none (never used, or
+        its job was evicted: the key is free again); IdempotencyKeyReused for another body."""
+        seen = pipe.get(idem_key)
+        if seen is None:
+            return None
+        fingerprint, job_id = seen.decode().split(" ", 1)
+        doc = pipe.hget(self._key("job", job_id), "doc")
+        if doc is None:
+            return None
+        if fingerprint != idempotency[1]:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {idempotency[0]!r} was used with another body; "
+                "use a new key for a new fit"
+            )
+        return Job.model_validate_json(doc)
 
-    @_available
-    def put_data(self, job_id: str, x: bytes, y: bytes) -> None:
-        """The samples of a job, for whichever worker runs it."""
-        self.redis.hset(self._key("data", job_id), mapping={"x": x, "y": y})
+    def _enqueue(self, pipe: Pipeline, job_id: str) -> str:
+        """Queue a message for the job (in the transaction being built), as Dramatiq's Redis
+        broker does, and note it on the job: its id, for the reconciler."""
+        from dramatiq import Message
+
+        message_id = str(uuid.uuid4())
+        body = Message(
+            queue_name=QUEUE,
+            actor_name=ACTOR,
+            args=(job_id,),
+            kwargs={},
+            options={"redis_message_id": message_id},
+        ).encode()
+        pipe.hset(self._queue_key(".msgs"), message_id, body)
+        pipe.rpush(self._queue_key(), message_id)
+        pipe.hset(self._key("job", job_id), "msg", message_id)
+        return message_id
 
     @_available
     def job_data(self, job_id: str) -> tuple[bytes, bytes]:
@@ -273,21 +440,11 @@ class RedisStore:
         return x, y
 
     @_available
-    def discard_job(self, job_id: str) -> None:
-        idem = self.redis.hget(self._key("job", job_id), "idem")
-        pipe = self.redis.pipeline()
-        pipe.delete(self._key("job", job_id), self._key("data", job_id))
-        pipe.zrem(self._key("jobs"), job_id)
-        if idem is not None:
-            pipe.delete(self._key("idem", idem.decode()))
-        pipe.execute()
-
-    @_available
     def get_job(self, job_id: str) -> Job:
-        raw = self.redis.hmget(self._key("job", job_id), ["doc", "worker"])
-        if raw[0] is None:
+        doc = self.redis.hget(self._key("job", job_id), "doc")
+        if doc is None:
             raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
-        return self._present([(raw[0], raw[1])])[0]
+        return self._present([doc])[0]
 
     @_available
     def list_jobs(self, limit: int) -> list[Job]:
@@ -299,27 +456,18 @@ class RedisStore:
         ids = self.redis.zrange(self._key("jobs"), 0, -1)
         return Counter(j.status for j in self._jobs([i.decode() for i in ids]))
 
+    @_available
+    def queued_count(self) -> int:
+        return int(self.redis.zcard(self._key("queued")))
+
     def _jobs(self, ids: list[str]) -> list[Job]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(self._key("job", job_id), ["doc", "worker"])
-        rows = [(d, w) for d, w in pipe.execute() if d is not None]  # evicted meanwhile
-        return self._present(rows)
+            pipe.hget(self._key("job", job_id), "doc")
+        return self._present([d for d in pipe.execute() if d is not None])  # evicted meanwhile
 
-    def _present(self, rows: list[tuple[bytes, bytes | None]]) -> list[Job]:
-        """Jobs as callers see them: a running job whose worker's heartbeat is older than the
-        lease has no live worker, and shows as queued until a worker runs it again."""
-        jobs = [Job.model_validate_json(doc) for doc, _ in rows]
-        running = [(i, w.decode()) for i, (_, w) in enumerate(rows) if w is not None]
-        running = [(i, w) for i, w in running if jobs[i].status is JobStatus.running]
-        if running:
-            beats = self.redis.zmscore(
-                self.queue_namespace + ":__heartbeats__", [w for _, w in running]
-            )
-            limit = time.time() * 1000 - self._lease_ms
-            for (i, _), beat in zip(running, beats, strict=True):
-                if beat is None or beat < limit:
-                    jobs[i] = jobs[i].model_copy(update={"status": JobStatus.queued})
+    def _present(self, docs: list[bytes]) -> list[Job]:
+        jobs = [Job.model_validate_json(doc) for doc in docs]
         self._catch_up(jobs)
         return jobs
 
@@ -335,63 +483,78 @@ class RedisStore:
 
     # -- jobs: what workers need -----------------------------------------------------------
 
-    def _change(self, job_id: str, fn: Callable[[Pipeline, Job, dict[bytes, bytes]], T]) -> T:
-        """WATCH the job's hash, hand its doc and fields to fn, which queues commands on the
-        pipeline, then run them in one MULTI/EXEC; all again if anyone changed the job
-        meanwhile. fn's result."""
+    def _change(
+        self,
+        job_id: str,
+        fn: Callable[[Pipeline, Job, dict[bytes, bytes]], T],
+        also: Sequence[str] = (),
+    ) -> T:
+        """WATCH the job's hash (and the keys `also`), hand its doc and fields to fn, which
+        reads and queues commands on the pipeline, then run them in one MULTI/EXEC; all again
+        if anyone changed a watched key meanwhile, or the connection was cut. fn's result."""
         key = self._key("job", job_id)
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *also)
                     fields: dict[bytes, bytes] = pipe.hgetall(key)
                     if b"doc" not in fields:
                         raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
-                    pipe.multi()
                     out = fn(pipe, Job.model_validate_json(fields[b"doc"]), fields)
-                    pipe.execute()
+                    if pipe.explicit_transaction:  # fn may have nothing to write
+                        pipe.execute()
                     return out
                 except redis.WatchError:
                     pipe.reset()
 
     def _put(self, pipe: Pipeline, job: Job, **changes: Any) -> Job:
         job = job.model_copy(update=changes)
+        if not pipe.explicit_transaction:
+            pipe.multi()
         pipe.hset(self._key("job", job.id), "doc", job.model_dump_json())
         return job
 
     def _clear_history(self, pipe: Pipeline, job_id: str) -> None:
         pipe.delete(*(self._key("hist", job_id, c) for c in COLUMNS))
 
+    def _beat_key(self, job_id: str, attempt: int) -> str:
+        return self._key("beat", job_id, str(attempt))
+
     @_available
-    def claim(self, job_id: str, worker: str, max_attempts: int) -> Job | None:
-        """Start the next attempt of a job for this worker: the job (its `attempts` is the
-        attempt's fencing number), or None if there is nothing to run (ended, cancelled,
-        evicted, or out of attempts: then it ends failed)."""
+    def claim(self, job_id: str, worker: str, token: str) -> Job | None:
+        """Start the next attempt of a queued job for this worker: the job (its `attempts` is
+        the attempt's fencing number), or None if there is nothing to run: ended, cancelled,
+        evicted, or running already. A message of a running job is a duplicate (the job
+        library delivers again after an outage, or to a worker it thought dead), never a death:
+        the owner goes on, and if it is really dead the reconciler queues the job again. The
+        token makes a claim sent twice (a cut connection) find itself."""
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job | None:
             if job.status.ended:
                 return None
+            if job.status is JobStatus.running:
+                if fields.get(b"claim") == token.encode():
+                    return job
+                log.info("job %s: a duplicate delivery of a running job; dropped", job_id)
+                return None
+            pipe.multi()
             if b"cancel" in fields:
                 self._finish(pipe, job, JobStatus.cancelled, None)
                 return None
-            if job.status is JobStatus.running and job.attempts >= max_attempts:
-                problem = WorkerCrashed(
-                    f"the training worker died {job.attempts} times running this fit "
-                    f"(SGD_JOB_ATTEMPTS={max_attempts}); if it needs more memory than a "
-                    "worker has, ask for fewer samples or a smaller batch_size"
-                ).problem()
-                self._finish(pipe, job, JobStatus.failed, problem)
-                return None
+            attempt = job.attempts + 1
             self._clear_history(pipe, job_id)
             job = self._put(
                 pipe,
                 job,
                 status=JobStatus.running,
                 started_at=job.started_at or now(),
-                attempts=job.attempts + 1,
+                attempts=attempt,
                 progress=Progress(epoch=0, epochs=job.params.epochs),
             )
-            pipe.hset(self._key("job", job_id), "worker", worker)
+            key = self._key("job", job_id)
+            pipe.hset(key, mapping={"worker": worker, "claim": token, "attempt": attempt})
+            self._move(pipe, job_id, "queued", "running")
+            pipe.set(self._beat_key(job_id, attempt), 0, px=BEAT_TTL_MS)
             pipe.set(self._key("latest"), job_id)
             return job
 
@@ -403,12 +566,29 @@ class RedisStore:
             self._evict()
         return job
 
+    def _move(self, pipe: Pipeline, job_id: str, source: str, target: str) -> None:
+        pipe.zrem(self._key(source), job_id)
+        pipe.zadd(self._key(target), {job_id: time.time()})
+
+    @_available
+    def beat(self, job_id: str, attempt: int) -> None:
+        """The owner of this attempt is alive (a counter, not a time: no clock is compared)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(self._beat_key(job_id, attempt))
+        pipe.pexpire(self._beat_key(job_id, attempt), BEAT_TTL_MS)
+        pipe.execute()
+
     @staticmethod
     def _check(job: Job, attempt: int | None) -> None:
         if job.status.ended:
             raise JobAlreadyEnded(f"job {job.id} already ended as {job.status.value}")
         if attempt is not None and (job.status is not JobStatus.running or job.attempts != attempt):
             raise Fenced(f"attempt {attempt} of job {job.id} no longer owns it")
+
+    @staticmethod
+    def _replayed(job: Job, status: JobStatus, attempt: int | None) -> bool:
+        """The job already ended as this attempt was ending it: a write sent twice."""
+        return job.status is status and attempt is not None and job.attempts == attempt
 
     @_available
     def cancel_requested(self, job_id: str) -> bool:
@@ -421,8 +601,10 @@ class RedisStore:
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job | None:
             if job.status is not JobStatus.queued:
                 return None
+            pipe.multi()
             self._clear_history(pipe, job_id)
             pipe.set(self._key("latest"), job_id)
+            self._move(pipe, job_id, "queued", "running")
             return self._put(pipe, job, status=JobStatus.running, started_at=now(), attempts=1)
 
         try:
@@ -435,6 +617,7 @@ class RedisStore:
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job:
             if job.status is not JobStatus.running:
                 raise JobAlreadyEnded(f"job {job_id} is {job.status.value}, not running")
+            pipe.multi()
             self._clear_history(pipe, job_id)
             progress = Progress(epoch=0, epochs=job.params.epochs)
             return self._put(pipe, job, attempts=job.attempts + 1, progress=progress)
@@ -450,7 +633,10 @@ class RedisStore:
         loss: Sequence[float],
         val_loss: Sequence[float] | None = None,
         attempt: int | None = None,
+        at: int | None = None,
     ) -> None:
+        """Record the next epochs; with `at` (the epoch they start at), a write sent twice
+        lands once."""
         data = {"w": _raw(w), "loss": _raw(loss)}
         if b is not None:
             data["b"] = _raw(b)
@@ -459,6 +645,11 @@ class RedisStore:
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> None:
             self._check(job, attempt)
+            if at is not None and job.progress.epoch != at:
+                if job.progress.epoch == at + len(w):
+                    return  # this very write landed before its answer was lost
+                raise Fenced(f"job {job_id} is at epoch {job.progress.epoch}, not {at}")
+            pipe.multi()
             for name in _columns(job):
                 if name in data:
                     pipe.append(self._key("hist", job_id, name), data[name])
@@ -469,15 +660,22 @@ class RedisStore:
 
     @_available
     def requeue_job(self, job_id: str, attempt: int) -> None:
-        """Give a running job back to the queue (its worker is stopping): a worker claims it
-        again as its next attempt."""
+        """Give a running job back to the queue with a new message (its worker is stopping): a
+        worker claims it again as its next attempt. Not a death."""
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> None:
             self._check(job, attempt)
-            self._put(pipe, job, status=JobStatus.queued)
-            pipe.hdel(self._key("job", job_id), "worker")
+            pipe.multi()
+            self._requeue(pipe, job)
 
         self._change(job_id, change)
+
+    def _requeue(self, pipe: Pipeline, job: Job) -> Job:
+        job = self._put(pipe, job, status=JobStatus.queued)
+        pipe.hdel(self._key("job", job.id), "worker", "claim", "attempt")
+        self._move(pipe, job.id, "running", "queued")
+        self._enqueue(pipe, job.id)
+        return job
 
     @_available
     def succeed_job(self, job_id: str, report: FitReport, attempt: int | None = None) -> Job:
@@ -494,6 +692,8 @@ class RedisStore:
                     if doc is None:
                         raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
                     job = Job.model_validate_json(doc)
+                    if self._replayed(job, JobStatus.succeeded, attempt):
+                        return job
                     self._check(job, attempt)
                     last = int(pipe.get(counter_key) or 0)
                     served_doc = pipe.get(served_key)
@@ -512,7 +712,7 @@ class RedisStore:
                     pipe.zadd(self._key("versions"), {str(model.version): model.version})
                     if serve:
                         pipe.set(served_key, model_doc)
-                        pipe.publish(served_key, str(model.version))
+                        pipe.publish(self._channels + "served", str(model.version))
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -556,7 +756,7 @@ class RedisStore:
                         )
                     pipe.multi()
                     pipe.set(served_key, doc)
-                    pipe.publish(served_key, str(version))
+                    pipe.publish(self._channels + "served", str(version))
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -567,11 +767,12 @@ class RedisStore:
     def _evict_versions(self) -> None:
         """Forget the oldest versions beyond keep_versions, never the served one."""
         kept = [int(v) for v in self.redis.zrange(self._key("versions"), 0, -1)]
-        if len(kept) <= self._keep_versions:
+        keep_versions = self._retention()[1]
+        if len(kept) <= keep_versions:
             return
         served_doc = self.redis.get(self._key("served"))
         served = None if served_doc is None else Model.model_validate_json(served_doc).version
-        old = [v for v in kept if v != served][: len(kept) - self._keep_versions]
+        old = [v for v in kept if v != served][: len(kept) - keep_versions]
         pipe = self.redis.pipeline()
         pipe.hdel(self._key("models"), *map(str, old))
         pipe.zrem(self._key("versions"), *map(str, old))
@@ -586,7 +787,10 @@ class RedisStore:
         attempt: int | None = None,
     ) -> Job:
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job:
+            if self._replayed(job, status, attempt):
+                return job
             self._check(job, attempt)
+            pipe.multi()
             return self._finish(pipe, job, status, error)
 
         job = self._change(job_id, change)
@@ -594,15 +798,20 @@ class RedisStore:
         return job
 
     @_available
-    def request_cancel(self, job_id: str) -> Job:
-        """Cancel a queued job (or one whose worker is gone) now; ask a running one's worker to
-        stop after its current block. The job as it is after the request."""
+    def request_cancel(self, job_id: str, token: str | None = None) -> Job:
+        """Cancel a queued job now; ask a running one's worker to stop after its current block
+        (or, if that worker is dead, the reconciler ends it). The job as it is after the
+        request. The token makes a request sent twice (a cut connection) find itself."""
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job:
             if job.status.ended:
+                if token is not None and fields.get(b"cancelled_by") == token.encode():
+                    return job
                 raise JobAlreadyEnded(f"job {job_id} already ended as {job.status.value}")
-            shown = self._present([(fields[b"doc"], fields.get(b"worker"))])[0]
-            if shown.status is JobStatus.queued:
+            pipe.multi()
+            if token is not None:
+                pipe.hset(self._key("job", job_id), "cancelled_by", token)
+            if job.status is JobStatus.queued:
                 return self._finish(pipe, job, JobStatus.cancelled, None)
             pipe.hset(self._key("job", job_id), "cancel", "1")
             return job
@@ -624,21 +833,25 @@ class RedisStore:
         job = self._put(
             pipe, job, status=status, finished_at=at or now(), error=problem, result=result
         )
-        pipe.hdel(self._key("job", job.id), "worker", "cancel")
+        pipe.hdel(self._key("job", job.id), "worker", "claim", "attempt", "cancel")
         pipe.delete(self._key("data", job.id))
+        pipe.zrem(self._key("queued"), job.id)
+        pipe.zrem(self._key("running"), job.id)
         pipe.zadd(self._key("ended"), {job.id: time.time()})
-        pipe.publish(self._key("ended"), job.model_dump_json())
+        pipe.publish(self._channels + "ended", job.model_dump_json())
         return job
 
     def _evict(self) -> None:
-        """Forget the jobs that ended longest ago beyond keep_jobs, never the served model's."""
+        """Forget the jobs that ended longest ago beyond the service's keep_jobs, never the
+        served model's."""
         ended = [raw.decode() for raw in self.redis.zrange(self._key("ended"), 0, -1)]
-        if len(ended) <= self._keep_jobs:
+        keep_jobs = self._retention()[0]
+        if len(ended) <= keep_jobs:
             return
         served_doc = self.redis.get(self._key("served"))
         served = None if served_doc is None else Model.model_validate_json(served_doc).job_id
         others = [j for j in ended if j != served]
-        for job_id in others[: max(0, len(others) - self._keep_jobs)]:
+        for job_id in others[: max(0, len(others) - keep_jobs)]:
             idem = self.redis.hget(self._key("job", job_id), "idem")
             pipe = self.redis.pipeline()
             pipe.delete(self._key("job", job_id), self._key("data", job_id))
@@ -649,6 +862,99 @@ class RedisStore:
                 pipe.delete(self._key("idem", idem.decode()))
             pipe.execute()
 
+    # -- the reconciler's view and repairs -------------------------------------------------
+
+    def open_jobs(self) -> tuple[dict[str, tuple[int, bytes | None]], dict[str, str]]:
+        """What the reconciler watches, read now: each running job's attempt and beat counter,
+        and each queued job's message that is no longer on the queue (fetched by a worker that
+        has not claimed it, or lost with it). Jobs created without a message (the Store
+        protocol's create_job alone) are none of its business."""
+        running = [i.decode() for i in self.redis.zrange(self._key("running"), 0, -1)]
+        queued = [i.decode() for i in self.redis.zrange(self._key("queued"), 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in running:
+            pipe.hget(self._key("job", job_id), "attempt")
+        for job_id in queued:
+            pipe.hget(self._key("job", job_id), "msg")
+        replies = pipe.execute()
+        attempts = {j: int(a) for j, a in zip(running, replies, strict=False) if a is not None}
+        messages = {
+            j: m.decode() for j, m in zip(queued, replies[len(running) :], strict=True) if m
+        }
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, attempt in attempts.items():
+            pipe.get(self._beat_key(job_id, attempt))
+        for message in messages.values():
+            pipe.lpos(self._queue_key(), message)
+        replies = pipe.execute()
+        beats = {j: (a, b) for (j, a), b in zip(attempts.items(), replies, strict=False)}
+        positions = replies[len(attempts) :]
+        lost = {j: m for (j, m), at in zip(messages.items(), positions, strict=True) if at is None}
+        return beats, lost
+
+    @_available
+    def bury(self, job_id: str, attempt: int, beat: bytes | None, max_attempts: int) -> Job | None:
+        """The owner of this attempt is dead (its beat stood still for a lease): count the
+        death, then end the job (cancelled if asked, failed after max_attempts deaths) or queue
+        it again with a new message. Nothing if the attempt beat, ended or moved on meanwhile."""
+        beat_key = self._beat_key(job_id, attempt)
+
+        def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job | None:
+            if job.status is not JobStatus.running or fields.get(b"attempt") != b"%d" % attempt:
+                return None
+            if pipe.get(beat_key) != beat:
+                return None
+            deaths = int(fields.get(b"deaths", b"0")) + 1
+            pipe.multi()
+            pipe.hset(self._key("job", job_id), "deaths", deaths)
+            if b"cancel" in fields:
+                return self._finish(pipe, job, JobStatus.cancelled, None)
+            if deaths >= max_attempts:
+                problem = WorkerCrashed(
+                    f"the training worker died {deaths} times running this fit "
+                    f"(SGD_JOB_ATTEMPTS={max_attempts}); if it needs more memory than a "
+                    "worker has, ask for fewer samples or a smaller batch_size"
+                ).problem()
+                return self._finish(pipe, job, JobStatus.failed, problem)
+            return self._requeue(pipe, job)
+
+        try:
+            job = self._change(job_id, change, also=[beat_key])
+        except JobNotFound:
+            return None
+        if job is not None:
+            log.warning(
+                "job %s: the worker of attempt %d stopped beating for %gs; %s",
+                job_id,
+                attempt,
+                self.lease_seconds,
+                "queued again" if not job.status.ended else f"ended {job.status.value}",
+            )
+            self._evict()
+        return job
+
+    @_available
+    def resend(self, job_id: str, message: str) -> bool:
+        """Queue a new message for a queued job whose message `message` has been off the queue
+        for a lease; False if the job moved on meanwhile."""
+
+        def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> bool:
+            if job.status is not JobStatus.queued or fields.get(b"msg") != message.encode():
+                return False
+            if pipe.lpos(self._queue_key(), message) is not None:
+                return False
+            pipe.multi()
+            self._enqueue(pipe, job_id)
+            return True
+
+        try:
+            sent = self._change(job_id, change, also=[self._queue_key()])
+        except JobNotFound:
+            return False
+        if sent:
+            log.warning("job %s: its message left the queue without a claim; sent again", job_id)
+        return sent
+
     # -- histories -------------------------------------------------------------------------
 
     @_available
@@ -657,6 +963,7 @@ class RedisStore:
     ) -> History:
         return self.history_page(job_id, since, limit, max_points).model()
 
+    @_available
     def history_page(
         self, job_id: str | None, since: int, limit: int | None, max_points: int
     ) -> HistoryPage:
@@ -711,3 +1018,81 @@ def _raw(values: Sequence[float]) -> bytes:
         return values.tobytes()
 
     return array("d", values).tobytes()
+
+
+class Reconciler:
+    """Repairs what no single process can see go wrong, from any replica or worker, with no
+    leader: every process runs one, and each repair is a transaction that checks its cause
+    again, so two reconcilers never repair one thing twice.
+
+    - An owner is dead when the beat counter of its attempt stood still for a whole lease of
+      this reconciler's watching (its own monotonic clock; no two hosts' clocks are compared).
+      Watching counts only while unbroken: a pass that fails or takes long (Redis down or hung,
+      this process paused) starts the watch again, so an outage never makes a live owner look
+      dead. Its job is queued again (or ends: cancelled, or failed after SGD_JOB_ATTEMPTS
+      deaths).
+    - A queued job's message that has been off the queue for a lease (fetched by a worker that
+      died or lost Redis before it claimed the job) is sent again.
+
+    Both happen within lease + 2 x interval of their cause; a message sent twice is harmless
+    (a claim drops a running job's duplicate).
+    """
+
+    def __init__(self, store: RedisStore, max_attempts: int) -> None:
+        self.store = store
+        self.max_attempts = max_attempts
+        self.lease = store.lease_seconds
+        self.interval = min(1.0, self.lease / 4)
+        # A pass longer than this, or this long after the last one, breaks the watch.
+        self._max_gap = 2 * self.interval + 0.25
+        self._seen: dict[tuple[str, ...], tuple[bytes | None, float]] = {}
+        self._last_end: float | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Pass every interval until stop is set; no exception ends the loop."""
+        while not stop.wait(self.interval):
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("reconciling failed; trying again")
+
+    def reconcile(self) -> None:
+        """One pass: read, then repair what has stood still for a lease of unbroken watching."""
+        start = time.monotonic()
+        try:
+            beats, lost = self.store.open_jobs()
+        except (redis.RedisError, ServiceError):
+            self._seen.clear()
+            self._last_end = None
+            return
+        end = time.monotonic()
+        unbroken = (
+            self._last_end is not None
+            and start - self._last_end <= self._max_gap
+            and end - start <= self._max_gap
+        )
+        self._last_end = end
+        now_seen: dict[tuple[str, ...], bytes | None] = {}
+        for job_id, (attempt, beat) in beats.items():
+            now_seen[("run", job_id, str(attempt))] = beat
+        for job_id, message in lost.items():
+            now_seen[("msg", job_id, message)] = None
+        if not unbroken:
+            self._seen = {k: (v, end) for k, v in now_seen.items()}
+            return
+        seen: dict[tuple[str, ...], tuple[bytes | None, float]] = {}
+        for key, value in now_seen.items():
+            before = self._seen.get(key)
+            if before is None or before[0] != value:
+                seen[key] = (value, end)
+                continue
+            seen[key] = before
+            if start - before[1] < self.lease:
+                continue
+            with contextlib.suppress(StoreUnavailable):
+                if key[0] == "run":
+                    self.store.bury(key[1], int(key[2]), value, self.max_attempts)
+                else:
+                    self.store.resend(key[1], key[2])
+            seen.pop(key)
+        self._seen = seen

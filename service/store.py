@@ -19,6 +19,7 @@ from service.errors import (
     IdempotencyKeyReused,
     JobAlreadyEnded,
     JobNotFound,
+    QueueFull,
     VersionNotFound,
 )
 from service.schemas import (
@@ -114,14 +115,21 @@ class Store(Protocol):
     def model(self) -> Model | None:
         """The served model, None before a fit succeeds; a plain read that never waits."""
 
+    @property
+    def unreachable(self) -> str | None:
+        """Why this process cannot know whether a model is served (a shared store it has never
+        read), or None."""
+
     def create_job(
-        self, params: JobParams, n_samples: int, idempotency: tuple[str, str] | None = None
+        self,
+        params: JobParams,
+        n_samples: int,
+        idempotency: tuple[str, str] | None = None,
+        max_queued: int | None = None,
     ) -> tuple[Job, bool]:
         """A new queued job and True, or for a (key, body fingerprint) seen before the original
-        job and False; raises IdempotencyKeyReused for a known key with another fingerprint."""
-
-    def discard_job(self, job_id: str) -> None:
-        """Forget a job the runner refused to queue, and its idempotency key; unknown ids pass."""
+        job and False; raises IdempotencyKeyReused for a known key with another fingerprint,
+        and QueueFull, having created nothing, when max_queued jobs are queued already."""
 
     def get_job(self, job_id: str) -> Job:
         """The job as it is now; raises JobNotFound (never created, or evicted)."""
@@ -207,8 +215,14 @@ class MemoryStore:
         """The served model: one attribute read, never a lock."""
         return self._model
 
+    unreachable = None  # in this process: always known
+
     def create_job(
-        self, params: JobParams, n_samples: int, idempotency: tuple[str, str] | None = None
+        self,
+        params: JobParams,
+        n_samples: int,
+        idempotency: tuple[str, str] | None = None,
+        max_queued: int | None = None,
     ) -> tuple[Job, bool]:
         """A new queued job, or (for a repeated Idempotency-Key and body) the original one."""
         with self._lock:
@@ -222,6 +236,10 @@ class MemoryStore:
                             "use a new key for a new fit"
                         )
                     return self._jobs[seen[1]], False
+            if max_queued is not None:
+                queued = sum(j.status is JobStatus.queued for j in self._jobs.values())
+                if queued >= max_queued:
+                    raise queue_full(queued, max_queued)
             job = Job(
                 id=uuid.uuid4().hex,
                 status=JobStatus.queued,
@@ -234,12 +252,6 @@ class MemoryStore:
             if idempotency is not None:
                 self._idempotency[idempotency[0]] = (idempotency[1], job.id)
             return job, True
-
-    def discard_job(self, job_id: str) -> None:
-        """Forget a job that was never queued (the queue was full)."""
-        with self._lock:
-            self._jobs.pop(job_id, None)
-            self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] != job_id}
 
     def get_job(self, job_id: str) -> Job:
         try:
@@ -497,6 +509,13 @@ class HistoryPage:
         cols = {name: values.tolist() for name, values in self.columns.items()}
         b, val_loss = cols.get("b"), cols.get("val_loss")
         return self.page.history(self.job, cols["w"], b, cols["loss"], val_loss)
+
+
+def queue_full(queued: int, limit: int) -> QueueFull:
+    return QueueFull(
+        f"{queued} jobs are queued (SGD_MAX_QUEUED_JOBS={limit}); retry later or cancel one",
+        retry_after=2,
+    )
 
 
 def model_of(job: Job, version: int, report: FitReport, at: datetime) -> Model:

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
@@ -216,7 +217,7 @@ def _interrupted(conn: Connection, job_id: str) -> bool:
     return False
 
 
-def lower_priority(nice: int, sched_idle: bool) -> str:
+def lower_priority(nice: int, sched_idle: bool, spare: Collection[int] = ()) -> str:
     """Lower every thread of this process to niceness `nice` and, when asked and the OS has it,
     SCHED_IDLE; the policy it runs under.
 
@@ -225,9 +226,12 @@ def lower_priority(nice: int, sched_idle: bool) -> str:
     while it waits for work), which would keep the normal priority and compete with the API.
     Lowering one's own priority needs no privilege (not even CAP_SYS_NICE), so this works in
     a container with every capability dropped. The hello reports the policy; the server logs it.
+    The threads `spare` (ids) keep their priority.
     """
     policy = "idle" if sched_idle else "other"
     for tid in _threads():
+        if tid in spare:
+            continue
         with contextlib.suppress(OSError):  # a thread may end meanwhile
             if nice:
                 os.setpriority(

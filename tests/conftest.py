@@ -370,6 +370,74 @@ def stop_shared(srv: Server) -> None:
             srv.proc.wait(10)
 
 
+LEASE = "2"  # seconds, in Redis mode: a silent worker loses its job quickly here
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone (append-only file on), so that it can be stopped."""
+    srv = RedisServer(str(tmp_path / "redis"))
+    os.makedirs(srv.dir)
+    srv.start()
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+class Fleet:
+    """Replicas and standalone workers on one Redis, one key prefix."""
+
+    def __init__(self, redis: RedisServer, make_server: Callable[..., Server], log_dir: Path):
+        self.redis = redis
+        self.prefix = redis.prefix()
+        self._make_server = make_server
+        self._log_dir = log_dir
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def env(self) -> dict[str, str]:
+        return {
+            "SGD_REDIS_URL": self.redis.url,
+            "SGD_REDIS_PREFIX": self.prefix,
+            "SGD_LEASE_SECONDS": LEASE,
+            "SGD_MAX_EPOCHS": "5000000",
+        }
+
+    def replica(self, workers: int = 0, ready: bool = True, **env: str) -> Server:
+        """A replica with SGD_WORKERS embedded workers; `env` overrides (SGD_REDIS_URL: a
+        proxy's, say)."""
+        return self._make_server(ready=ready, **{**self.env(), "SGD_WORKERS": str(workers), **env})
+
+    def worker(self, *wrapper: str, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """A standalone `sgd-service worker`, ready to take fits; and its log. `wrapper` runs
+        it (faketime, say), `env` overrides."""
+        log = self._log_dir / f"worker-{len(self.workers)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*wrapper, sys.executable, "-m", "service", "worker"],
+                env={**os.environ, **SERVER_ENV, **self.env(), **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.workers.append(proc)
+        wait_until(lambda: "training worker ready" in log.read_text(), 60, "worker ready")
+        return proc, log
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def fleet(
+    own_redis: RedisServer, make_server: Callable[..., Server], tmp_path: Path
+) -> Iterator[Fleet]:
+    f = Fleet(own_redis, make_server, tmp_path)
+    yield f
+    f.close()
+
+
 # The modules that take longest, longest first; the rest (a few seconds each) follow in pytest's
 # order. `make test` hands whole modules to three pytest-xdist workers in this order, longest
 # first, so that the last ones handed out are short and the workers end together: Schemathesis

@@ -72,8 +72,10 @@ def runner(make_runner: Callable[..., Runner]) -> Runner:
 
 
 def submit(runner: JobRunner, store: MemoryStore, p: JobParams, big: bool = False) -> Job:
-    job, _ = store.create_job(p, BIG_N if big else 3)
-    runner.submit(job, (BIG_X,) if big else (X,), (BIG_Y,) if big else (Y,))
+    job, created = runner.submit(
+        p, BIG_N if big else 3, (BIG_X,) if big else (X,), (BIG_Y,) if big else (Y,)
+    )
+    assert created
     return job
 
 
@@ -157,10 +159,11 @@ def test_queue_is_bounded_and_queued_jobs_cancel_at_once(
     r, store = runner
     running = start_slow(r, store)
     queued = [submit(r, store, params()) for _ in range(2)]
-    extra, _ = store.create_job(params(), 3)
+    kept = len(store.list_jobs(100))
     with pytest.raises(QueueFull) as info:
-        r.submit(extra, (X,), (Y,))
+        r.submit(params(), 3, (X,), (Y,))
     assert int(info.value.headers["Retry-After"]) >= 1
+    assert len(store.list_jobs(100)) == kept  # a refusal creates nothing
     assert r.cancel(queued[0].id).status is JobStatus.cancelled
     r.cancel(running.id)
     assert ended(store, running.id).status is JobStatus.cancelled

@@ -9,11 +9,9 @@ has. Figures (propagation lag, recovery times) are printed; `make bench` measure
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,9 @@ from service.errors import Fenced
 from service.redis_store import RedisStore
 from service.schemas import FitReport, JobParams, JobStatus
 from tests.conftest import (
-    SERVER_ENV,
     TIMEOUT,
     TUTORIAL,
+    Fleet,
     RedisServer,
     Server,
     named_descendants,
@@ -34,72 +32,9 @@ from tests.conftest import (
     wait_until,
 )
 
-LEASE = "2"  # seconds: a silent worker loses its job quickly here
 # A few seconds of work in a worker, and minutes of it.
 SECONDS = {**TUTORIAL, "epochs": 3_000_000, "batch_size": 8, "learning_rate": 0.001}
 LONG = {"x": [1.0] * 100_000, "y": [2.0] * 100_000, "batch_size": 100_000, "epochs": 1_000_000}
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server for this test alone (append-only file on), so that it can be stopped."""
-    srv = RedisServer(str(tmp_path / "redis"))
-    os.makedirs(srv.dir)
-    srv.start()
-    yield srv
-    srv.stop(signal.SIGKILL)
-
-
-class Fleet:
-    """Replicas and standalone workers on one Redis, one key prefix."""
-
-    def __init__(self, redis: RedisServer, make_server: Callable[..., Server], log_dir: Path):
-        self.redis = redis
-        self.prefix = redis.prefix()
-        self._make_server = make_server
-        self._log_dir = log_dir
-        self.workers: list[subprocess.Popen[bytes]] = []
-
-    def env(self) -> dict[str, str]:
-        return {
-            "SGD_REDIS_URL": self.redis.url,
-            "SGD_REDIS_PREFIX": self.prefix,
-            "SGD_LEASE_SECONDS": LEASE,
-            "SGD_MAX_EPOCHS": "5000000",
-        }
-
-    def replica(self, workers: int = 0, ready: bool = True) -> Server:
-        return self._make_server(ready=ready, SGD_WORKERS=str(workers), **self.env())
-
-    def worker(self) -> tuple[subprocess.Popen[bytes], Path]:
-        """A standalone `sgd-service worker`, ready to take fits; and its log."""
-        log = self._log_dir / f"worker-{len(self.workers)}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "service", "worker"],
-                env={**os.environ, **SERVER_ENV, **self.env()},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.workers.append(proc)
-        wait_until(lambda: "training worker ready" in log.read_text(), 60, "worker ready")
-        return proc, log
-
-    def close(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            proc.wait(10)
-
-
-@pytest.fixture
-def fleet(
-    own_redis: RedisServer, make_server: Callable[..., Server], tmp_path: Path
-) -> Iterator[Fleet]:
-    f = Fleet(own_redis, make_server, tmp_path)
-    yield f
-    f.close()
 
 
 def started(http: httpx.Client, job_id: str, attempt: int = 1) -> dict[str, Any]:
@@ -235,10 +170,20 @@ def test_a_stale_attempt_can_neither_append_nor_publish(redis_server: RedisServe
         epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
     )
     job, _ = store.create_job(params, 3)
-    old = store.claim(job.id, "worker-a", max_attempts=3)
+    old = store.claim(job.id, "worker-a", "claim-a")
     assert old is not None
     store.append_history(job.id, [1.0], None, [0.5], attempt=old.attempts)
-    new = store.claim(job.id, "worker-b", max_attempts=3)  # the job was redelivered
+    # a delivery of a running job is a duplicate: dropped, whoever gets it; the same claim sent
+    # twice (a cut connection) finds itself
+    assert store.claim(job.id, "worker-b", "claim-b") is None
+    replayed = store.claim(job.id, "worker-a", "claim-a")
+    assert replayed is not None
+    assert replayed.attempts == old.attempts
+    # worker-a's beat stood still: the reconciler buries its attempt, and the job runs again
+    buried = store.bury(job.id, old.attempts, b"0", max_attempts=3)
+    assert buried is not None
+    assert buried.status is JobStatus.queued
+    new = store.claim(job.id, "worker-b", "claim-b")
     assert new is not None
     assert new.attempts == old.attempts + 1
     with pytest.raises(Fenced):
