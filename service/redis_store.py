@@ -1054,6 +1054,8 @@ class Reconciler:
             try:
                 self.reconcile()
             except Exception:
+                if stop.is_set():  # the store closed under this pass
+                    return
                 log.exception("reconciling failed; trying again")
 
     def reconcile(self) -> None:
