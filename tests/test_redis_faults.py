@@ -213,20 +213,22 @@ def test_a_cancel_and_a_serve_cut_after_each_command_end(fleet: Fleet, proxy: Re
 
 
 @pytest.mark.timeout(180)
-def test_a_key_whose_job_was_evicted_is_free_again_at_once(fleet: Fleet) -> None:
-    """Before: the retry loop spun without a pause and the request never returned."""
-    a = fleet.replica(workers=1, SGD_KEEP_JOBS="1")
+def test_a_key_left_at_a_job_that_is_gone_is_free_again_at_once(fleet: Fleet) -> None:
+    """Before: a key whose job had been evicted without it (its creation cut between the key and
+    the job's note of it) made every later POST with that key spin forever, at 70% CPU."""
+    a = fleet.replica(workers=1)
+    direct = redis.Redis.from_url(fleet.redis.url)
     with a.client() as http:
-        key = {"Idempotency-Key": "evicted"}
+        key = {"Idempotency-Key": "orphan"}
         first = http.post("/fit", json=TUTORIAL, headers=key).json()["id"]
         wait_job(http, first)
-        for seed in (1, 2):
-            wait_job(http, http.post("/fit", json={**TUTORIAL, "seed": seed}).json()["id"])
-        assert http.get(f"/jobs/{first}").status_code == 404
+        direct.delete(fleet.prefix + "job:" + first)  # gone; its key still names it
         again = http.post("/fit", json=TUTORIAL, headers=key)
         assert again.status_code == 202
         assert again.json()["id"] != first
         assert wait_job(http, again.json()["id"])["status"] == "succeeded"
+        assert keys_at_nothing(direct, fleet.prefix) == []
+    direct.close()
 
 
 @pytest.mark.timeout(180)
@@ -265,21 +267,26 @@ def _post(http: httpx.Client, key: dict[str, str], answers: list[httpx.Response]
 
 
 @pytest.mark.timeout(180)
-def test_a_fit_refused_during_an_outage_leaves_nothing(fleet: Fleet, proxy: RedisProxy) -> None:
-    """Before: the job was written, the enqueue failed, the clean-up failed: a job stayed
-    queued forever and filled the queue."""
+def test_a_fit_cut_off_after_its_first_transaction_leaves_no_phantom(
+    fleet: Fleet, proxy: RedisProxy
+) -> None:
+    """Before: the job was written, then the connection went for good: the enqueue failed and
+    so did the clean-up, and a job stayed queued forever, with no message; with
+    SGD_MAX_QUEUED_JOBS=1 it made every later fit a 429 while the workers sat idle. Now the
+    first transaction holds the message too: the job runs."""
     a = fleet.replica(workers=0, SGD_REDIS_URL=proxy.url, SGD_MAX_QUEUED_JOBS="1")
     b = fleet.replica(workers=1)
     with a.client() as via_a, b.client() as via_b:
-        proxy.refuse(True)
-        for _ in range(3):
-            r = via_a.post("/fit", json=TUTORIAL)
-            assert r.status_code == 503
-            assert r.json()["type"].endswith("store-unavailable")
-            assert "Retry-After" in r.headers
+        trap = proxy.cut_after(lambda c: c.name == "EXEC", refuse=True)
+        r = via_a.post("/fit", json=TUTORIAL)
+        assert trap.wait(5)
+        assert r.status_code == 503
+        assert r.json()["type"].endswith("store-unavailable")
+        assert "Retry-After" in r.headers
         proxy.refuse(False)
-        assert jobs(via_b) == []
-        for _ in range(3):  # the queue (of 1) is empty: no phantom holds it
+        wait_until(lambda: all(j["status"] in ENDED for j in jobs(via_b)), 30, "no job open")
+        assert [j["status"] for j in jobs(via_b)] == ["succeeded"]  # the 503d fit ran
+        for _ in range(3):  # the queue (of 1) is free: no phantom holds it
             r = via_a.post("/fit", json=TUTORIAL)
             assert r.status_code == 202, r.text
             assert wait_job(via_b, r.json()["id"])["status"] == "succeeded"
@@ -328,6 +335,7 @@ def test_a_redis_restart_fails_no_healthy_fit(fleet: Fleet) -> None:
 
 @pytest.mark.timeout(240)
 def test_a_redis_hang_fails_no_healthy_fit(fleet: Fleet) -> None:
+    """The same through a hang (SIGSTOP) of 1.5 leases: a property kept, not a bug fixed."""
     a = fleet.replica(workers=1)
     with a.client() as http:
         job_id = http.post("/fit", json=SECONDS).json()["id"]
