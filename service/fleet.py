@@ -69,7 +69,6 @@ class QueueRunner:
     def __init__(self, store: RedisStore, settings: Settings) -> None:
         self._store = store
         self._settings = settings
-        self._broker = make_broker(settings, store)
         self._draining = False
         self._stopping = threading.Event()
         self._ctx = fork_context()

@@ -221,10 +221,6 @@ class RedisStore:
         return self._model
 
     @property
-    def reachable(self) -> bool:
-        return self.problem is None
-
-    @property
     def unreachable(self) -> str | None:
         """Why this replica may not know the served model (it has never read it), or None."""
         return None if self.loaded else self.problem
@@ -414,7 +410,7 @@ class RedisStore:
             )
         return Job.model_validate_json(doc)
 
-    def _enqueue(self, pipe: Pipeline, job_id: str) -> str:
+    def _enqueue(self, pipe: Pipeline, job_id: str) -> None:
         """Queue a message for the job (in the transaction being built), as Dramatiq's Redis
         broker does, and note it on the job: its id, for the reconciler."""
         from dramatiq import Message
@@ -430,7 +426,6 @@ class RedisStore:
         pipe.hset(self._queue_key(".msgs"), message_id, body)
         pipe.rpush(self._queue_key(), message_id)
         pipe.hset(self._key("job", job_id), "msg", message_id)
-        return message_id
 
     @_available
     def job_data(self, job_id: str) -> tuple[bytes, bytes]:
