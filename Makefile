@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 TORCH_INDEX_URL ?=
 
-.PHONY: install run test lint typecheck pytest bench faults clean constraints
+.PHONY: install run test lint typecheck pytest bench faults chaos clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ test: lint typecheck pytest
 # The fault test of `make test` (20 kills of the training worker), 200 times over.
 faults: install
 	SGD_FAULT_ROUNDS=200 $(BIN)/pytest -s tests/test_faults.py -k random_moments
+
+# Redis mode under random faults for CHAOS_MINUTES (two replicas, two workers, a proxy that cuts
+# connections; kills, pauses, Redis restarts and hangs), then a check that every 202 ended as
+# promised: README, "Scaling out". It ends within CHAOS_MINUTES + 3 minutes whatever happens.
+CHAOS_MINUTES ?= 3
+chaos: install redis-deps
+	$(BIN)/python -m tests.chaos --minutes $(CHAOS_MINUTES)
 
 bench: install
 	$(BIN)/python bench/run.py
