@@ -109,8 +109,8 @@ RETRY = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2, supported_errors=(redis
 # Above this many epochs between two picks, a thinned page reads each pick with its own
 # GETRANGE (pipelined) instead of the whole range.
 PICK_READ_STRIDE = 64
-# Beat counters outlive their attempt by this long at most: a key's TTL only collects garbage,
-# it never decides liveness.
+# A beat counter goes with its attempt's end; its TTL only collects what a crash left behind, it
+# never decides liveness.
 BEAT_TTL_MS = 600_000
 
 T = TypeVar("T")
@@ -668,6 +668,7 @@ class RedisStore:
     def _requeue(self, pipe: Pipeline, job: Job) -> Job:
         job = self._put(pipe, job, status=JobStatus.queued)
         pipe.hdel(self._key("job", job.id), "worker", "claim", "attempt")
+        pipe.delete(self._beat_key(job.id, job.attempts))
         self._move(pipe, job.id, "running", "queued")
         self._enqueue(pipe, job.id)
         return job
@@ -829,7 +830,7 @@ class RedisStore:
             pipe, job, status=status, finished_at=at or now(), error=problem, result=result
         )
         pipe.hdel(self._key("job", job.id), "worker", "claim", "attempt", "cancel")
-        pipe.delete(self._key("data", job.id))
+        pipe.delete(self._key("data", job.id), self._beat_key(job.id, job.attempts))
         pipe.zrem(self._key("queued"), job.id)
         pipe.zrem(self._key("running"), job.id)
         pipe.zadd(self._key("ended"), {job.id: time.time()})
