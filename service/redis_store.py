@@ -630,8 +630,9 @@ class RedisStore:
         attempt: int | None = None,
         at: int | None = None,
     ) -> None:
-        """Record the next epochs; with `at` (the epoch they start at), a write sent twice
-        lands once."""
+        """Record the next epochs; with `at` (the epoch they start at), epochs that landed
+        already (a write sent twice, or a write whose answer was lost and which the worker
+        sends again with more epochs) land once."""
         data = {"w": _raw(w), "loss": _raw(loss)}
         if b is not None:
             data["b"] = _raw(b)
@@ -640,15 +641,16 @@ class RedisStore:
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> None:
             self._check(job, attempt)
-            if at is not None and job.progress.epoch != at:
-                if job.progress.epoch == at + len(w):
-                    return  # this very write landed before its answer was lost
+            landed = 0 if at is None else job.progress.epoch - at
+            if not 0 <= landed <= len(w):
                 raise Fenced(f"job {job_id} is at epoch {job.progress.epoch}, not {at}")
+            if landed == len(w):
+                return
             pipe.multi()
             for name in _columns(job):
                 if name in data:
-                    pipe.append(self._key("hist", job_id, name), data[name])
-            epoch = job.progress.epoch + len(w)
+                    pipe.append(self._key("hist", job_id, name), data[name][landed * 8 :])
+            epoch = job.progress.epoch + len(w) - landed
             self._put(pipe, job, progress=Progress(epoch=epoch, epochs=job.params.epochs))
 
         self._change(job_id, change)

@@ -201,6 +201,28 @@ def test_a_stale_attempt_can_neither_append_nor_publish(redis_server: RedisServe
     store.close()
 
 
+def test_history_sent_again_lands_once(redis_server: RedisServer) -> None:
+    """A worker whose append landed but whose answer was lost (Redis killed after the EXEC)
+    sends those epochs again, with the ones since: each epoch lands once."""
+    store = RedisStore(redis_server.url, redis_server.prefix(), keep_jobs=10, watch=False)
+    params = JobParams(
+        epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
+    )
+    job, _ = store.create_job(params, 3)
+    run = store.claim(job.id, "worker-a", "claim-a")
+    assert run is not None
+    store.append_history(job.id, [0.0, 1.0], None, [0.0, 1.0], attempt=run.attempts, at=0)
+    store.append_history(job.id, [0.0, 1.0], None, [0.0, 1.0], attempt=run.attempts, at=0)
+    store.append_history(job.id, [0.0, 1.0, 2.0], None, [0.0, 1.0, 2.0], attempt=1, at=0)
+    store.append_history(job.id, [3.0], None, [3.0], attempt=run.attempts, at=3)
+    history = store.history(job.id, 0, None, 10)
+    assert history.total_epochs == 4
+    assert history.w == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(Fenced):  # a gap: not this attempt's history
+        store.append_history(job.id, [9.0], None, [9.0], attempt=run.attempts, at=6)
+    store.close()
+
+
 def test_one_idempotency_key_makes_one_job_across_replicas(redis_server: RedisServer) -> None:
     prefix = redis_server.prefix()
     stores = [RedisStore(redis_server.url, prefix, keep_jobs=10, watch=False) for _ in range(4)]
