@@ -32,6 +32,7 @@ from pydantic import (
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
@@ -344,7 +345,10 @@ class Inference:
 
 async def _read(request: Request, name: str, settings: Settings) -> Inference:
     """The request's body, checked at the edge like POST /predict's; the model comes after."""
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # the caller left mid-body: nothing to answer, nothing to log
+        raise InvalidInferenceRequest("the body ended before its Content-Length") from None
     header, tail = _split(body, request.headers)
     try:
         document = json.loads(header)

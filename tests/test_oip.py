@@ -6,7 +6,9 @@ import json
 import math
 import re
 import shlex
+import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -618,3 +620,23 @@ def test_the_readme_examples(server: Server, capsys: pytest.CaptureFixture[str])
     assert len(comments) == len(printed) >= 3, (comments, printed)
     for line, comment in zip(printed, comments, strict=True):
         assert documented(comment, line), (line, comment)
+
+
+def test_a_body_cut_off_mid_way_logs_no_traceback(fitted: Fitted) -> None:
+    """Before: an aborted /v2 body logged an error traceback (ClientDisconnect), so anyone
+    could flood the log."""
+    host, port = fitted.server.url.removeprefix("http://").split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as s:
+            s.sendall(
+                f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode()
+                + b'{"inputs": ['
+            )
+    with fitted.server.client() as http:  # served after the three: the aborts were handled
+        assert http.get(f"/v2/models/{MODEL}/ready").status_code == 200
+        time.sleep(0.5)  # uvicorn notices each closed socket on its own turn of the loop
+        assert http.get(f"/v2/models/{MODEL}/ready").status_code == 200
+    log = fitted.server.log()
+    assert "Traceback" not in log
+    assert "ClientDisconnect" not in log
