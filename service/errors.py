@@ -34,6 +34,30 @@ class ServiceError(Exception):
         }
 
 
+# Validation errors listed in one answer: a body of a million nulls is a million errors, and
+# listing them all made a 2 MB body a 38 MB answer. The rest are counted, not listed.
+MAX_LISTED_ERRORS = 20
+
+
+def capped(errors: Sequence[dict[str, Any]], total: int | None = None) -> list[dict[str, Any]]:
+    """The first MAX_LISTED_ERRORS of pydantic-style errors (type, loc, msg), and one more that
+    counts the rest of `total` (default: all of `errors`); a list capped already stays."""
+    if errors and errors[-1]["type"] == "too_many_errors":
+        return list(errors)
+    total = len(errors) if total is None else total
+    listed = list(errors[:MAX_LISTED_ERRORS])
+    if total > len(listed):
+        more = total - len(listed)
+        listed.append(
+            {
+                "type": "too_many_errors",
+                "loc": ("body",),
+                "msg": f"{more} more error{'s' if more > 1 else ''} like these not listed",
+            }
+        )
+    return listed
+
+
 class InvalidInput(ServiceError):
     type = "validation-error"
     title = "The request is not valid"

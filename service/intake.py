@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import pickle
 import signal
 import socket
@@ -32,14 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from service.errors import InvalidInput, NotReady
-from service.schemas import FitRequest
+from service.errors import MAX_LISTED_ERRORS, InvalidInput, NotReady, capped
+from service.schemas import Finite, FitRequest
 from service.settings import Settings
 from service.turns import give_way
 from service.worker import Samples, lower_priority, name_process
 
+_FINITE: TypeAdapter[float] = TypeAdapter(Finite)
 log = logging.getLogger("sgd_service")
 
 _END = 0  # the frame length that ends a body
@@ -102,10 +104,55 @@ class Refused:
 Reply = Accepted | Refused
 
 
+def _flood(doc: Any) -> list[dict[str, Any]] | None:
+    """The listed errors of a body whose x and y hold more than MAX_LISTED_ERRORS values that
+    are no finite numbers (a body of nulls), found without validating the rest: pydantic would
+    build an error for every one of them. None for any other body."""
+    if not isinstance(doc, dict):
+        return None
+    bad: list[tuple[str, int, Any]] = []
+    total = 0
+    for name in ("x", "y"):
+        values = doc.get(name)
+        if not isinstance(values, list) or len(values) <= MAX_LISTED_ERRORS:
+            continue
+        try:
+            array("d", values)  # at C speed: a list of numbers (true is one) passes
+            continue
+        except TypeError:
+            pass
+        for i, v in enumerate(values):
+            if not _number(v):
+                total += 1
+                if len(bad) < MAX_LISTED_ERRORS:
+                    bad.append((name, i, v))
+    if total <= MAX_LISTED_ERRORS:
+        return None
+    errors = []
+    for name, i, v in bad:
+        try:
+            _FINITE.validate_python(v)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            errors.append({"type": err["type"], "loc": ("body", name, i), "msg": err["msg"]})
+    return capped(errors, total)
+
+
+def _number(v: Any) -> bool:
+    """A finite JSON number, as FitRequest takes it (an int of any size is left to pydantic)."""
+    if type(v) is float:
+        return math.isfinite(v)
+    return type(v) is int
+
+
 def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
     """Parse and check one fit body, as FastAPI and the route did in the server."""
     try:
-        req = FitRequest.model_validate(orjson.loads(body), from_attributes=True)
+        doc = orjson.loads(body)
+        flood = _flood(doc)
+        if flood is not None:
+            return Refused("invalid", (flood,))
+        req = FitRequest.model_validate(doc, from_attributes=True)
     except (orjson.JSONDecodeError, ValidationError):
         try:
             parsed = json.loads(body)
@@ -113,6 +160,9 @@ def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
             return Refused("json", (e.msg, e.pos))
         except Exception:
             return Refused("unreadable", ())
+        flood = _flood(parsed)
+        if flood is not None:
+            return Refused("invalid", (flood,))
         try:
             # as FastAPI validates a body: from_attributes, which names the error of a
             # body that is not an object
@@ -122,7 +172,7 @@ def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
                 {"type": err["type"], "loc": ("body", *err["loc"]), "msg": err["msg"]}
                 for err in e.errors(include_url=False)
             ]
-            return Refused("invalid", (errors,))
+            return Refused("invalid", (capped(errors),))
     return checked(req, settings, digest)
 
 

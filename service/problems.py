@@ -21,6 +21,7 @@ from service.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceError,
+    capped,
 )
 from service.schemas import Problem
 
@@ -111,7 +112,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        errors = [_issue(e) for e in exc.errors()]
+        errors = [_issue(e) for e in capped(exc.errors())]
         fields = ", ".join(sorted({e["field"] for e in errors}))
         detail = f"fix these fields and retry: {fields}"
         return problem_response(InvalidInput(detail, errors))
