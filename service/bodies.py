@@ -11,8 +11,10 @@ value), and refuse it as soon as it holds more than the route can take:
 - POST /predict hands the body (at most SGD_MAX_PREDICT_BATCH numbers, which its body limit
   also bounds) to FastAPI, which parses it as before.
 
-Everything else is FastAPI's: a body that is not JSON (by its Content-Type) goes to FastAPI
-untouched, and the answers to bad bodies are the ones FastAPI gave.
+Everything else is FastAPI's, and the answers to bad bodies are the ones FastAPI gave. A body
+that is not JSON (by its Content-Type) is refused by FastAPI whatever it holds, so it gets
+only its first chunk: the rest is never read (and on POST /fit, a caller without the token is
+refused before even that).
 """
 
 import email.message
@@ -63,6 +65,18 @@ def _is_json(request: Request, strict: bool) -> bool:
     )
 
 
+async def _first(request: Request) -> _Received:
+    """The request with its body's first chunk as its whole body: FastAPI refuses a body that
+    is not JSON for being there, not for what it holds, so the rest is not worth reading."""
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                return _Received(request.scope, request.receive, chunk)
+    except ClientDisconnect as e:
+        raise HTTPException(status_code=400, detail="There was an error parsing the body") from e
+    return _Received(request.scope, request.receive, b"")
+
+
 async def _counted(request: Request, most: int, refusal: InvalidInput) -> list[bytes]:
     """The body's chunks, as they arrived; raises `refusal` once it holds over `most` values."""
     chunks, values = [], 1
@@ -87,13 +101,18 @@ class _CountedRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             state = request.scope.get("state") or {}
-            if "intake" not in state or not _is_json(request, strict):
-                # not JSON: FastAPI refuses it as it always did; no lifespan (an app under
-                # test that never started): FastAPI's own reading, nothing to count against
+            if "intake" not in state:
+                # no lifespan (an app under test that never started): FastAPI's own reading
                 return await handle(request)
+            await self.before_body(request, state["settings"])
+            if not _is_json(request, strict):  # FastAPI refuses it as it always did
+                return await handle(await _first(request))
             return await self.received(request, state["settings"], handle)
 
         return route
+
+    async def before_body(self, request: Request, settings: Settings) -> None:
+        """What is checked before any of the body is read."""
 
     async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
         raise NotImplementedError
@@ -102,9 +121,11 @@ class _CountedRoute(APIRoute):
 class FitRoute(_CountedRoute):
     """POST /fit: the token first, then the body's count, then the intake process's checks."""
 
-    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
-        # before the body: a caller without the token cannot make the server read 64 MiB
+    async def before_body(self, request: Request, settings: Settings) -> None:
+        # a caller without the token cannot make the server read 64 MiB, whatever its type
         await require_token(settings, request.headers.get("authorization"))
+
+    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
         most = settings.max_samples
         refusal = InvalidInput(
             f"the body holds more than {2 * most + OTHER_VALUES:,} values; x and y take at "
