@@ -679,13 +679,14 @@ class RedisStore:
     def succeed_job(self, job_id: str, report: FitReport, attempt: int | None = None) -> Job:
         """End the job and keep its model as the next version, served as the job's `publish`
         says, in one transaction that also watches the version counter (versions are numbered
-        in order) and the served model (what "if_better" compared against is still served)."""
+        in order), the served model (what "if_better" compared against is still served) and the
+        kept versions, the oldest of which it evicts: nobody sees more than keep_versions."""
         job_key, served_key = self._key("job", job_id), self._key("served")
-        counter_key = self._key("version")
+        counter_key, versions_key = self._key("version"), self._key("versions")
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(job_key, counter_key, served_key)
+                    pipe.watch(job_key, counter_key, served_key, versions_key)
                     doc = pipe.hget(job_key, "doc")
                     if doc is None:
                         raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
@@ -701,13 +702,20 @@ class RedisStore:
                     serve, why_not = publication(job, report, current)
                     result = result_of(model, report, serve, why_not)
                     model_doc = model.model_dump_json()
+                    kept = [int(v) for v in pipe.zrange(versions_key, 0, -1)] + [model.version]
+                    served = model.version if serve else current.version if current else None
+                    excess = max(0, len(kept) - self._retention()[1])
+                    old = [v for v in kept if v != served][:excess]
                     pipe.multi()
                     job = self._finish(
                         pipe, job, JobStatus.succeeded, None, result=result, at=ended
                     )
                     pipe.set(counter_key, model.version)
                     pipe.hset(self._key("models"), str(model.version), model_doc)
-                    pipe.zadd(self._key("versions"), {str(model.version): model.version})
+                    pipe.zadd(versions_key, {str(model.version): model.version})
+                    if old:
+                        pipe.hdel(self._key("models"), *map(str, old))
+                        pipe.zrem(versions_key, *map(str, old))
                     if serve:
                         pipe.set(served_key, model_doc)
                         pipe.publish(self._channels + "served", str(model.version))
@@ -718,7 +726,6 @@ class RedisStore:
         if serve:
             self._adopt(model_doc.encode())
         self._evict()
-        self._evict_versions()
         return job
 
     # -- model versions --------------------------------------------------------------------
@@ -761,20 +768,6 @@ class RedisStore:
                     pipe.reset()
         self._adopt(doc)
         return Model.model_validate_json(doc)
-
-    def _evict_versions(self) -> None:
-        """Forget the oldest versions beyond keep_versions, never the served one."""
-        kept = [int(v) for v in self.redis.zrange(self._key("versions"), 0, -1)]
-        keep_versions = self._retention()[1]
-        if len(kept) <= keep_versions:
-            return
-        served_doc = self.redis.get(self._key("served"))
-        served = None if served_doc is None else Model.model_validate_json(served_doc).version
-        old = [v for v in kept if v != served][: len(kept) - keep_versions]
-        pipe = self.redis.pipeline()
-        pipe.hdel(self._key("models"), *map(str, old))
-        pipe.zrem(self._key("versions"), *map(str, old))
-        pipe.execute()
 
     @_available
     def end_job(
