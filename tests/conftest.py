@@ -446,6 +446,7 @@ def fleet(
 FIRST = (
     "tests/test_schemathesis.py",  # 159
     "tests/test_scaleout.py",  # 104
+    "tests/test_redis_faults.py",  # 90
     "tests/test_browser.py",  # 92
     "tests/test_load.py",  # 57
     "tests/test_faults.py",  # 52
@@ -454,6 +455,7 @@ FIRST = (
     "tests/test_views.py",  # 37
     "tests/test_heavy.py",  # 37
     "tests/test_oip.py",  # 26
+    "tests/test_hostile.py",  # 20
     "tests/test_shutdown.py",  # 21
     "tests/test_cli.py",  # 18
     "tests/test_middleware.py",  # 17
