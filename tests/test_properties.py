@@ -199,6 +199,10 @@ def test_full_batch_losses_are_never_negative_and_match_the_reference(
     except Diverged:
         return  # too large a step for this data: the guard's business, not this test's
     assert min(fast[2]) >= 0
-    # The standard of the trajectories: relative to the largest (the first epoch's) loss.
+    # The standard of the trajectories: relative to the largest (the first epoch's) loss, and
+    # 1e-18 absolute, for a fit that starts on the line (a first loss of 1e-14, where the two
+    # engines' rounding, 1e-22, is already 1e-8 of it).
     for col_fast, col_ref in zip(fast, ref, strict=True):
-        assert training.rel_diff(col_fast, col_ref) < 1e-9
+        scale = max(map(abs, col_ref), default=0.0)
+        diff = max((abs(u - v) for u, v in zip(col_fast, col_ref, strict=True)), default=0.0)
+        assert diff <= 1e-9 * scale + 1e-18, training.rel_diff(col_fast, col_ref)
