@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from service import training
@@ -188,6 +188,23 @@ def exact_line(draw: st.DrawFn) -> tuple[list[float], list[float], training.FitP
 
 @settings(max_examples=300, deadline=None)
 @given(case=exact_line())
+# found by Hypothesis: a first loss of 1.4e-14; a loss of 0 from the start, b moving by 3e-16
+@example(
+    case=(
+        [2.0],
+        [2.0000001192092896],
+        training.FitParams(epochs=500, learning_rate=0.003, init_w=1.0, batch_size=None),
+    )
+)
+@example(
+    case=(
+        [3.0],
+        [4.5],
+        training.FitParams(
+            epochs=500, learning_rate=0.003, init_w=1.5, batch_size=None, fit_intercept=True
+        ),
+    )
+)
 def test_full_batch_losses_are_never_negative_and_match_the_reference(
     case: tuple[list[float], list[float], training.FitParams],
 ) -> None:
@@ -199,10 +216,9 @@ def test_full_batch_losses_are_never_negative_and_match_the_reference(
     except Diverged:
         return  # too large a step for this data: the guard's business, not this test's
     assert min(fast[2]) >= 0
-    # The standard of the trajectories: relative to the largest (the first epoch's) loss, and
+    # The standard of the trajectories: relative to the largest (the first epoch's) loss, or
     # 1e-18 absolute, for a fit that starts on the line (a first loss of 1e-14, where the two
     # engines' rounding, 1e-22, is already 1e-8 of it).
     for col_fast, col_ref in zip(fast, ref, strict=True):
-        scale = max(map(abs, col_ref), default=0.0)
         diff = max((abs(u - v) for u, v in zip(col_fast, col_ref, strict=True)), default=0.0)
-        assert diff <= 1e-9 * scale + 1e-18, training.rel_diff(col_fast, col_ref)
+        assert training.rel_diff(col_fast, col_ref) < 1e-9 or diff <= 1e-18
