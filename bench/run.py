@@ -408,6 +408,23 @@ def redis_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def ms_best(figure: dict[str, float], scale: float = 1e3) -> str:
+    """Seconds (or, with scale 1, milliseconds): the median, and the best beside it."""
+    return f"{fmt(figure['median'] * scale, ' ms')} (best {fmt(figure['best'] * scale, ' ms')})"
+
+
+def ratio_spread(figure: dict[str, Any], of_best: float | None = None) -> str:
+    text = f"{figure['median']:.2f}x (best {figure['best']:.2f}x, worst {figure['worst']:.2f}x)"
+    return text if of_best is None else f"{text}; best runs {of_best:.2f}x"
+
+
+def ratio_within(measured: dict[str, Any], mark: float) -> tuple[str, str, bool]:
+    """The ratio cells of a row with a mark: met when the median of the per-round ratios and
+    the best-of-runs ratio (the best value over the best baseline) both are within it."""
+    met = measured["ratio"]["median"] <= mark and measured["ratio_of_best"] <= mark
+    return ratio_spread(measured["ratio"], measured["ratio_of_best"]), f"<= {mark:g}x", met
+
+
 def heavy_rows(h: dict[str, Any]) -> list[Row]:
     """Heavy requests beside /predict (issue 13): median, best and worst of the rounds.
 
@@ -415,18 +432,7 @@ def heavy_rows(h: dict[str, Any]) -> list[Row]:
     (the best value over the best baseline) are within its target: neither hides the other.
     """
     a, hist, ld = h["accept"], h["history"], h["load"]
-
-    def ms(figure: dict[str, float], scale: float = 1e3) -> str:
-        return f"{fmt(figure['median'] * scale, ' ms')} (best {fmt(figure['best'] * scale, ' ms')})"
-
-    def ratio(figure: dict[str, Any], of_best: float | None = None) -> str:
-        text = f"{figure['median']:.2f}x (best {figure['best']:.2f}x, worst {figure['worst']:.2f}x)"
-        return text if of_best is None else f"{text}; best runs {of_best:.2f}x"
-
-    def within(measured: dict[str, Any], mark: float) -> tuple[str, str, bool]:
-        """The ratio cells of a row with a mark: met when both measures are within it."""
-        met = measured["ratio"]["median"] <= mark and measured["ratio_of_best"] <= mark
-        return ratio(measured["ratio"], measured["ratio_of_best"]), f"<= {mark:g}x", met
+    ms, within = ms_best, ratio_within
 
     def cost_row(figure: str, value: dict[str, float], base: str, measured: dict[str, Any]) -> Row:
         """A server cost against what the bare library call takes on the same data."""
