@@ -25,6 +25,7 @@ from service.client import (
     Publish,
     SGDClient,
 )
+from service.connections import protocol
 from service.jobs import Runner
 from service.main import create_app
 from service.observability import configure_logging
@@ -118,6 +119,7 @@ def serve(settings: Settings) -> None:
         log_config=None,  # keep configure_logging's JSON lines
         access_log=False,  # RequestObserver writes one structured line per request
         timeout_graceful_shutdown=10,
+        http=protocol(settings),  # a connection cap and read deadlines (service.connections)
         lifespan="on",  # the app's state, the runner that DrainingServer drains included
     )
     server = DrainingServer(config, settings.drain_seconds)

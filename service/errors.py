@@ -204,6 +204,30 @@ class Unauthorized(ServiceError):
         self.headers["WWW-Authenticate"] = 'Bearer realm="sgd-service"'
 
 
+class MalformedRequest(ServiceError):
+    """What uvicorn's HTTP parser refused: the request never reached the app."""
+
+    type = "malformed-request"
+    title = "Not a valid HTTP/1.1 request"
+    status = 400
+
+
+class RequestTimeout(ServiceError):
+    type = "request-timeout"
+    title = "The request took too long to arrive"
+    status = 408
+
+
+class TooManyConnections(ServiceError):
+    type = "too-many-connections"
+    title = "The service holds as many connections as it takes"
+    status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = "1"
+
+
 class Diverged(ServiceError):
     """Raised by the engine when the loss or a parameter stops being a finite number."""
 

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     # segment, as Triton and KServe name models.
     model_name: str = Field(default="sgd", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+    # Connections (service.connections): past this many open ones a new one gets a 503; a
+    # request's headers must arrive within header_timeout, its body within body_timeout.
+    max_connections: int = Field(default=2048, ge=1, le=1_000_000)
+    header_timeout: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout: float = Field(default=60.0, gt=0, le=3600)
+
     api_token: SecretStr | None = None
     # The Host header values answered (anything else is a 400): a page on another site that
     # the user visits cannot reach a service on loopback by DNS rebinding. Comma-separated
