@@ -90,7 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(views.router)
     app.include_router(oip.router)
-    app.add_middleware(SecurityHeaders, docs_paths=DOCS_PATHS)  # behind /predict's fast path
     app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
     app.add_middleware(
         BodyLimit,
@@ -99,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(AllowedHosts, hosts=settings.allowed_hosts)
     app.add_middleware(oip.ProtocolErrors)  # /v2's errors, the two above's too, as {"error"}
+    app.add_middleware(SecurityHeaders, docs_paths=DOCS_PATHS)  # on every answer
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: sees every answer
 
     def openapi() -> dict[str, Any]:

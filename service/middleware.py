@@ -1,5 +1,7 @@
 """Pure ASGI middleware: the Host check, security headers, and the request body limit."""
 
+import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -9,12 +11,14 @@ from service.problems import problem_response
 
 
 class AllowedHosts:
-    """Answer 400 problem+json to a request whose Host header names no allowed host.
+    """Answer 400 problem+json to a request without exactly one well-formed Host header naming
+    an allowed host.
 
-    Starlette's TrustedHostMiddleware does this check but answers in plain text, and it cuts
-    the host at the first colon, so "[::1]:8000" never matches "::1". Here the port is cut at
-    the last colon after an IPv6 literal's closing bracket. It reads one header: /predict's
-    fast path behind it keeps its pace.
+    Starlette's TrustedHostMiddleware does this check but answers in plain text, cuts the host
+    at the first colon (so "[::1]:8000" never matches "::1") and reads the first of two Host
+    headers. Here a Host is exactly `name[:port]` or `[IPv6]:port` (RFC 9112 answers two Host
+    headers, or one that is not, with 400) and the name is matched in full. It reads the
+    headers once: /predict's fast path behind it keeps its pace.
     """
 
     def __init__(self, app: ASGIApp, hosts: Iterable[str]) -> None:
@@ -26,28 +30,52 @@ class AllowedHosts:
         self.allowed = ", ".join(sorted(names))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.any or scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        host = next((v for k, v in scope["headers"] if k == b"host"), b"")
-        name = _host_name(host.lower())
-        if name in self.exact or (self.suffixes and name.endswith(self.suffixes)):
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        name = host_name(hosts[0].lower()) if len(hosts) == 1 else None
+        if name is not None and (
+            self.any or name in self.exact or (self.suffixes and name.endswith(self.suffixes))
+        ):
             await self.app(scope, receive, send)
             return
-        shown = host.decode("latin-1")[:100]
-        error = HostNotAllowed(
+        await problem_response(self._refusal(hosts, name))(scope, receive, send)
+
+    def _refusal(self, hosts: list[bytes], name: bytes | None) -> HostNotAllowed:
+        if len(hosts) != 1:
+            return HostNotAllowed(
+                f"a request carries exactly one Host header, not {len(hosts)}: send one"
+            )
+        shown = hosts[0].decode("latin-1")[:100]
+        if name is None:
+            return HostNotAllowed(
+                f"Host {shown!r} is not a host name or address with an optional port "
+                "(name, name:port, or an IPv6 address in brackets: [::1]:8000)"
+            )
+        return HostNotAllowed(
             f"Host {shown!r} is not one this service answers to ({self.allowed}); "
             "add the name it is reached by to SGD_ALLOWED_HOSTS"
         )
-        await problem_response(error)(scope, receive, send)
 
 
-def _host_name(host: bytes) -> bytes:
-    """b"[::1]:8000" -> b"::1", b"localhost:8000" -> b"localhost", b"example.com" as it is."""
-    if host.startswith(b"["):
-        return host[1 : host.find(b"]")] if b"]" in host else b""
-    name, colon, port = host.rpartition(b":")
-    return name if colon and port.isdigit() else host
+# name[:port] (a DNS name or an IPv4 address: letters, digits, '.', '-', '_') or [IPv6][:port]
+_HOST = re.compile(rb"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::[0-9]{1,5})?")
+
+
+def host_name(host: bytes) -> bytes | None:
+    """b"[::1]:8000" -> b"::1", b"localhost:8000" -> b"localhost", b"example.com" as it is;
+    None for what is not a host with an optional port (b"[::1]evil.com", b"a b", b"::1")."""
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return None
+    if match[1] is None:
+        return match[2]
+    try:
+        ipaddress.IPv6Address(match[1].decode())
+    except ValueError:
+        return None
+    return match[1]
 
 
 # On every answer the FastAPI app gives (/predict's fast path is in front of this layer). The
@@ -71,18 +99,22 @@ SECURITY_HEADERS = [
 
 
 class SecurityHeaders:
-    """Add CSP, X-Frame-Options, X-Content-Type-Options and Referrer-Policy to every answer."""
+    """Add CSP, X-Frame-Options, X-Content-Type-Options and Referrer-Policy to every answer:
+    the outermost layer but the request observer's, so that the Host check's 400, both 413s
+    and /predict's fast path carry them too (service.connections writes them into the answers
+    uvicorn would give before the app)."""
 
     def __init__(self, app: ASGIApp, docs_paths: Iterable[str]) -> None:
         self.app = app
         self.docs_paths = frozenset(docs_paths)
+        self.page = [*SECURITY_HEADERS, (b"content-security-policy", PAGE_CSP.encode())]
+        self.docs = [*SECURITY_HEADERS, (b"content-security-policy", DOCS_CSP.encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        csp = DOCS_CSP if scope["path"] in self.docs_paths else PAGE_CSP
-        headers = [*SECURITY_HEADERS, (b"content-security-policy", csp.encode())]
+        headers = self.docs if scope["path"] in self.docs_paths else self.page
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -59,7 +59,7 @@ def _problem(answer: bytes, status: int, kind: str) -> dict[str, object]:
     assert headers[b"connection"] == b"close"
     assert headers[b"x-content-type-options"] == b"nosniff"
     assert b"frame-ancestors 'none'" in headers[b"content-security-policy"]
-    problem = json.loads(body)
+    problem: dict[str, object] = json.loads(body)
     assert problem["type"] == kind, problem
     assert problem["status"] == status, problem
     return problem

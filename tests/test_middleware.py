@@ -50,7 +50,7 @@ def test_the_loopback_names_are_answered(default_server: Server, host: str) -> N
 
 @pytest.mark.parametrize(
     "host",
-    ["rebound.example", "rebound.example:{port}", "localhost.rebound.example", "[::1", "::1"],
+    ["rebound.example", "rebound.example:{port}", "localhost.rebound.example", "127.0.0.2"],
 )
 def test_any_other_host_gets_a_problem(default_server: Server, host: str) -> None:
     """A page on another site, its name rebound to 127.0.0.1, reads and changes nothing."""
@@ -70,6 +70,55 @@ def test_any_other_host_gets_a_problem(default_server: Server, host: str) -> Non
             assert problem["status"] == 400
             assert "SGD_ALLOWED_HOSTS" in problem["detail"]
         assert http.get("/jobs").json()["jobs"][0]["n_samples"] == 3  # no fit was started
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::1]evil.com",  # before: answered, the text after the bracket ignored
+        "[::1]:{port}evil.com",
+        "[::1]:{port}:{port}",
+        "localhost:{port}:{port}",
+        "localhost:",
+        "localhost:port",
+        "local host",
+        "[localhost]",  # brackets only around an IPv6 address
+        "[::1::1]",
+        "127.0.0.1@evil.com",
+        "[::1",
+        "::1",  # an IPv6 address without its brackets
+    ],
+)
+def test_a_host_that_is_not_a_name_with_a_port_gets_a_problem(
+    default_server: Server, host: str
+) -> None:
+    headers = {"Host": host.format(port=port(default_server))}
+    with default_server.client() as http:
+        for path in ("/predict?hours=4", "/model"):
+            r = http.get(path, headers=headers)
+            assert r.status_code == 400, (host, path)
+            assert r.json()["type"] == "host-not-allowed"
+
+
+def _raw(srv: Server, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", int(port(srv))), TIMEOUT) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("path", [b"/predict?hours=4", b"/model"])
+def test_two_host_headers_get_a_problem(default_server: Server, path: bytes) -> None:
+    """Before: the first of two Host headers won; RFC 9112 answers 400."""
+    answer = _raw(
+        default_server,
+        b"GET %s HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
+        b"Connection: close\r\n\r\n" % path,
+    )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert b"exactly one Host header, not 2" in answer
 
 
 def test_a_request_without_host_gets_a_problem(default_server: Server) -> None:
@@ -147,6 +196,26 @@ def test_the_page_has_no_inline_script_or_style(client: TestClient) -> None:
     assert "<script src=" in html
     assert " style=" not in html
     assert "<style" not in html
+
+
+def test_every_answer_carries_them(default_server: Server) -> None:
+    """Before: the Host check's 400, both 413s and the fast path's answers went without them
+    (the header layer sat inside the others)."""
+    big = b"0" * (65 * 1024 * 1024)
+    with default_server.client() as http:
+        answers = {
+            "fast path": http.get("/predict?hours=4"),
+            "host 400": http.get("/model", headers={"Host": "rebound.example"}),
+            "host 400, fast path": http.get("/predict?hours=4", headers={"Host": "x.example"}),
+            "413 by length": http.post("/fit", content=big),
+            "413 streamed": http.post("/fit", content=iter([big])),
+        }
+    assert answers["fast path"].status_code == 200
+    for name, r in answers.items():
+        assert r.headers.get("x-content-type-options") == "nosniff", name
+        assert r.headers.get("content-security-policy") == PAGE_CSP, name
+        assert r.headers.get("x-frame-options") == "DENY", name
+        assert r.headers.get("referrer-policy") == "no-referrer", name
 
 
 def test_the_real_server_sends_them_too(default_server: Server) -> None:
