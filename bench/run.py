@@ -5,9 +5,11 @@ bench/results/. Ratios are taken within one run, back to back, so a busy machine
 and baseline together; each load ratio is the median of 7 rounds, printed with its range.
 Takes about 8 minutes on 2 cores (plus installing wrk and redis-server once); the Redis-mode
 rows (`--only redis`, bench/scaleout.py) about 3.5 of them, on a redis-server of their own; the
-heavy-request rows (`--only heavy`, bench/heavy.py) about 3.5 more.
+heavy-request rows (`--only heavy`, bench/heavy.py) about 3.5 more; the hostile callers' rows
+(`--only hostile`, bench/hostile.py) about 5 more.
 
-    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy] [--seconds 6] [--rounds 7]
+    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile] [--seconds 6]
+        [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
 """
 
@@ -27,6 +29,7 @@ sys.path.insert(0, str(BENCH))
 
 import engine  # noqa: E402
 import heavy  # noqa: E402
+import hostile  # noqa: E402
 import load  # noqa: E402
 import scaleout  # noqa: E402
 import serving  # noqa: E402
@@ -521,6 +524,105 @@ def heavy_rows(h: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def hostile_rows(h: dict[str, Any]) -> list[Row]:
+    """Hostile callers beside /predict (issue 26), each against /predict idle in its round."""
+    idle = f"idle {ms_best(h['idle_p99_ms'], 1)}"
+    fit, st, inf, nul = h["fit"], h["streams"], h["infer"], h["nulls"]
+    subs = st["subscriptions"]
+
+    def p99_row(figure: str, run: dict[str, Any]) -> Row:
+        return (figure, ms_best(run["p99_ms"], 1), idle, *ratio_within(run, 1.5))
+
+    def span(figure: dict[str, int]) -> str:
+        low, high = figure["min"], figure["max"]
+        return str(low) if low == high else f"{low}-{high}"
+
+    def client_row(run: dict[str, Any]) -> Row:
+        c = run["client"]
+        got = ", ".join(f"{status} x{n}" for status, n in sorted(c["statuses"].items()))
+        return (
+            "  the client's answers (all rounds), wrk failures",
+            f"{got}, {fmt(c['median_seconds'] * 1e3, ' ms')} each; wrk {run['wrk_failed']}",
+            "",
+            "",
+            f"{c['expected_status']} only, 0",
+            c["unexpected"] == 0 and run["wrk_failed"] == 0,
+        )
+
+    jobs = h["jobs_watched"]
+    refused = {s: n for s, n in subs["statuses"].items() if s != "200"}
+    return [
+        p99_row(
+            f"GET /predict p99 beside {h['subscribers']:,} event-stream subscribers "
+            f"({jobs} jobs: 1 running, {jobs - 1} queued)",
+            st,
+        ),
+        (
+            "  subscriptions per round: 200 / refused (429, 503) / closed by the server",
+            f"{span(subs['accepted'])} / {span(subs['refused'])} / "
+            f"{span(subs['closed_by_server'])}",
+            f"all rounds: {refused or 'none other than 200'}",
+            f"{span(subs['with_progress'])} streams got progress events "
+            f"({subs['progress_events']} in all); opened in "
+            f"{ms_best(subs['opening_seconds'])}",
+            "reported",
+            None,
+        ),
+        (
+            "  same, against the same fits with no subscriber (their own share)",
+            ms_best(st["p99_ms"], 1),
+            f"fits alone {ms_best(fit['p99_ms'], 1)}",
+            ratio_spread(st["ratio_to_fit"], st["ratio_of_best_to_fit"]),
+            "reported",
+            None,
+        ),
+        (
+            "  the fits alone (1 running, the rest queued), no subscriber",
+            ms_best(fit["p99_ms"], 1),
+            idle,
+            ratio_spread(fit["ratio"], fit["ratio_of_best"]),
+            "reported",
+            None,
+        ),
+        (
+            "  wrk failures beside the subscribers, and beside the fits alone",
+            f"{st['wrk_failed']}, {fit['wrk_failed']}",
+            "",
+            "",
+            "0",
+            st["wrk_failed"] + fit["wrk_failed"] == 0,
+        ),
+        (
+            "  the fit still running and the rest queued when each load ended",
+            "yes" if subs["fits_still_waiting"] else "no",
+            "",
+            "",
+            "yes",
+            subs["fits_still_waiting"],
+        ),
+        p99_row(
+            f"GET /predict p99 beside one client looping {h['infer_body']['values']:,}-value "
+            f"/v2 infers ({h['infer_body']['bytes'] / 2**10:,.0f} KiB)",
+            inf,
+        ),
+        client_row(inf),
+        p99_row(
+            f"GET /predict p99 beside one client looping POST /fit of "
+            f"{h['nulls_body']['nulls']:,} nulls ({h['nulls_body']['bytes'] / 2**20:.1f} MiB)",
+            nul,
+        ),
+        client_row(nul),
+        (
+            "  machine CPU used by other processes in load runs",
+            f"{h['others_cpu_fraction']['median']:.0%}",
+            f"max {h['others_cpu_fraction']['max']:.0%}",
+            "",
+            "~0% for trusted ratios",
+            None,
+        ),
+    ]
+
+
 def spread(ratios: list[float]) -> str:
     """The median of per-round ratios, and their range: how much the machine moved."""
     return f"{statistics_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -554,7 +656,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--only", choices=["engine", "serving", "redis", "heavy"])
+    parser.add_argument("--only", choices=["engine", "serving", "redis", "heavy", "hostile"])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
     parser.add_argument("--service-pythonpath", help="serve `service` from this directory")
@@ -604,6 +706,19 @@ def main() -> int:
         results["heavy"]["load_generator"] = wrk or "python-asyncio"
         results["heavy"]["elapsed_seconds"] = time.monotonic() - section_started
         rows += heavy_rows(results["heavy"])
+    if args.only in (None, "hostile"):
+        wrk = load.ensure_wrk(log)
+        env = dict(item.split("=", 1) for item in args.service_env)
+        if args.service_pythonpath:
+            env["PYTHONPATH"] = args.service_pythonpath
+        section_started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="sgd-bench-hostile-") as tmp:
+            results["hostile"] = hostile.run_all(
+                log, wrk, Path(tmp), args.seconds, args.rounds, env
+            )
+        results["hostile"]["load_generator"] = wrk or "python-asyncio"
+        results["hostile"]["elapsed_seconds"] = time.monotonic() - section_started
+        rows += hostile_rows(results["hostile"])
     results["elapsed_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
