@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service.changes import Streams
 from service.errors import Unauthorized
 from service.jobs import Runner
 from service.observability import Metrics
@@ -40,6 +41,11 @@ async def get_plotter(request: Request) -> Plotter:
     return plotter
 
 
+async def get_streams(request: Request) -> Streams:
+    streams: Streams = request.state.streams
+    return streams
+
+
 async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.state.metrics
     return metrics
@@ -50,6 +56,7 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PlotterDep = Annotated[Plotter, Depends(get_plotter)]
+StreamsDep = Annotated[Streams, Depends(get_streams)]
 
 
 async def require_token(

@@ -228,6 +228,16 @@ class TooManyConnections(ServiceError):
         self.headers["Retry-After"] = "1"
 
 
+class TooManyStreams(ServiceError):
+    type = "too-many-streams"
+    title = "Too many event streams"
+    status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = "5"
+
+
 class Diverged(ServiceError):
     """Raised by the engine when the loss or a parameter stops being a finite number."""
 

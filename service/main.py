@@ -10,6 +10,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, oip, views
+from service.changes import Streams
 from service.fastpath import FastPredict
 from service.intake import Intake
 from service.jobs import JobRunner, Runner
@@ -36,6 +37,7 @@ class State(TypedDict):
     metrics: Metrics
     intake: Intake
     plotter: Plotter
+    streams: Streams
 
 
 def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "metrics": metrics,
                 "intake": intake,
                 "plotter": plotter,
+                "streams": Streams(settings.max_streams, settings.max_job_streams),
             }
         finally:
             await run_in_threadpool(plotter.close)

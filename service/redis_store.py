@@ -19,7 +19,8 @@ What lives where (every key under SGD_REDIS_PREFIX, `sgd:` by default):
     queue:fits[.msgs] the job library's queue (Dramatiq's Redis layout): message ids, bodies
 
 Channels are server-wide in Redis, so theirs carry the database too: `{prefix}db{n}:served`
-announces each change of the served model, `{prefix}db{n}:ended` each job's end.
+announces each change of the served model, `{prefix}db{n}:ended` each job's end, and
+`{prefix}db{n}:changed` the id of each job written (its event streams read it then).
 
 Every change of a job is a WATCH/MULTI transaction on its hash, so two processes never overwrite
 each other's change, and each is safe to run twice: redis-py sends a command again after a cut
@@ -55,6 +56,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from service.changes import Changes
 from service.errors import (
     Fenced,
     HistoryNotFound,
@@ -180,6 +182,7 @@ class RedisStore:
         # Why Redis cannot take work now (unreachable, or refusing writes); None when it can.
         self.problem: str | None = "Redis has not answered yet"
         self._closed = threading.Event()
+        self.changes = Changes()  # told by the watcher, from the `changed` channel
         self._watcher: threading.Thread | None = None
         if watch:
             self._watcher = threading.Thread(target=self._watch, name="sgd-served", daemon=True)
@@ -244,7 +247,8 @@ class RedisStore:
         while not self._closed.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self._channels + "served", self._channels + "ended")
+                pubsub.subscribe(*(self._channels + c for c in ("served", "ended", "changed")))
+                self.changes.changed()  # what changed unheard meanwhile is read again
                 self.refresh()
                 if not announced:
                     self.check_config()
@@ -254,10 +258,12 @@ class RedisStore:
                 last = probed = time.monotonic()
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=RECHECK_SECONDS / 2)
-                    if msg is not None and msg["channel"].endswith(b":ended"):
+                    channel = b"" if msg is None else msg["channel"]
+                    if channel.endswith(b":changed"):
+                        self.changes.changed(msg["data"].decode())
+                    elif channel.endswith(b":ended"):
                         self._ended(msg["data"])
-                        continue
-                    if msg is not None or time.monotonic() - last >= RECHECK_SECONDS:
+                    if channel.endswith(b":served") or time.monotonic() - last >= RECHECK_SECONDS:
                         self.refresh()
                         last = time.monotonic()
                     if time.monotonic() - probed >= PROBE_SECONDS:
@@ -507,6 +513,7 @@ class RedisStore:
         if not pipe.explicit_transaction:
             pipe.multi()
         pipe.hset(self._key("job", job.id), "doc", job.model_dump_json())
+        pipe.publish(self._channels + "changed", job.id)  # in the transaction: after it lands
         return job
 
     def _clear_history(self, pipe: Pipeline, job_id: str) -> None:
@@ -851,6 +858,7 @@ class RedisStore:
             pipe.zrem(self._key("ended"), job_id)
             if idem is not None:
                 pipe.delete(self._key("idem", idem.decode()))
+            pipe.publish(self._channels + "changed", job_id)
             pipe.execute()
 
     # -- the reconciler's view and repairs -------------------------------------------------

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # the worker takes the next fit. No fit within the default limits comes near it here.
     job_timeout: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     history_max_points: int = Field(default=10_000, ge=2, le=1_000_000)
+    # Event streams (GET /jobs/{id}/events) a replica holds, in all and per job; more get 503.
+    max_streams: int = Field(default=1000, ge=1, le=1_000_000)
+    max_job_streams: int = Field(default=100, ge=1, le=1_000_000)
 
     # The model's name in the Open Inference Protocol's paths (/v2/models/{name}): one URL
     # segment, as Triton and KServe name models.

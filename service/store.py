@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from service.changes import Changes
 from service.errors import (
     HistoryNotFound,
     IdempotencyKeyReused,
@@ -120,6 +121,10 @@ class Store(Protocol):
         """Why this process cannot know whether a model is served (a shared store it has never
         read), or None."""
 
+    @property
+    def changes(self) -> Changes:
+        """Told of every change of a job (its status, progress, history, eviction)."""
+
     def create_job(
         self,
         params: JobParams,
@@ -209,6 +214,7 @@ class MemoryStore:
         self._idempotency: dict[str, tuple[str, str]] = {}  # key -> (body fingerprint, job id)
         self._latest_started: str | None = None
         self._model: Model | None = None
+        self.changes = Changes()
 
     @property
     def model(self) -> Model | None:
@@ -396,6 +402,7 @@ class MemoryStore:
     def _replace(self, job: Job, **changes: Any) -> Job:
         job = job.model_copy(update=changes)
         self._jobs[job.id] = job
+        self.changes.changed(job.id)
         return job
 
     def _evict(self) -> None:
@@ -410,6 +417,7 @@ class MemoryStore:
             del self._ended[job_id]
             del self._jobs[job_id]
             self._histories.pop(job_id, None)
+            self.changes.changed(job_id)
         live = set(self._jobs)
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
         served_version = self._model.version if self._model else None

@@ -15,8 +15,9 @@ from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import PlotterDep, StoreDep
-from service.errors import AssetNotFound, ServiceError
+from service.changes import Streams
+from service.deps import PlotterDep, StoreDep, StreamsDep
+from service.errors import AssetNotFound, ServiceError, TooManyStreams
 from service.problems import problems
 from service.schemas import History, Job, ProgressEvent
 from service.store import Store
@@ -31,9 +32,6 @@ IMAGE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 # before the largest float, and a loss of exactly 0 has no logarithm (see _log_losses).
 LOG_FLOOR, LOG_CEILING = 1e-100, 1e100
 
-# The event stream polls the store (the worker writes into it about every 50 ms): one event per
-# poll at most bounds the rate at about 20 per second, whatever the fit's speed.
-EVENT_INTERVAL = 0.05
 # Progress events carry the epochs of a fixed grid (every `stride`-th epoch, at most this many
 # points per job, plus the last one), so a resumed stream continues exactly where it stopped.
 EVENT_POINTS = 1_000
@@ -232,6 +230,7 @@ def _event_schema() -> dict[str, Any]:
 async def job_events(
     job_id: str,
     store: StoreDep,
+    streams: StreamsDep,
     last_event_id: Annotated[
         str | None, Header(pattern=EVENT_ID_PATTERN, include_in_schema=False)
     ] = None,
@@ -242,8 +241,9 @@ async def job_events(
         return Response(status_code=204)  # tells an EventSource to stop reconnecting
     # A progress event's id is the epoch after its last point: where a resumed stream starts.
     resume = 0 if last_event_id is None else int(last_event_id)
+    streams.check(job.id)  # 503 before the answer starts; the stream takes its place
     return StreamingResponse(
-        _event_stream(store, job, resume),
+        _event_stream(store, streams, job, resume),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -253,14 +253,27 @@ def _sse(event: str, data: str, event_id: str) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(store: Store, job: Job, resume: int) -> AsyncIterator[str]:
-    """Poll the store: at most one progress event per poll, then the end event."""
+async def _event_stream(
+    store: Store, streams: Streams, job: Job, resume: int
+) -> AsyncIterator[str]:
+    """Read the store whenever the job has changed: one progress event per read at most, then
+    the end event. In between it waits on the store's notice, not on a timer."""
+    try:
+        with streams.admit(job.id), store.changes.watch(job.id) as changed:
+            yield f"retry: {RETRY_MS}\n\n"
+            async for event in _events(store, streams, changed, job, resume):
+                yield event
+    except TooManyStreams as exc:  # the last places went between the check and this start
+        yield _sse("problem", json.dumps(exc.problem()), END_ID)
+
+
+async def _events(
+    store: Store, streams: Streams, changed: asyncio.Event, job: Job, resume: int
+) -> AsyncIterator[str]:
     stride = max(1, -(-job.params.epochs // EVENT_POINTS))
-    loop = asyncio.get_running_loop()
     next_epoch = resume
-    quiet_since = loop.time()
-    yield f"retry: {RETRY_MS}\n\n"
     while True:
+        changed.clear()  # a change from now on is read on the next turn
         try:
             # The job first: once it has ended, its history is complete.
             job, points = await run_in_threadpool(_poll, store, job.id, stride, next_epoch)
@@ -270,14 +283,15 @@ async def _event_stream(store: Store, job: Job, resume: int) -> AsyncIterator[st
         if points is not None:
             next_epoch = points.epoch[-1] + 1
             yield _sse("progress", points.model_dump_json(), str(next_epoch))
-            quiet_since = loop.time()
         if job.status.ended:
             yield _sse("end", job.model_dump_json(), END_ID)
             return
-        if loop.time() - quiet_since > KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"  # keeps proxies and read timeouts from closing a quiet stream
-            quiet_since = loop.time()
-        await asyncio.sleep(EVENT_INTERVAL)
+        while not changed.is_set():
+            try:
+                await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
+            except TimeoutError:  # keeps proxies and read timeouts from closing the stream
+                yield ": keep-alive\n\n"
+        await asyncio.sleep(streams.pause())  # bounds the reads, of one and of all
 
 
 def _poll(store: Store, job_id: str, stride: int, start: int) -> tuple[Job, ProgressEvent | None]:
