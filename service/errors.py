@@ -238,6 +238,12 @@ class TooManyStreams(ServiceError):
         self.headers["Retry-After"] = "5"
 
 
+class TooManyPlots(ServiceError):
+    type = "too-many-plots"
+    title = "Too many plots to draw"
+    status = 503
+
+
 class Diverged(ServiceError):
     """Raised by the engine when the loss or a parameter stops being a finite number."""
 

@@ -13,10 +13,11 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Awaitable
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from service.errors import NotReady
+from service.errors import NotReady, TooManyPlots
 from service.schemas import History
 from service.worker import lower_priority, name_process
 
@@ -45,6 +46,9 @@ def _draw(history: History, image_format: str, log_scale: bool) -> bytes:
 
 
 PARENT_POLL_SECONDS = 0.5
+# Drawings that may wait for the plotting process or run (30-100 ms each): a caller past them
+# would wait seconds, and abandoned requests used to keep it drawing for nobody.
+MAX_WAITING = 4
 
 
 class Plotter:
@@ -54,6 +58,7 @@ class Plotter:
         self._priority = (nice, sched_idle)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._waiting = 0  # drawings submitted and not done
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -66,14 +71,32 @@ class Plotter:
                 )
             return self._pool
 
-    async def draw(self, history: History, image_format: str, log_scale: bool) -> bytes:
-        """The image; if the process died (OOM, kill -9) a new one draws it, and only if that
-        one dies too is the answer a 503."""
+    async def draw(
+        self, history: History, image_format: str, log_scale: bool, gone: Awaitable[None]
+    ) -> bytes | None:
+        """The image, or None if the caller left first (`gone` is done): a drawing not begun
+        yet is then dropped. At most MAX_WAITING drawings wait or run; another is a 503. If
+        the process died (OOM, kill -9) a new one draws it; only if that one dies too is the
+        answer a 503."""
+        leaving = asyncio.ensure_future(gone)
+        try:
+            return await self._draw(history, image_format, log_scale, leaving)
+        finally:
+            leaving.cancel()
+
+    async def _draw(
+        self, history: History, image_format: str, log_scale: bool, leaving: asyncio.Future[None]
+    ) -> bytes | None:
         for attempt in (1, 2):
             pool = self._executor()
             try:
-                future = pool.submit(_draw, history, image_format, log_scale)
-                return await asyncio.wrap_future(future)
+                future = self._submit(pool, history, image_format, log_scale)
+                drawing = asyncio.wrap_future(future)
+                await asyncio.wait((drawing, leaving), return_when=asyncio.FIRST_COMPLETED)
+                if not drawing.done():  # the caller left: not begun, it is never drawn
+                    drawing.cancel()
+                    return None
+                return drawing.result()
             except BrokenProcessPool as e:
                 with self._lock:
                     if self._pool is pool:
@@ -85,6 +108,26 @@ class Plotter:
                     raise error from e
                 log.warning("the plotting process died; starting another")
         raise AssertionError("unreachable")
+
+    def _submit(
+        self, pool: ProcessPoolExecutor, history: History, image_format: str, log_scale: bool
+    ) -> "Future[bytes]":
+        with self._lock:
+            if self._waiting >= MAX_WAITING:
+                error = TooManyPlots(
+                    f"{MAX_WAITING} plots are being drawn or wait for the plotting process; "
+                    "retry in a second"
+                )
+                error.headers["Retry-After"] = "1"
+                raise error
+            self._waiting += 1
+        future = pool.submit(_draw, history, image_format, log_scale)
+        future.add_done_callback(self._done)  # run, failed or cancelled
+        return future
+
+    def _done(self, future: "Future[bytes]") -> None:
+        with self._lock:
+            self._waiting -= 1
 
     def pid(self) -> int:
         """The plotting process's pid (starting it if need be); blocks, for tests and tools."""

@@ -9,7 +9,7 @@ from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # A plot never needs more points than a figure has pixels across; fewer keeps it fast.
 PLOT_POINTS = 2_000
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a plot whose caller left before it
 IMAGE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 # A log axis draws losses within these bounds: matplotlib's log ticks overflow a float well
 # before the largest float, and a loss of exactly 0 has no logarithm (see _log_losses).
@@ -68,10 +69,11 @@ StrictFlag = Annotated[bool, BeforeValidator(_strict_bool)]
             "description": "The figure: loss, then w (and b), per epoch",
             "content": {"image/png": {}, "image/svg+xml": {}},
         },
-        **problems(404, 422),
+        **problems(404, 422, 503),
     },
 )
 async def history_plot(
+    request: Request,
     store: StoreDep,
     plotter: PlotterDep,
     job_id: str | None = None,
@@ -85,10 +87,18 @@ async def history_plot(
 ) -> Response:
     """The tutorial's figure of the latest job (or ?job_id=): loss and w per epoch."""
     history = await run_in_threadpool(store.history, job_id, 0, None, PLOT_POINTS)
-    image = await plotter.draw(history, image_format, log)
+    image = await plotter.draw(history, image_format, log, gone=_hung_up(request))
+    if image is None:  # nobody is there to answer; the log says so, as nginx's 499 does
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return Response(
         image, media_type=IMAGE_TYPES[image_format], headers={"Cache-Control": "no-store"}
     )
+
+
+async def _hung_up(request: Request) -> None:
+    """Return once the caller has closed its connection (a GET's body is read by nobody else)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def render_history(history: History, image_format: str, log: bool = False) -> bytes:
