@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Path, Query, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,8 @@ from service.intake import Accepted, Refused, checked
 from service.problems import problems
 from service.schemas import (
     MAX_SEED,
+    NUMBER,
+    WHOLE,
     FitRequest,
     Health,
     History,
@@ -131,7 +133,7 @@ def _start_from(store: Store, body: FitRequest) -> Model:
 
 @router.get("/jobs", responses=problems(422))
 async def list_jobs(
-    store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS)] = 20
+    store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS), WHOLE] = 20
 ) -> JobList:
     """Recent jobs, newest first."""
     return JobList(jobs=await run_in_threadpool(store.list_jobs, limit))
@@ -189,10 +191,12 @@ def _check_hours(hours: list[float], settings: Settings, indexed: bool) -> None:
 
 @router.get("/predict", responses=problems(404, 422, 503))
 async def predict(
-    hours: Annotated[float, Query(allow_inf_nan=False, examples=[4])],
+    hours: Annotated[float, Query(allow_inf_nan=False, examples=[4]), NUMBER],
     store: StoreDep,
     settings: SettingsDep,
-    version: Annotated[int | None, Query(ge=1, description="a kept version (GET /models)")] = None,
+    version: Annotated[
+        int | None, Query(ge=1, description="a kept version (GET /models)"), WHOLE
+    ] = None,
 ) -> Prediction:
     """The served model's score for one number of hours (or a kept version's, ?version=)."""
     model = await _model(store, version)
@@ -231,7 +235,7 @@ async def get_model(store: StoreDep) -> Model:
 
 @router.get("/models", responses=problems(422))
 async def list_models(
-    store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_VERSIONS)] = 20
+    store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_VERSIONS), WHOLE] = 20
 ) -> ModelList:
     """Kept model versions, newest first, and which one is served."""
     versions = await run_in_threadpool(store.versions, limit)
@@ -243,14 +247,18 @@ async def list_models(
 
 
 @router.get("/models/{version}", responses=problems(404, 422))
-async def get_model_version(version: int, store: StoreDep) -> ModelVersion:
+async def get_model_version(
+    version: Annotated[int, Path(ge=1), WHOLE], store: StoreDep
+) -> ModelVersion:
     """One kept model version."""
     model = await run_in_threadpool(store.version, version)
     return ModelVersion.of(model, store.model)
 
 
 @router.post("/models/{version}/serve", dependencies=[AuthDep], responses=problems(401, 404, 422))
-async def serve_version(version: int, store: StoreDep) -> ModelVersion:
+async def serve_version(
+    version: Annotated[int, Path(ge=1), WHOLE], store: StoreDep
+) -> ModelVersion:
     """Serve this kept version from now on, atomically: a rollback, or a promotion."""
     model = await run_in_threadpool(store.serve, version)
     return ModelVersion.of(model, model)
@@ -261,9 +269,9 @@ async def history(
     store: StoreDep,
     settings: SettingsDep,
     job_id: str | None = None,
-    since: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int | None, Query(ge=1)] = None,
-    max_points: Annotated[int | None, Query(ge=2, le=MAX_HISTORY_POINTS)] = None,
+    since: Annotated[int, Query(ge=0), WHOLE] = 0,
+    limit: Annotated[int | None, Query(ge=1), WHOLE] = None,
+    max_points: Annotated[int | None, Query(ge=2, le=MAX_HISTORY_POINTS), WHOLE] = None,
 ) -> Response:
     """Loss and w per epoch of the latest job (or ?job_id=), paged and thinned."""
     points = max_points or settings.history_max_points

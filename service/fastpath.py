@@ -2,9 +2,9 @@
 
 A prediction is one multiply; FastAPI's routing, dependency injection and response validation
 cost several times that, and /predict must keep up with a bare endpoint. This layer answers only
-a request it fully understands (`?hours=<plain number>` within the limit, a model served, a finite
-score); everything else falls through to the FastAPI route, which owns validation, errors and the
-OpenAPI description, so the two can only differ in speed.
+a request it fully understands (`?hours=<number as JSON writes it>` within the limit, a model
+served, a finite score); everything else falls through to the FastAPI route, which owns
+validation, errors and the OpenAPI description, so the two can only differ in speed.
 """
 
 import math
@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# In a query a "+" is a space: `1e+3` is the route's `1e 3`, which it refuses; `1e%2B3` is left
-# to it.
-_PLAIN_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
+# The route's grammar (service.schemas.JSON_NUMBER), or less of it: a laxer one would answer 200
+# here where the route answers 422. In a query a "+" is a space: `1e+3` is the route's `1e 3`,
+# which it refuses; `1e%2B3` is left to it.
+_PLAIN_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
 _ROUTE = SimpleNamespace(path="/predict")  # what RequestObserver reads for its route label
 _HEADERS = [(b"content-type", b"application/json")]
 

@@ -1,6 +1,8 @@
 """Request and response models: the edge validation, and the immutable values the store keeps."""
 
 import math
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -10,10 +12,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PlainValidator,
     PrivateAttr,
     WithJsonSchema,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from service.errors import InvalidInput, PredictionOutOfRange
 from service.settings import Settings
@@ -21,6 +27,59 @@ from service.settings import Settings
 # Strict: true, "3" and null are not numbers; NaN/Infinity (and 1e400, which parses as inf) neither.
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_SEED = 2**63 - 1
+
+# A number in a query or a path, as JSON writes one. pydantic reads such text as Python's int()
+# and float() do, which take " 1", "1_0", "+1", full-width digits and "infinity" too.
+WHOLE_NUMBER = r"[0-9]+"
+JSON_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+
+
+@dataclass(frozen=True)
+class Written:
+    """Metadata of a query or path parameter: its text must match `pattern` whole, or the usual
+    422 names the parameter with `message`; OpenAPI shows the pattern beside the number type.
+
+    Put it after Query() or Path(): pydantic documents bounds that follow a validator as raw
+    `ge`/`le` instead of `minimum`/`maximum`.
+    """
+
+    pattern: str
+    code: str
+    message: str
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        regex = re.compile(self.pattern)
+
+        def check(value: Any) -> Any:
+            if isinstance(value, str) and not regex.fullmatch(value):
+                raise PydanticCustomError(self.code, self.message)
+            return value
+
+        return core_schema.no_info_before_validator_function(check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        for branch in json_schema.get("anyOf", [json_schema]):  # `int | None`: the int
+            if branch.get("type") in ("integer", "number"):
+                branch["pattern"] = f"^{self.pattern}$"
+        return json_schema
+
+
+WHOLE = Written(
+    WHOLE_NUMBER,
+    "int_parsing",
+    "Input should be a whole number in the digits 0-9 alone: no sign, space or _",
+)
+NUMBER = Written(
+    JSON_NUMBER,
+    "float_parsing",
+    "Input should be a number as JSON writes it, such as 4, -2.5 or 1e3: no space, +, _, "
+    "leading zero, inf or nan",
+)
 
 
 def _integral(value: Any) -> Any:

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.schemas import JSON_NUMBER
+
 # The in-process TestClient takes no request timeout; pytest-timeout bounds every test.
 from tests.conftest import TUTORIAL, slow_fit, wait_job, wait_until
 
@@ -425,6 +427,53 @@ def test_openapi_lists_the_problem_answers(served: TestClient) -> None:
     assert PROBLEM in fit_responses["422"]["content"]
     assert {"200", "422", "503"} <= set(spec["paths"]["/predict"]["get"]["responses"])
     assert "409" in spec["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"]
+
+
+def test_openapi_states_how_numbers_in_queries_and_paths_are_written(served: TestClient) -> None:
+    """Every integer and number parameter shows the text it takes, beside its documented type
+    and bounds (a bound after a validator once showed as a raw `ge`, which OpenAPI ignores)."""
+    spec = served.get("/openapi.json").json()
+    seen = set()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for param in operation.get("parameters", []):
+                schema = param["schema"]
+                for branch in schema.get("anyOf", [schema]):
+                    if branch.get("type") in ("integer", "number"):
+                        seen.add((method, path, param["name"]))
+                        assert "pattern" in branch, (method, path, param["name"])
+                        assert not {"ge", "gt", "le", "lt"} & set(branch), branch
+    assert {
+        ("get", "/jobs", "limit"),
+        ("get", "/models", "limit"),
+        ("get", "/models/{version}", "version"),
+        ("post", "/models/{version}/serve", "version"),
+        ("get", "/history", "since"),
+        ("get", "/history", "limit"),
+        ("get", "/history", "max_points"),
+        ("get", "/predict", "version"),
+        ("get", "/predict", "hours"),
+    } <= seen
+    [limit] = spec["paths"]["/jobs"]["get"]["parameters"]
+    assert limit["schema"] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 100,
+        "pattern": "^[0-9]+$",
+        "default": 20,
+        "title": "Limit",
+    }
+    for path, method in (("/models/{version}", "get"), ("/models/{version}/serve", "post")):
+        version = spec["paths"][path][method]["parameters"][0]
+        assert version["schema"] == {
+            "type": "integer",
+            "minimum": 1,  # "-1" is no version: said, not only refused
+            "pattern": "^[0-9]+$",
+            "title": "Version",
+        }
+    hours = spec["paths"]["/predict"]["get"]["parameters"][0]["schema"]
+    assert hours["type"] == "number"
+    assert hours["pattern"] == f"^{JSON_NUMBER}$"
 
 
 # -- numbers a caller can trust, work a caller cannot abuse ------------------------------------

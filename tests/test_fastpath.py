@@ -42,3 +42,20 @@ def test_anything_unusual_is_left_to_the_route(served: TestClient, hours: str) -
     else:
         assert r.status_code == 422
         assert r.json()["type"] == routed.json()["type"] == "validation-error"
+
+
+# What float() reads but JSON does not write.
+NOT_JSON = ["04", "-04", "4.", ".5", "+4", "1e+3", "4_0", "%204", "infinity", "%EF%BC%94"]
+
+
+@pytest.mark.parametrize("hours", NOT_JSON)
+def test_hours_not_written_as_json_writes_a_number_are_refused_by_both(
+    served: TestClient, hours: str
+) -> None:
+    for url in (f"/predict?hours={hours}", f"/predict?hours={hours}&via=route"):
+        r = served.get(url)
+        assert r.status_code == 422, (url, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        [error] = r.json()["errors"]
+        assert error["field"] == "hours"
+        assert "as JSON writes it" in error["message"]

@@ -3,6 +3,7 @@ server, each asserting the bound it proves (issue 26; more cases join as its poi
 """
 
 import socket
+import time
 from collections.abc import Callable
 
 import httpx
@@ -99,3 +100,76 @@ def test_a_body_that_is_not_json_is_refused_from_its_first_chunk(shared_server: 
         part = http.post("/fit", content=b"x" * 10, headers={"Content-Type": "text/plain"})
         assert whole.status_code == part.status_code == 422
         assert whole.json() == part.json()
+
+
+# -- strict numbers in paths and queries, UTF-8 bodies, exact texts (point 10) --------------------
+
+PROBLEM = "application/problem+json"
+# What int() and float() read but JSON does not write ("+" in a query is a space; %2B is a "+"):
+# 10 in a query (within every bound), a version kept by no server in a path
+LAX_TEN = ["1_0", "%2010", "10%20", "+10", "%2B10", "10.0", "%EF%BC%91%EF%BC%90"]
+LAX_VERSION = ["999_999", "%20999999", "999999%20", "%2B999999", "999999.0", "%EF%BC%99"]
+LAX_HOURS = ["1_0", "%204", "4%20", "%2B4", "04", "4.", ".5", "infinity", "nan", "%EF%BC%94"]
+
+
+def _only_error(r: httpx.Response, field: str) -> dict[str, str]:
+    """The one validation error of a 422 problem, which names `field`."""
+    assert r.status_code == 422, (r.request.url, r.text)
+    assert r.headers["content-type"] == PROBLEM
+    problem = r.json()
+    assert problem["type"] == "validation-error"
+    assert [e["field"] for e in problem["errors"]] == [field], problem
+    assert field in problem["detail"]
+    error: dict[str, str] = problem["errors"][0]
+    return error
+
+
+def _served(http: httpx.Client) -> None:
+    """A model served, so that GET /predict may take its fast path."""
+    if http.get("/model").status_code == 200:
+        return
+    job = http.post("/fit", json={"x": [1, 2, 3], "y": [2, 4, 6]}).json()
+    end = time.monotonic() + 60
+    while http.get(f"/jobs/{job['id']}").json()["status"] != "succeeded":
+        assert time.monotonic() < end, "the fit did not end"
+        time.sleep(0.02)
+
+
+def test_integers_in_paths_and_queries_are_digits_alone(shared_server: Server) -> None:
+    """Before: `/models/1_0` was version 10, `limit= 5` was 5 and a full-width 9 was 9; now
+    each is the usual 422 naming the parameter."""
+    urls = [
+        ("GET", "/models/{}", "version", LAX_VERSION),
+        ("POST", "/models/{}/serve", "version", LAX_VERSION),
+        ("GET", "/models?limit={}", "limit", LAX_TEN),
+        ("GET", "/jobs?limit={}", "limit", LAX_TEN),
+        ("GET", "/history?since={}", "since", LAX_TEN),
+        ("GET", "/history?limit={}", "limit", LAX_TEN),
+        ("GET", "/history?max_points={}", "max_points", LAX_TEN),
+        ("GET", "/predict?hours=4&version={}", "version", LAX_TEN),
+    ]
+    with httpx.Client(base_url=shared_server.url, timeout=TIMEOUT) as http:
+        before = http.get("/models").json()
+        for method, url, name, texts in urls:
+            for text in texts:
+                error = _only_error(http.request(method, url.format(text)), name)
+                assert error["code"] == "int_parsing"
+                assert "digits 0-9 alone" in error["message"]
+        assert http.get("/models").json() == before  # no rollback slipped through
+        assert http.get("/models?limit=20").status_code == 200
+        assert http.get("/jobs?limit=007").status_code == 200  # digits all the same
+
+
+def test_hours_are_numbers_as_json_writes_them(shared_server: Server) -> None:
+    """Before: `hours=1_0` was 10, and ` 4`, `+4`, `4.` and `.5` were numbers too."""
+    with httpx.Client(base_url=shared_server.url, timeout=TIMEOUT) as http:
+        _served(http)
+        for text in LAX_HOURS:
+            for url in (f"/predict?hours={text}", f"/predict?hours={text}&version=1"):
+                error = _only_error(http.get(url), "hours")
+                assert error["code"] == "float_parsing"
+                assert "as JSON writes it" in error["message"]
+        for text, hours in [("4", 4.0), ("-2.5", -2.5), ("1e3", 1e3), ("1E%2B2", 1e2), ("0", 0.0)]:
+            r = http.get(f"/predict?hours={text}")
+            assert r.status_code == 200, r.text
+            assert r.json()["hours"] == hours
