@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Path, Query, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from service.bodies import FitRoute, PredictRoute
+from service.bodies import FitRoute, Handler, PredictRoute
 from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
 from service.errors import (
     InvalidInput,
@@ -26,7 +26,7 @@ from service.errors import (
     NothingServed,
     StoreUnavailable,
 )
-from service.intake import Accepted, Refused, checked
+from service.intake import Accepted, NotRead, Refused, checked, loads
 from service.problems import problems
 from service.schemas import (
     MAX_SEED,
@@ -218,12 +218,45 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
     return Predictions(scores=scores, model_version=model.version)
 
 
+class _Parsed(Request):
+    """A request whose JSON body has been parsed already."""
+
+    def __init__(self, request: Request, body: bytes, document: Any) -> None:
+        super().__init__(request.scope, request.receive)
+        self._received, self._document = body, document
+
+    async def body(self) -> bytes:
+        return self._received
+
+    async def json(self) -> Any:
+        return self._document
+
+
+class StrictPredictRoute(PredictRoute):
+    """POST /predict's body read as a fit's (service.intake.loads), with the same refusals:
+    FastAPI's own json.loads takes UTF-16 and a byte order mark, and answers an integer of
+    5,000 digits as a body that is not UTF-8."""
+
+    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
+        async def parsed(counted: Request) -> Response:
+            body = await counted.body()
+            if not body:  # FastAPI's answer: the body is missing
+                return await handle(counted)
+            try:
+                document = loads(body)
+            except NotRead as e:
+                raise e.refused.error() from None
+            return await handle(_Parsed(counted, body, document))
+
+        return await super().received(request, settings, parsed)
+
+
 router.add_api_route(
     "/predict",
     predict_many,
     methods=["POST"],
     responses=problems(404, 413, 422, 503),
-    route_class_override=PredictRoute,
+    route_class_override=StrictPredictRoute,
 )
 
 

@@ -7,10 +7,11 @@ them to a helper process over a socket, and gets back the checked fit: the optio
 y as float64 bytes. The server never turns the samples into Python objects, nor joins the
 chunks; it only passes bytes on.
 
-The answers are exactly those FastAPI gave when it parsed on the event loop: the fast parser
-(orjson) is tried first, and whenever it or the validation fails the standard library parses
-the body again, so that a bad body gets the standard library's error texts and its reading of
-NaN and big integers.
+The answers are those FastAPI gave when it parsed on the event loop: the fast parser (orjson)
+is tried first, and whenever it or the validation fails the standard library parses the body
+again (`loads`), so that a bad body gets the standard library's error texts and its reading of
+NaN and big integers. Where FastAPI read more than the README promises, `loads` refuses with
+a text of its own: a body that is not UTF-8 (UTF-16, UTF-32, a byte order mark).
 
 The helper takes one body at a time (an asyncio lock queues the others), runs at the training
 worker's priority (SGD_WORKER_NICE, SCHED_IDLE), below the server's, and is started on the
@@ -145,6 +146,49 @@ def _number(v: Any) -> bool:
     return type(v) is int
 
 
+class NotRead(Exception):
+    """A body that `loads` refuses; `refused` is the answer, in the form the server raises it."""
+
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.kind)
+        self.refused = refused
+
+
+NOT_UTF8 = "the body must be JSON encoded as UTF-8, without a byte order mark"
+
+
+def loads(body: bytes | bytearray) -> Any:
+    """A JSON body as the service reads every one: UTF-8 without a byte order mark, parsed by
+    the standard library (its error texts, its reading of NaN); raises NotRead if refused.
+
+    json.loads alone takes UTF-16, UTF-32 and a byte order mark, which the README does not
+    promise.
+    """
+    # by the first 4 bytes, as json.loads guesses: JSON begins with an ASCII character
+    encoding = json.detect_encoding(body[:4])
+    if encoding != "utf-8":
+        if encoding in ("utf-8-sig", "utf-16", "utf-32"):
+            why = f"it starts with a {encoding.removesuffix('-sig').upper()} byte order mark"
+        else:
+            why = f"it looks like {encoding.upper()}, not UTF-8"
+        raise NotRead(Refused("input", (NOT_UTF8, [_body_issue(why)])))
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as e:
+        why = f"byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8"
+        raise NotRead(Refused("input", (NOT_UTF8, [_body_issue(why)]))) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NotRead(Refused("json", (e.msg, e.pos))) from None
+    except Exception:
+        raise NotRead(Refused("unreadable", ())) from None
+
+
+def _body_issue(message: str) -> dict[str, str]:
+    return {"field": "body", "message": message, "code": "json_invalid"}
+
+
 def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
     """Parse and check one fit body, as FastAPI and the route did in the server."""
     try:
@@ -155,11 +199,9 @@ def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
         req = FitRequest.model_validate(doc, from_attributes=True)
     except (orjson.JSONDecodeError, ValidationError):
         try:
-            parsed = json.loads(body)
-        except json.JSONDecodeError as e:
-            return Refused("json", (e.msg, e.pos))
-        except Exception:
-            return Refused("unreadable", ())
+            parsed = loads(body)
+        except NotRead as e:
+            return e.refused
         flood = _flood(parsed)
         if flood is not None:
             return Refused("invalid", (flood,))

@@ -173,3 +173,34 @@ def test_hours_are_numbers_as_json_writes_them(shared_server: Server) -> None:
             r = http.get(f"/predict?hours={text}")
             assert r.status_code == 200, r.text
             assert r.json()["hours"] == hours
+
+
+JSON = {"Content-Type": "application/json"}
+UTF8_ONLY = "the body must be JSON encoded as UTF-8, without a byte order mark"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be", "utf-8-sig"])
+def test_json_bodies_are_utf8_without_a_byte_order_mark(
+    shared_server: Server, encoding: str
+) -> None:
+    """Before: a fit or a batch written in UTF-16 or UTF-32, or after a byte order mark, was
+    read as if it were UTF-8 (202, 200), though the README promises UTF-8 only."""
+    bodies = {
+        "/fit": '{"x": [1, 2, 3], "y": [2, 4, 6], "epochs": 1}',
+        "/predict": '{"hours": [1, 2]}',
+    }
+    with httpx.Client(base_url=shared_server.url, timeout=TIMEOUT) as http:
+        jobs = http.get("/jobs").json()
+        for path, body in bodies.items():
+            r = http.post(path, content=body.encode(encoding), headers=JSON)
+            error = _only_error(r, "body")
+            assert r.json()["detail"] == UTF8_ONLY
+            assert error["code"] == "json_invalid"
+            name = encoding.removesuffix("-sig").upper()
+            assert name in error["message"], error
+            if encoding in ("utf-16", "utf-32", "utf-8-sig"):
+                assert "byte order mark" in error["message"]
+        assert http.get("/jobs").json() == jobs
+        r = http.post("/predict", content=b'{"hours": [1, \xff]}', headers=JSON)
+        assert r.json()["detail"] == UTF8_ONLY
+        assert _only_error(r, "body")["message"] == "byte 0xff at offset 14 is not UTF-8"
