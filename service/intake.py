@@ -10,8 +10,9 @@ chunks; it only passes bytes on.
 The answers are those FastAPI gave when it parsed on the event loop: the fast parser (orjson)
 is tried first, and whenever it or the validation fails the standard library parses the body
 again (`loads`), so that a bad body gets the standard library's error texts and its reading of
-NaN and big integers. Where FastAPI read more than the README promises, `loads` refuses with
-a text of its own: a body that is not UTF-8 (UTF-16, UTF-32, a byte order mark).
+NaN and big integers. Where FastAPI read more than the README promises, or called a body that
+it could not read "not UTF-8", `loads` says what is wrong: a body that is not UTF-8 (UTF-16,
+UTF-32, a byte order mark), an integer longer than the standard library reads (4,300 digits).
 
 The helper takes one body at a time (an asyncio lock queues the others), runs at the training
 worker's priority (SGD_WORKER_NICE, SCHED_IDLE), below the server's, and is started on the
@@ -30,6 +31,7 @@ import socket
 import subprocess
 import sys
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,7 +164,7 @@ def loads(body: bytes | bytearray) -> Any:
     the standard library (its error texts, its reading of NaN); raises NotRead if refused.
 
     json.loads alone takes UTF-16, UTF-32 and a byte order mark, which the README does not
-    promise.
+    promise, and raises a bare ValueError, not a JSON error, at an integer too long to read.
     """
     # by the first 4 bytes, as json.loads guesses: JSON begins with an ASCII character
     encoding = json.detect_encoding(body[:4])
@@ -181,12 +183,60 @@ def loads(body: bytes | bytearray) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise NotRead(Refused("json", (e.msg, e.pos))) from None
+    except ValueError:  # the only other ValueError json.loads raises: an integer too long
+        raise NotRead(_long_integers(text)) from None
     except Exception:
         raise NotRead(Refused("unreadable", ())) from None
 
 
 def _body_issue(message: str) -> dict[str, str]:
     return {"field": "body", "message": message, "code": "json_invalid"}
+
+
+class _TooLong:
+    """What `_long_integers` reads an integer too long for int() as."""
+
+
+_TOO_LONG = _TooLong()
+
+
+def _long_integers(text: str) -> Refused:
+    """The refusal of a body holding integers longer than int() reads (4,300 digits unless
+    sys.set_int_max_str_digits says otherwise): each named where it is, as a validation error."""
+    limit = sys.get_int_max_str_digits()
+
+    def integer(digits: str) -> int | _TooLong:
+        return _TOO_LONG if len(digits) - digits.startswith("-") > limit else int(digits)
+
+    try:
+        doc = json.loads(text, parse_int=integer)
+    except Exception:
+        return Refused("unreadable", ())
+    found = [loc for loc, value in _leaves(doc) if value is _TOO_LONG]
+    if not found:
+        return Refused("unreadable", ())
+    message = (
+        f"an integer of more than {limit} digits: too long to read, and larger than any field takes"
+    )
+    errors = [
+        {"type": "int_parsing_size", "loc": ("body", *loc), "msg": message}
+        for loc in found[:MAX_LISTED_ERRORS]
+    ]
+    return Refused("invalid", (capped(errors, len(found)),))
+
+
+def _leaves(doc: Any) -> Iterator[tuple[tuple[int | str, ...], Any]]:
+    """Every value of a parsed JSON document that is no list or object, with where it is, in
+    document order (a loop, not recursion: the document may nest as deep as json.loads goes)."""
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), doc)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((*loc, k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), value[i]) for i in reversed(range(len(value))))
+        else:
+            yield loc, value
 
 
 def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:

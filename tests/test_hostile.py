@@ -204,3 +204,29 @@ def test_json_bodies_are_utf8_without_a_byte_order_mark(
         r = http.post("/predict", content=b'{"hours": [1, \xff]}', headers=JSON)
         assert r.json()["detail"] == UTF8_ONLY
         assert _only_error(r, "body")["message"] == "byte 0xff at offset 14 is not UTF-8"
+
+
+LONG = "7" * 5_000  # past the 4,300 digits int() reads
+
+
+def test_an_integer_too_long_to_read_is_named_where_it_is(shared_server: Server) -> None:
+    """Before: it was answered "the body must be a JSON object encoded as UTF-8"."""
+    cases = [
+        ("/fit", f'{{"x": [1, 2, 3, {LONG}], "y": [1, 2, 3, 4]}}', "x[3]"),
+        ("/fit", f'{{"x": [1], "y": [2], "seed": -{LONG}}}', "seed"),
+        ("/predict", f'{{"hours": [1, {LONG}]}}', "hours[1]"),
+        ("/predict", f'{{"hours": [1], "version": {LONG}}}', "version"),
+    ]
+    with httpx.Client(base_url=shared_server.url, timeout=TIMEOUT) as http:
+        for path, body, field in cases:
+            error = _only_error(http.post(path, content=body, headers=JSON), field)
+            assert error == {
+                "field": field,
+                "message": "an integer of more than 4300 digits: too long to read, and larger "
+                "than any field takes",
+                "code": "int_parsing_size",
+            }
+        many = f'{{"x": [{", ".join([LONG] * 30)}], "y": [1]}}'
+        r = http.post("/fit", content=many, headers=JSON)
+        assert r.status_code == 422
+        _listed_and_counted(r.json(), 30)
