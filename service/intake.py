@@ -12,7 +12,8 @@ is tried first, and whenever it or the validation fails the standard library par
 again (`loads`), so that a bad body gets the standard library's error texts and its reading of
 NaN and big integers. Where FastAPI read more than the README promises, or called a body that
 it could not read "not UTF-8", `loads` says what is wrong: a body that is not UTF-8 (UTF-16,
-UTF-32, a byte order mark), an integer longer than the standard library reads (4,300 digits).
+UTF-32, a byte order mark), an integer longer than the standard library reads (4,300 digits),
+lists nested deeper than it goes.
 
 The helper takes one body at a time (an asyncio lock queues the others), runs at the training
 worker's priority (SGD_WORKER_NICE, SCHED_IDLE), below the server's, and is started on the
@@ -157,6 +158,7 @@ class NotRead(Exception):
 
 
 NOT_UTF8 = "the body must be JSON encoded as UTF-8, without a byte order mark"
+TOO_DEEP = "the body nests arrays or objects too deeply to read; no field takes nested lists"
 
 
 def loads(body: bytes | bytearray) -> Any:
@@ -164,7 +166,7 @@ def loads(body: bytes | bytearray) -> Any:
     the standard library (its error texts, its reading of NaN); raises NotRead if refused.
 
     json.loads alone takes UTF-16, UTF-32 and a byte order mark, which the README does not
-    promise, and raises a bare ValueError, not a JSON error, at an integer too long to read.
+    promise; at an integer too long to read or lists nested too deeply, it raises no JSON error.
     """
     # by the first 4 bytes, as json.loads guesses: JSON begins with an ASCII character
     encoding = json.detect_encoding(body[:4])
@@ -185,6 +187,8 @@ def loads(body: bytes | bytearray) -> Any:
         raise NotRead(Refused("json", (e.msg, e.pos))) from None
     except ValueError:  # the only other ValueError json.loads raises: an integer too long
         raise NotRead(_long_integers(text)) from None
+    except RecursionError:
+        raise NotRead(Refused("input", (TOO_DEEP, [_body_issue("nested too deeply")]))) from None
     except Exception:
         raise NotRead(Refused("unreadable", ())) from None
 

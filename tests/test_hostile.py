@@ -230,3 +230,20 @@ def test_an_integer_too_long_to_read_is_named_where_it_is(shared_server: Server)
         r = http.post("/fit", content=many, headers=JSON)
         assert r.status_code == 422
         _listed_and_counted(r.json(), 30)
+
+
+def test_a_body_nested_too_deeply_says_so(shared_server: Server) -> None:
+    """Before: it was answered "the body must be a JSON object encoded as UTF-8" too."""
+    with httpx.Client(base_url=shared_server.url, timeout=TIMEOUT) as http:
+        for path in ("/fit", "/predict"):
+            body = '{"x": ' + "[" * 100_000
+            r = http.post(path, content=body, headers=JSON)
+            error = _only_error(r, "body")
+            assert r.json()["detail"] == (
+                "the body nests arrays or objects too deeply to read; no field takes nested lists"
+            )
+            assert error == {
+                "field": "body",
+                "message": "nested too deeply",
+                "code": "json_invalid",
+            }
