@@ -14,18 +14,19 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
 from service import turns
-from service.intake import Intake
+from service.intake import Intake, NotRead, loads
 from service.plotter import Plotter
 from service.problems import install_handlers
 from service.schemas import FitRequest
@@ -45,17 +46,40 @@ JSON = {"content-type": "application/json"}
 MiB = 1024 * 1024
 
 
+class _UTF8Only(APIRoute):
+    """FastAPI's route, refusing what the service refuses before FastAPI's own parser would
+    read it (service.intake.loads): a body that is not UTF-8, integers too long for int(),
+    nesting too deep for json.loads."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            body = await request.body()  # kept by Starlette: FastAPI reads the same bytes
+            if body and request.headers.get("content-type") == "application/json":
+                try:
+                    loads(body)
+                except NotRead as e:
+                    if e.refused.kind != "json":  # FastAPI's own answer to JSON it cannot parse
+                        raise e.refused.error() from None
+            return await handle(request)
+
+        return route
+
+
 def reference(settings: Settings) -> TestClient:
     """POST /fit as FastAPI parses it on the event loop, with the route's checks."""
     app = FastAPI()
     install_handlers(app)
 
-    @app.post("/fit", status_code=202)
     async def fit(body: FitRequest) -> dict[str, str]:
         body.check_limits(settings)
         body.check_combinations()
         return {}
 
+    app.router.add_api_route(
+        "/fit", fit, methods=["POST"], status_code=202, route_class_override=_UTF8Only
+    )
     return TestClient(app)
 
 
