@@ -4,9 +4,11 @@ a running service (--url, default $SGD_URL, else SGD_HOST and SGD_PORT as `serve
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import math
 import os
+import secrets
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -16,7 +18,9 @@ from typing import Any, Literal, NoReturn
 
 import httpx
 import uvicorn
+from pydantic import ValidationError
 
+from service.access import SCOPES, NamedToken, TokensFileError, digest, read_tokens
 from service.client import (
     ClientError,
     FitOptions,
@@ -29,7 +33,7 @@ from service.connections import protocol
 from service.jobs import Runner
 from service.main import create_app
 from service.observability import configure_logging
-from service.settings import Settings, SettingsError, load_settings, unknown_variables
+from service.settings import Scope, Settings, SettingsError, load_settings, unknown_variables
 
 log = logging.getLogger("sgd_service")
 WATCHDOG_SECONDS = 0.5
@@ -430,6 +434,33 @@ def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _scopes(text: str) -> tuple[Scope, ...]:
+    scopes = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise argparse.ArgumentTypeError(
+            f"scopes are a comma-separated list of {', '.join(SCOPES)}, not {text!r}"
+        )
+    return scopes  # type: ignore[return-value]
+
+
+def _new_token(name: str, scopes: tuple[Scope, ...]) -> int:
+    """A random 256-bit token on stdout's first line; its SGD_TOKENS_FILE entry on the next."""
+    try:
+        NamedToken(name=name, sha256="0" * 64, scopes=scopes)
+    except ValidationError:
+        print(
+            f"sgd-service: error: a token's name is letters, digits, '_.-': {name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    secret = secrets.token_urlsafe(32)
+    entry = {"name": name, "sha256": digest(secret).hex(), "scopes": list(scopes)}
+    print(secret)
+    print(json.dumps(entry))
+    return 0
+
+
 COMMANDS = {"fit": _fit, "predict": _predict, "history": _history, "models": _models}
 
 
@@ -446,12 +477,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=Path,
         help="touch this file every 2 s while Redis answers (for a container's healthcheck)",
     )
+    token = sub.add_parser(
+        "token", help="make a new token: prints it, and its line for SGD_TOKENS_FILE"
+    )
+    token.add_argument("--name", required=True, help="who or what holds it (e.g. dashboard)")
+    token.add_argument(
+        "--scopes",
+        type=_scopes,
+        required=True,
+        help=f"comma-separated, of {', '.join(SCOPES)}",
+    )
     add_client_commands(sub)
     args = parser.parse_args(argv)
+    if args.command == "token":
+        sys.exit(_new_token(args.name, args.scopes))
     if args.command in (None, "serve", "worker"):
         try:
             settings = load_settings()
-        except SettingsError as exc:
+            if settings.tokens_file is not None:
+                read_tokens(settings.tokens_file)
+        except (SettingsError, TokensFileError) as exc:
             print(f"sgd-service: cannot start: {exc}", file=sys.stderr)
             sys.exit(2)
         if args.command == "worker":

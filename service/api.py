@@ -18,7 +18,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from service.bodies import FitRoute, Handler, PredictRoute
-from service.deps import AuthDep, MetricsDep, RunnerDep, SettingsDep, StoreDep
+from service.deps import (
+    ADMIN,
+    PREDICT,
+    READ,
+    TRAIN,
+    MetricsDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+)
 from service.errors import (
     InvalidInput,
     JobNotFound,
@@ -103,7 +112,7 @@ router.add_api_route(
     fit,
     methods=["POST"],
     status_code=status.HTTP_202_ACCEPTED,
-    dependencies=[AuthDep],
+    dependencies=[TRAIN],
     responses=problems(401, 404, 409, 413, 422, 429, 503),
     route_class_override=FitRoute,
 )
@@ -131,7 +140,7 @@ def _start_from(store: Store, body: FitRequest) -> Model:
     return model
 
 
-@router.get("/jobs", responses=problems(422))
+@router.get("/jobs", dependencies=[READ], responses=problems(422))
 async def list_jobs(
     store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_JOBS), WHOLE] = 20
 ) -> JobList:
@@ -139,15 +148,13 @@ async def list_jobs(
     return JobList(jobs=await run_in_threadpool(store.list_jobs, limit))
 
 
-@router.get("/jobs/{job_id}", responses=problems(404, 422))
+@router.get("/jobs/{job_id}", dependencies=[READ], responses=problems(404, 422))
 async def get_job(job_id: str, store: StoreDep) -> Job:
     """One job: status, progress, result or error."""
     return await run_in_threadpool(store.get_job, job_id)
 
 
-@router.post(
-    "/jobs/{job_id}/cancel", dependencies=[AuthDep], responses=problems(401, 404, 409, 422)
-)
+@router.post("/jobs/{job_id}/cancel", dependencies=[TRAIN], responses=problems(401, 404, 409, 422))
 async def cancel_job(job_id: str, store: StoreDep, runner: RunnerDep) -> Job:
     """Cancel a queued or running job; answers once it has stopped."""
     job = await run_in_threadpool(runner.cancel, job_id)
@@ -189,7 +196,7 @@ def _check_hours(hours: list[float], settings: Settings, indexed: bool) -> None:
         )
 
 
-@router.get("/predict", responses=problems(404, 422, 503))
+@router.get("/predict", dependencies=[PREDICT], responses=problems(404, 422, 503))
 async def predict(
     hours: Annotated[float, Query(allow_inf_nan=False, examples=[4]), NUMBER],
     store: StoreDep,
@@ -255,18 +262,19 @@ router.add_api_route(
     "/predict",
     predict_many,
     methods=["POST"],
+    dependencies=[PREDICT],
     responses=problems(404, 413, 422, 503),
     route_class_override=StrictPredictRoute,
 )
 
 
-@router.get("/model", responses=problems(503))
+@router.get("/model", dependencies=[READ], responses=problems(503))
 async def get_model(store: StoreDep) -> Model:
     """The model being served."""
     return _served(store)
 
 
-@router.get("/models", responses=problems(422))
+@router.get("/models", dependencies=[READ], responses=problems(422))
 async def list_models(
     store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_VERSIONS), WHOLE] = 20
 ) -> ModelList:
@@ -279,7 +287,7 @@ async def list_models(
     )
 
 
-@router.get("/models/{version}", responses=problems(404, 422))
+@router.get("/models/{version}", dependencies=[READ], responses=problems(404, 422))
 async def get_model_version(
     version: Annotated[int, Path(ge=1), WHOLE], store: StoreDep
 ) -> ModelVersion:
@@ -288,7 +296,7 @@ async def get_model_version(
     return ModelVersion.of(model, store.model)
 
 
-@router.post("/models/{version}/serve", dependencies=[AuthDep], responses=problems(401, 404, 422))
+@router.post("/models/{version}/serve", dependencies=[ADMIN], responses=problems(401, 404, 422))
 async def serve_version(
     version: Annotated[int, Path(ge=1), WHOLE], store: StoreDep
 ) -> ModelVersion:
@@ -297,7 +305,7 @@ async def serve_version(
     return ModelVersion.of(model, model)
 
 
-@router.get("/history", response_model=History, responses=problems(404, 422))
+@router.get("/history", dependencies=[READ], response_model=History, responses=problems(404, 422))
 async def history(
     store: StoreDep,
     settings: SettingsDep,
@@ -363,7 +371,7 @@ async def _history_stream(page: HistoryPage) -> AsyncIterator[bytes]:
         await give_way()  # a slice at a time: let /predict in between
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", dependencies=[READ], response_class=PlainTextResponse)
 async def metrics(metrics: MetricsDep) -> PlainTextResponse:
     """Prometheus metrics: requests, latencies, jobs, fits, queue depth, the model version."""
     body = await run_in_threadpool(generate_latest, metrics.registry)  # gauges may ask Redis

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
-from service.deps import require_token
+from service.deps import check_access
 from service.errors import InvalidInput
 from service.intake import Intake, Refused
 from service.settings import Settings
@@ -123,7 +123,7 @@ class FitRoute(_CountedRoute):
 
     async def before_body(self, request: Request, settings: Settings) -> None:
         # a caller without the token cannot make the server read 64 MiB, whatever its type
-        await require_token(settings, request.headers.get("authorization"))
+        check_access(request, "train")
 
     async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
         most = settings.max_samples
@@ -145,7 +145,11 @@ class FitRoute(_CountedRoute):
 
 
 class PredictRoute(_CountedRoute):
-    """POST /predict: at most SGD_MAX_PREDICT_BATCH hours, counted before FastAPI parses them."""
+    """POST /predict: the scope first, then at most SGD_MAX_PREDICT_BATCH hours, counted
+    before FastAPI parses them."""
+
+    async def before_body(self, request: Request, settings: Settings) -> None:
+        check_access(request, "predict")
 
     async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
         most = settings.max_predict_batch

@@ -6,17 +6,16 @@ pure-ASGI fast path of GET /predict, reads the store from the same dict). Route 
 `store: StoreDep` and the like, and import them from here, never from each other.
 """
 
-import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
+from service.access import WRITES, Access
 from service.changes import Streams
-from service.errors import Unauthorized
 from service.jobs import Runner
 from service.observability import Metrics
 from service.plotter import Plotter
-from service.settings import Settings
+from service.settings import Scope, Settings
 from service.store import Store
 
 
@@ -59,17 +58,63 @@ PlotterDep = Annotated[Plotter, Depends(get_plotter)]
 StreamsDep = Annotated[Streams, Depends(get_streams)]
 
 
-async def require_token(
-    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
-) -> None:
-    """When SGD_API_TOKEN is set, writes need `Authorization: Bearer <token>`."""
-    if settings.api_token is None:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    expected = settings.api_token.get_secret_value().encode()
-    # Starlette decodes headers as latin-1; re-encoding gives the bytes that were sent.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode("latin-1"), expected):
-        raise Unauthorized("send the header 'Authorization: Bearer <SGD_API_TOKEN>'")
+def check_access(request: Request, scope: Scope) -> None:
+    """Raise the 401, 403 or cross-site 403 unless this request may act in `scope`."""
+    access: Access = request.state.access
+    headers = request.headers
+    access.require(
+        scope,
+        headers.get("authorization"),
+        headers.get("host"),
+        headers.get("origin"),
+        headers.get("sec-fetch-site"),
+    )
 
 
-AuthDep = Depends(require_token)
+class _Needs:
+    """A route's dependency on a scope; `scope` tells the OpenAPI document which (main.py)."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    async def __call__(self, request: Request) -> None:
+        check_access(request, self.scope)
+
+
+# dependencies=[READ] and the like: every route needs one, or is open by design (health, page)
+PREDICT: Any = Depends(_Needs("predict"))
+READ: Any = Depends(_Needs("read"))
+TRAIN: Any = Depends(_Needs("train"))
+ADMIN: Any = Depends(_Needs("admin"))
+
+
+def document_access(spec: dict[str, Any], routes: list[Any], access: Access) -> dict[str, Any]:
+    """State in the OpenAPI document which routes need a token (their scope is not open) and
+    the 401 and 403 they answer then; and the cross-site 403 of every write."""
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    secured = False
+    for route in routes:
+        dependant = getattr(route, "dependant", None)
+        needs = [
+            d.call for d in getattr(dependant, "dependencies", ()) if isinstance(d.call, _Needs)
+        ]
+        if not needs:
+            continue
+        scope = needs[0].scope
+        for method in route.methods:
+            operation = spec["paths"][route.path_format][method.lower()]
+            answers = operation.setdefault("responses", {})
+            if scope in WRITES:
+                answers.setdefault("403", {"description": "Forbidden", "content": problem})
+            if not access.is_open(scope):
+                secured = True
+                operation["security"] = [{"bearer": [scope]}]
+                answers.setdefault("401", {"description": "Unauthorized", "content": problem})
+                answers.setdefault("403", {"description": "Forbidden", "content": problem})
+    if secured:
+        spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "SGD_API_TOKEN (every scope) or a token of SGD_TOKENS_FILE",
+        }
+    return spec

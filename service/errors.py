@@ -6,7 +6,7 @@ them over HTTP; the engine, the worker, the store and the runner import them wit
 the web stack (tests/test_layers.py).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 
@@ -242,6 +242,28 @@ class TooManyPlots(ServiceError):
     type = "too-many-plots"
     title = "Too many plots to draw"
     status = 503
+
+
+class InsufficientScope(ServiceError):
+    type = "insufficient-scope"
+    title = "The token does not hold the scope this needs"
+    status = 403
+
+    def __init__(self, scope: str, held: Iterable[str]) -> None:
+        super().__init__(
+            f"this needs the {scope!r} scope, and the token holds "
+            f"{', '.join(sorted(held))}: use a token that holds {scope!r}",
+            scope=scope,
+        )
+        self.headers["WWW-Authenticate"] = (
+            f'Bearer realm="sgd-service", error="insufficient_scope", scope="{scope}"'
+        )
+
+
+class CrossSiteWrite(ServiceError):
+    type = "cross-site-write"
+    title = "A page on another site may not change this service"
+    status = 403
 
 
 class Diverged(ServiceError):

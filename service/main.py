@@ -10,7 +10,9 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__, api, oip, views
+from service.access import Access
 from service.changes import Streams
+from service.deps import document_access
 from service.fastpath import FastPredict
 from service.intake import Intake
 from service.jobs import JobRunner, Runner
@@ -33,6 +35,7 @@ class State(TypedDict):
 
     store: Store
     runner: Runner
+    access: Access
     settings: Settings
     metrics: Metrics
     intake: Intake
@@ -56,11 +59,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service; nothing starts until the app's lifespan does."""
     settings = settings or Settings()
     metrics = Metrics()
+    access = Access(settings)  # a bad SGD_TOKENS_FILE stops start-up here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        if settings.api_token is None:
-            log.warning("SGD_API_TOKEN is not set: anyone who reaches the service can start fits")
+        if access.is_open("train"):
+            log.warning(
+                "no token is set (SGD_API_TOKEN, SGD_TOKENS_FILE): anyone who reaches the "
+                "service can start fits"
+            )
         store, runner = _state(settings, metrics)
         metrics.watch(store, runner)
         runner.start()
@@ -70,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield {
                 "store": store,
                 "runner": runner,
+                "access": access,
                 "settings": settings,
                 "metrics": metrics,
                 "intake": intake,
@@ -93,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(views.router)
     app.include_router(oip.router)
-    app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
+    if access.is_open("predict"):  # else every prediction goes through its route's check
+        app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,
@@ -107,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = document_limits(FastAPI.openapi(app), settings)
+            spec = document_access(spec, app.routes, access)
             app.openapi_schema = oip.document(spec, settings)
         return app.openapi_schema
 

@@ -3,12 +3,15 @@
 import difflib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PREFIX = "SGD_"
+# What a request may do (service.access): predictions, reads, fits, serving a version.
+Scope = Literal["predict", "read", "train", "admin"]
 # SGD_* variables that are not settings of the server but are read by its command line.
 CLIENT_VARIABLES = {"SGD_URL": "the client commands' --url"}
 
@@ -58,7 +61,11 @@ class Settings(BaseSettings):
     header_timeout: float = Field(default=10.0, gt=0, le=3600)
     body_timeout: float = Field(default=60.0, gt=0, le=3600)
 
+    # Who may do what (service.access): SGD_API_TOKEN holds every scope; the named tokens of
+    # tokens_file (SHA-256 hashes, read again when it changes) theirs; open_scopes need none.
     api_token: SecretStr | None = None
+    tokens_file: Path | None = None
+    open_scopes: Annotated[tuple[Scope, ...], NoDecode] = ("predict", "read")
     # The Host header values answered (anything else is a 400): a page on another site that
     # the user visits cannot reach a service on loopback by DNS rebinding. Comma-separated
     # names, ports ignored, IPv6 with or without brackets; "*" any host, "*.example.com" its
@@ -93,6 +100,14 @@ class Settings(BaseSettings):
             scheme = value.get_secret_value().partition("://")[0]
             if scheme not in ("redis", "rediss", "unix"):
                 raise ValueError("a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("open_scopes", mode="before")
+    @classmethod
+    def _scopes(cls, value: object) -> object:
+        if isinstance(value, str):  # "none": every scope needs a token (empty means unset)
+            names = [s.strip() for s in value.split(",") if s.strip()]
+            return () if names == ["none"] else tuple(names)
         return value
 
     @field_validator("allowed_hosts", mode="before")

@@ -16,7 +16,7 @@ from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from service.changes import Streams
-from service.deps import PlotterDep, StoreDep, StreamsDep
+from service.deps import READ, PlotterDep, StoreDep, StreamsDep
 from service.errors import AssetNotFound, ServiceError, TooManyStreams
 from service.problems import problems
 from service.schemas import History, Job, ProgressEvent
@@ -63,6 +63,7 @@ StrictFlag = Annotated[bool, BeforeValidator(_strict_bool)]
 
 @router.get(
     "/history/plot",
+    dependencies=[READ],
     response_class=Response,
     responses={
         200: {
@@ -222,6 +223,7 @@ def _event_schema() -> dict[str, Any]:
 
 @router.get(
     "/jobs/{job_id}/events",
+    dependencies=[READ],
     response_class=StreamingResponse,
     responses={
         200: {

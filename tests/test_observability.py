@@ -84,7 +84,7 @@ def test_one_json_line_per_request_and_per_job_transition(shared_server: Server)
     # in Redis mode the worker process writes them, and may write the end after a reader saw it
     wait_until(lambda: "succeeded" in transitions(), 10.0, "the job's last log line")
     assert transitions() == ["running", "succeeded"]
-    assert any("SGD_API_TOKEN is not set" in x["msg"] for x in lines())
+    assert any("no token is set (SGD_API_TOKEN, SGD_TOKENS_FILE)" in x["msg"] for x in lines())
 
 
 def test_probes_are_logged_at_debug_only(make_server: Callable[..., Server]) -> None:
