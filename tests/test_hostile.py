@@ -247,3 +247,55 @@ def test_a_body_nested_too_deeply_says_so(shared_server: Server) -> None:
                 "message": "nested too deeply",
                 "code": "json_invalid",
             }
+
+
+V2_INFER = "/v2/models/sgd/infer"
+V2_MOST = 10_000 + 1024  # SGD_MAX_PREDICT_BATCH, and room for the rest of a request
+
+
+def _v2_body(
+    data: object, n: int, tensor: dict[str, object] | None = None, **extra: object
+) -> bytes:
+    hours = {"name": "hours", "shape": [n], "datatype": "FP64", "data": data, **(tensor or {})}
+    return orjson.dumps({"inputs": [hours], **extra})
+
+
+def test_v2_bodies_are_counted_before_they_are_parsed(shared_server: Server) -> None:
+    """Before: 456,000 empty lists (1.37 MB) were parsed and answered 200 in 150 ms, 100,000
+    parameters in 100 ms, on the event loop. Now a body with more commas and brackets than a
+    valid request can hold is refused by a count of its bytes, before anything parses it."""
+    from tests.conftest import TUTORIAL, wait_job  # here: this block is appended to the module
+
+    crowded = {
+        "456k empty lists": _v2_body([[]] * 456_000, 0),
+        "100k parameters": _v2_body([1], 1, parameters={f"{i:x}": 0 for i in range(100_000)}),
+        "100k brackets deep": b"[" * 100_000,
+    }
+    with httpx.Client(base_url=shared_server.url, timeout=TIMEOUT) as http:
+        if http.get("/v2/health/ready").status_code != 200:  # a model, for the valid ones
+            job = http.post("/fit", json=TUTORIAL).json()
+            assert wait_job(http, job["id"])["status"] == "succeeded"
+        for what, body in crowded.items():
+            r = http.post(V2_INFER, content=body)
+            assert r.status_code == 400, (what, r.text)
+            assert r.json()["error"].startswith(
+                f"the body's JSON has more than {V2_MOST} commas and opening brackets outside "
+                "its strings: a request holds at most SGD_MAX_PREDICT_BATCH=10000 values"
+            ), (what, r.text)
+        # what strings hold is not counted, escaped quotes and all
+        quoted = '\\",[{' * 4_000
+        r = http.post(V2_INFER, content=_v2_body([1], 1, id=quoted, parameters={"n": quoted}))
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == quoted
+        # a request as full as a valid one can be is not refused
+        full = {f"p{i}": i for i in range(64)}
+        body = _v2_body(
+            [i % 10 for i in range(10_000)],
+            10_000,
+            parameters=full,
+            tensor={"parameters": full},
+            outputs=[{"name": "score", "parameters": full}],
+        )
+        r = http.post(V2_INFER, content=body)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["outputs"][0]["data"]) == 10_000

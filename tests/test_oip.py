@@ -394,7 +394,15 @@ def test_tritonclient_gets_each_error(
 RAW_ERRORS: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("not json", b"{", {}, 400, "the body is not a JSON inference request"),
     ("not utf-8", b"\xff\xfe{", {}, 400, "the body is not a JSON inference request"),
-    ("deep", b"[" * 100_000, {}, 400, "the body is not a JSON inference request"),
+    ("deep", b"[" * 1_000, {}, 400, "the body is not a JSON inference request"),
+    (
+        "crowded",
+        b"[" * 100_000,
+        {},
+        400,
+        f"the body's JSON has more than {BATCH + 1024} commas and opening brackets outside its "
+        f"strings: a request holds at most SGD_MAX_PREDICT_BATCH={BATCH} values of 'hours'",
+    ),
     ("an array", b"[]", {}, 400, "body: Input should be a valid dictionary"),
     ("no inputs", b'{"inputs": []}', {}, 400, "inputs: List should have at least 1 item"),
     (
@@ -449,7 +457,21 @@ RAW_ERRORS: list[tuple[str, bytes, dict[str, str], int, str]] = [
         json.dumps({"inputs": infer_body([1], [1])["inputs"] * 2}).encode(),
         {},
         400,
-        "given 2 times",
+        "inputs: List should have at most 1 item after validation, not 2",
+    ),
+    (
+        "two outputs",
+        json.dumps(infer_body([1], [1], outputs=[{"name": "score"}] * 2)).encode(),
+        {},
+        400,
+        "outputs: List should have at most 1 item after validation, not 2",
+    ),
+    (
+        "65 parameters",
+        json.dumps(infer_body([1], [1], parameters={f"p{i}": i for i in range(65)})).encode(),
+        {},
+        400,
+        "parameters: Dictionary should have at most 64 items after validation, not more",
     ),
     (
         "id not a string",
