@@ -6,7 +6,9 @@ shape [-1]. An inference is /predict's: one read of the served model (or of a ke
 `?version=` reads it), plain Python, never torch, never a wait on training.
 
 A body is counted before it is parsed: more commas and brackets than a valid request can hold
-is a 400 before anything builds a Python object from it.
+is a 400 before anything builds a Python object from it. What passes is parsed by orjson and its
+values checked by C loops (array, min, max, sum): a request's work in Python does not grow with
+its values, and a value is formatted only for an error's text.
 
 Errors on /v2 take the protocol's form, `{"error": "..."}`: the routes raise domain errors like
 every route, and ProtocolErrors, a pure ASGI layer in front of the Host check and the body limit,
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import (
     AfterValidator,
@@ -362,27 +365,28 @@ async def _read(request: Request, name: str, settings: Settings) -> Inference:
         body = await request.body()
     except ClientDisconnect:  # the caller left mid-body: nothing to answer, nothing to log
         raise InvalidInferenceRequest("the body ended before its Content-Length") from None
-    header, tail = _split(body, request.headers)
+    header, binary = _split(body, request.headers)
     _refuse_crowded(header, settings.max_predict_batch)
     await give_way()  # up to 1.3 MB counted: /predict goes first
+    return inference(header, binary, name, settings)
+
+
+def inference(header: bytes, binary: bytes, name: str, settings: Settings) -> Inference:
+    """An inference request's JSON object (and binary data), checked, with work that does not
+    grow with the values in Python: orjson parses, C loops check the values, and nothing is
+    formatted per value. The standard library reads the object again for what orjson refuses
+    (NaN, 1e400, a lone surrogate, no JSON at all) and for the exact text of an error."""
     try:
-        document = json.loads(header)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise InvalidInferenceRequest(f"the body is not a JSON inference request: {exc}") from None
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError:
+        return _checked(_loads(header), binary, name, settings)
     try:
-        parsed = InferenceRequest.model_validate(document)
-    except ValidationError as exc:
-        raise InvalidInferenceRequest(_describe(exc)) from None
-    (tensor,) = parsed.inputs
-    if tensor.name != INPUT:
-        raise InvalidInferenceRequest(
-            f"model {name!r} has no input {tensor.name!r}: its input is {INPUT!r}"
-        )
-    return Inference(
-        id=parsed.id,
-        hours=_hours(tensor, tail, settings),
-        binary_output=_binary_output(parsed, name),
-    )
+        return _checked(document, binary, name, settings)
+    except InvalidInferenceRequest:
+        if not _has_long_integers(header):
+            raise
+        # orjson read an integer beyond 64 bits as a float: the error names what was sent
+        return _checked(_loads(header), binary, name, settings)
 
 
 def _split(body: bytes, headers: Headers) -> tuple[bytes, bytes]:
@@ -443,6 +447,40 @@ def _structure(text: bytes) -> int:
     return len(text) - len(text.translate(None, b",[{"))
 
 
+# Digits, each as a zero: an integer of 19 digits or more is one orjson may read as a float.
+_ZEROS = bytes.maketrans(b"0123456789", b"0" * 10)
+
+
+def _has_long_integers(text: bytes) -> bool:
+    return b"0" * 19 in text.translate(_ZEROS)
+
+
+def _loads(header: bytes) -> Any:
+    """The standard library's reading, for NaN and big integers and its exact error texts."""
+    try:
+        return json.loads(header)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidInferenceRequest(f"the body is not a JSON inference request: {exc}") from None
+
+
+def _checked(document: Any, binary: bytes, name: str, settings: Settings) -> Inference:
+    """A parsed request, checked: the protocol's objects, then the model's input and output."""
+    try:
+        parsed = InferenceRequest.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidInferenceRequest(_describe(exc)) from None
+    (tensor,) = parsed.inputs
+    if tensor.name != INPUT:
+        raise InvalidInferenceRequest(
+            f"model {name!r} has no input {tensor.name!r}: its input is {INPUT!r}"
+        )
+    return Inference(
+        id=parsed.id,
+        hours=_hours(tensor, binary, settings),
+        binary_output=_binary_output(parsed, name),
+    )
+
+
 def _describe(exc: ValidationError) -> str:
     """Pydantic's complaints, each at the place a caller wrote it: inputs[0].shape[1]."""
     seen: dict[str, str] = {}
@@ -485,27 +523,20 @@ def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> list[floa
             )
         values = _from_json(tensor.data, n, datatype)
     if datatype == "FP32":  # an FP32 tensor holds float32 values, whatever JSON wrote
-        values = array("f", values).tolist()
-    limit = settings.max_abs_value
-    for i, value in enumerate(values):
-        if not math.isfinite(value):
-            raise InvalidInferenceRequest(f"{INPUT}[{i}] is {value}: send finite numbers")
-        if abs(value) > limit:
-            raise InvalidInferenceRequest(
-                f"{INPUT}[{i}] is {value:g}: every |{INPUT}| must be at most "
-                f"SGD_MAX_ABS_VALUE={limit:g}"
-            )
-    return values
+        values = array("f", values)
+    return _within(values, settings.max_abs_value)
 
 
-def _refuse_shared_memory(parameters: Parameters) -> None:
+def _refuse_shared_memory(parameters: dict[str, Any]) -> None:
     if "shared_memory_region" in parameters:
         raise InvalidInferenceRequest(
             "the shared memory extension is not supported: send the tensor in the request"
         )
 
 
-def _from_binary(size: object, data: object, binary: bytes, n: int, datatype: str) -> list[float]:
+def _from_binary(
+    size: object, data: object, binary: bytes, n: int, datatype: str
+) -> "array[float]":
     if data is not None:
         raise InvalidInferenceRequest(
             f"input {INPUT!r} has both 'data' and binary_data_size: send one of them"
@@ -522,22 +553,41 @@ def _from_binary(size: object, data: object, binary: bytes, n: int, datatype: st
             f"input {INPUT!r} announces {expected} bytes of binary data, but {len(binary)} bytes "
             f"follow the JSON object ({HEADER_LENGTH} gives its length)"
         )
-    return [float(v) for v in struct.unpack(f"<{n}{code}", binary)]
+    return array("d", struct.unpack(f"<{n}{code}", binary))
 
 
-def _from_json(data: list[Any] | None, n: int, datatype: str) -> list[float]:
+def _from_json(data: list[Any] | None, n: int, datatype: str) -> "array[float]":
     if data is None:
         raise InvalidInferenceRequest(
             f"input {INPUT!r} has no data: send 'data', or binary data with binary_data_size"
         )
-    elements = _flatten(data, n)
+    kinds = set(map(type, data))  # one pass in C; bool is a type of its own
+    fast = _flat(data, kinds, n, datatype)
+    if fast is not None:
+        return fast
+    elements = _flatten(data, n) if list in kinds else data
     if len(elements) != n:
         held = "more" if len(elements) > n else str(len(elements))
         raise InvalidInferenceRequest(
             f"input {INPUT!r} has shape [{n}] but its data holds {held} values: the shape "
             "counts every value"
         )
-    return [_number(value, i, datatype) for i, value in enumerate(elements)]
+    return array("d", [_number(value, i, datatype) for i, value in enumerate(elements)])
+
+
+def _flat(data: list[Any], kinds: set[type], n: int, datatype: str) -> "array[float] | None":
+    """A flat list of n numbers of the datatype as floats, by C loops alone; None for anything
+    else (nested lists, other values, integers out of range), which _from_json reads slowly."""
+    if len(data) != n or not kinds <= ({int} if datatype in INTEGERS else {int, float}):
+        return None
+    if datatype in INTEGERS and data:
+        _, lo, hi = INTEGERS[datatype]
+        if not (lo <= min(data) and max(data) <= hi):
+            return None
+    try:
+        return array("d", data)
+    except OverflowError:  # an integer beyond any float
+        return None
 
 
 def _flatten(data: list[Any], n: int) -> list[Any]:
@@ -560,19 +610,41 @@ def _flatten(data: list[Any], n: int) -> list[Any]:
 
 def _number(value: Any, index: int, datatype: str) -> float:
     """One JSON value of a tensor of this datatype, as a float (or infinity when it has none)."""
-    shown = json.dumps(value)[:40]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInferenceRequest(f"{INPUT}[{index}] is {shown}, not a number")
+        raise InvalidInferenceRequest(f"{INPUT}[{index}] is {_shown(value)}, not a number")
     if datatype in INTEGERS:
         _, lo, hi = INTEGERS[datatype]
         if not isinstance(value, int) or not lo <= value <= hi:
             raise InvalidInferenceRequest(
-                f"{INPUT}[{index}] is {shown}, not an {datatype} value (an integer in [{lo}, {hi}])"
+                f"{INPUT}[{index}] is {_shown(value)}, not an {datatype} value (an integer in "
+                f"[{lo}, {hi}])"
             )
     try:
         return float(value)
     except OverflowError:  # an integer beyond any float: refused as the infinity it is
         return math.inf if value > 0 else -math.inf
+
+
+def _shown(value: Any) -> str:
+    """A value as the caller wrote it, cut short: only for an error's text."""
+    return json.dumps(value)[:40]
+
+
+def _within(values: "array[float]", limit: float) -> list[float]:
+    """The values as floats, each finite and at most `limit` in magnitude. A sum that is
+    finite proves them all finite, and then min and max bound them: one value at a time
+    only to name the first that fails."""
+    if math.isfinite(sum(values)) and (not values or -limit <= min(values) <= max(values) <= limit):
+        return values.tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise InvalidInferenceRequest(f"{INPUT}[{i}] is {value}: send finite numbers")
+        if abs(value) > limit:
+            raise InvalidInferenceRequest(
+                f"{INPUT}[{i}] is {value:g}: every |{INPUT}| must be at most "
+                f"SGD_MAX_ABS_VALUE={limit:g}"
+            )
+    return values.tolist()  # finite, within the limit, and a sum that overflowed
 
 
 def _binary_output(parsed: InferenceRequest, name: str) -> bool:
@@ -594,7 +666,7 @@ def _binary_output(parsed: InferenceRequest, name: str) -> bool:
     return binary
 
 
-def _flag(parameters: Parameters, key: str, default: bool) -> bool:
+def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
     value = parameters.get(key, default)
     if not isinstance(value, bool):
         raise InvalidInferenceRequest(f"parameter {key!r} must be true or false, not {value!r}")
@@ -604,12 +676,13 @@ def _flag(parameters: Parameters, key: str, default: bool) -> bool:
 def _answer(name: str, model: Model, asked: Inference) -> Response:
     """The scores of one model version, as JSON or as binary data after the JSON object."""
     scores = [model.predict(h) for h in asked.hours]
-    for i, score in enumerate(scores):
-        if not math.isfinite(score):
-            raise InvalidInferenceRequest(
-                f"the score of {INPUT}[{i}] = {asked.hours[i]:g} overflows a float: send smaller "
-                f"{INPUT}"
-            )
+    if not math.isfinite(sum(scores)):  # each is finite when their sum is
+        for i, score in enumerate(scores):
+            if not math.isfinite(score):
+                raise InvalidInferenceRequest(
+                    f"the score of {INPUT}[{i}] = {asked.hours[i]:g} overflows a float: send "
+                    f"smaller {INPUT}"
+                )
     n = len(scores)
     output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP64", "shape": [n]}
     if asked.binary_output:
@@ -620,7 +693,10 @@ def _answer(name: str, model: Model, asked: Inference) -> Response:
     if asked.id is not None:
         answer["id"] = asked.id
     answer["outputs"] = [output]
-    header = json.dumps(answer, allow_nan=False, separators=(",", ":")).encode()
+    try:
+        header = orjson.dumps(answer)
+    except orjson.JSONEncodeError:  # an id with a lone surrogate, which JSON can only escape
+        header = json.dumps(answer, separators=(",", ":")).encode()
     if not asked.binary_output:
         return Response(header, media_type=JSON_TYPE)
     return Response(
