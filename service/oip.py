@@ -10,6 +10,10 @@ is a 400 before anything builds a Python object from it. What passes is parsed b
 values checked by C loops (array, min, max, sum): a request's work in Python does not grow with
 its values, and a value is formatted only for an error's text.
 
+The OpenAPI document states the request's rules in its schema wherever JSON Schema can (each
+datatype's values, `data` or binary data, the parameters that mean something), and the others
+(shape [n] counts the values, ...) in the description of the 400 that refuses them.
+
 Errors on /v2 take the protocol's form, `{"error": "..."}`: the routes raise domain errors like
 every route, and ProtocolErrors, a pure ASGI layer in front of the Host check and the body limit,
 rewrites each problem+json answer on a /v2 path into that form. So the Host check's 400, the body
@@ -202,12 +206,24 @@ class InferenceResponse(_Out):
 
 
 class ProtocolError(_Out):
+    model_config = ConfigDict(frozen=True, extra="forbid")  # the message alone
     error: str
+
+
+# Why each error comes, for the OpenAPI document. Every /v2 route can answer 400: the Host
+# check is in front of them all.
+CAUSES = {
+    400: "The Host header names no host of SGD_ALLOWED_HOSTS",
+    404: "Another model name, or a version that is not kept",
+    413: "The body is over SGD_MAX_BODY_BYTES, or over room for SGD_MAX_PREDICT_BATCH numbers "
+    "(32 bytes each, and 1 MiB) when that is less",
+    503: "No fit has succeeded yet (in Redis mode, also: Redis cannot be reached)",
+}
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the protocol's error answers a route can give."""
-    return {code: {"model": ProtocolError} for code in codes}
+    return {code: {"model": ProtocolError, "description": CAUSES[code]} for code in codes}
 
 
 # -- the routes -----------------------------------------------------------------------------
@@ -257,19 +273,19 @@ async def _kept(store: Store, name: str, version: int) -> Model:
         ) from None
 
 
-@router.get("")
+@router.get("", responses=errors(400))
 async def server_metadata() -> ServerMetadata:
     """Server metadata: name, version and the protocol extensions it supports."""
     return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
 
-@router.get("/health/live")
+@router.get("/health/live", responses=errors(400))
 async def server_live() -> ServerLive:
     """Liveness: the process answers."""
     return ServerLive(live=True)
 
 
-@router.get("/health/ready", responses=errors(503))
+@router.get("/health/ready", responses=errors(400, 503))
 async def server_ready(store: StoreDep, settings: SettingsDep) -> ServerReady:
     """Readiness for inference: 200 once a model is served, 503 before."""
     _served(store, settings.model_name)
@@ -287,13 +303,13 @@ async def _metadata(store: Store, settings: Settings) -> ModelMetadata:
     )
 
 
-@router.get("/models/{name}", responses=errors(404, 503))
+@router.get("/models/{name}", responses=errors(400, 404, 503))
 async def model_metadata(name: NameDep, store: StoreDep, settings: SettingsDep) -> ModelMetadata:
     """The model's metadata: its kept versions, its input and output tensors."""
     return await _metadata(store, settings)
 
 
-@router.get("/models/{name}/versions/{version}", responses=errors(404, 503))
+@router.get("/models/{name}/versions/{version}", responses=errors(400, 404, 503))
 async def version_metadata(
     name: NameDep, version: VersionDep, store: StoreDep, settings: SettingsDep
 ) -> ModelMetadata:
@@ -302,14 +318,14 @@ async def version_metadata(
     return await _metadata(store, settings)
 
 
-@router.get("/models/{name}/ready", responses=errors(404, 503))
+@router.get("/models/{name}/ready", responses=errors(400, 404, 503))
 async def model_ready(name: NameDep, store: StoreDep) -> ModelReady:
     """Model readiness: 200 once a model is served, 503 before."""
     _served(store, name)
     return ModelReady(name=name, ready=True)
 
 
-@router.get("/models/{name}/versions/{version}/ready", responses=errors(404, 503))
+@router.get("/models/{name}/versions/{version}/ready", responses=errors(400, 404, 503))
 async def version_ready(name: NameDep, version: VersionDep, store: StoreDep) -> ModelReady:
     """Readiness of a version: 200 while it is kept, 404 otherwise."""
     await _kept(store, name, version)
@@ -323,7 +339,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         f"binary data as {BINARY_TYPE}, the JSON's length in {HEADER_LENGTH}",
         "content": {BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     },
-    **errors(400, 404, 413, 503),
+    **errors(400, 404, 413, 503),  # 400's description: `document` writes the rules in
 }
 
 
@@ -777,19 +793,22 @@ def _protocol_error(start: Message, body: bytes) -> tuple[int, list[tuple[bytes,
 
 
 def document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Describe /v2 as it behaves: the protocol's request body, the model's name, the limits,
-    and no 422 (the protocol answers 400)."""
+    """Describe /v2 as it behaves: the protocol's request body with every rule JSON Schema can
+    state, the others in the 400's description, the model's name, the limits, and no 422 (the
+    protocol answers 400)."""
     schemas = spec["components"]["schemas"]
     request = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(request.pop("$defs", {}))
     schemas["InferenceRequest"] = request
-    shape = schemas["RequestInput"]["properties"]["shape"]
-    shape["items"]["maximum"] = settings.max_predict_batch
+    _state_rules(schemas, settings)
     for path, operations in spec["paths"].items():
         if not is_protocol_path(path):
             continue
         for operation in operations.values():
             operation["responses"].pop("422", None)
+            for code, answer in operation["responses"].items():
+                if code.startswith(("4", "5")):  # whoever declared it: it comes as {"error"}
+                    answer["content"] = {JSON_TYPE: {"schema": _ref("ProtocolError")}}
             for param in operation.get("parameters", []):
                 if param["name"] == "name":
                     param["schema"] = {"type": "string", "enum": [settings.model_name]}
@@ -804,4 +823,81 @@ def document(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
                         JSON_TYPE: {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}
                     },
                 }
+                operation["responses"]["400"]["description"] = (
+                    "The request is malformed or invalid, or the Host header names no host of "
+                    "SGD_ALLOWED_HOSTS. Besides what the request's schema states: shape [n] "
+                    "counts the values of `data`, or binary_data_size their bytes, which follow "
+                    f"the JSON object ({HEADER_LENGTH} gives its length); each score is a "
+                    f"finite float; the JSON object has at most "
+                    f"{settings.max_predict_batch + OTHER_ITEMS} commas and opening brackets "
+                    f"outside its strings (SGD_MAX_PREDICT_BATCH + {OTHER_ITEMS})"
+                )
     return spec
+
+
+def _state_rules(schemas: dict[str, Any], settings: Settings) -> None:
+    """What the checks refuse, stated in the request's schema wherever JSON Schema can say it:
+    each datatype's values and bounds, `data` or binary_data_size (one of them), the parameters
+    that mean something, the extensions refused."""
+    tensor = schemas["RequestInput"]
+    tensor["properties"]["shape"]["items"]["maximum"] = settings.max_predict_batch
+    limit = settings.max_abs_value
+    bounds = {"HoursFloat": ("number", -limit, limit)}
+    by_datatype = [
+        {"properties": {"datatype": {"enum": list(FLOATS)}, "data": _data("HoursFloat")}}
+    ]
+    for datatype, (_, lo, hi) in INTEGERS.items():
+        bounds[f"Hours{datatype}"] = (
+            "integer",
+            max(lo, math.ceil(-limit)),
+            min(hi, math.floor(limit)),
+        )
+        by_datatype.append(
+            {"properties": {"datatype": {"const": datatype}, "data": _data(f"Hours{datatype}")}}
+        )
+    for name, (kind, lo, hi) in bounds.items():  # a value, or a list of them: data may nest
+        schemas[name] = {
+            "anyOf": [
+                {"type": kind, "minimum": lo, "maximum": hi},
+                {"type": "array", "items": _ref(name)},
+            ]
+        }
+    tensor["properties"]["data"].update(_data("HoursFloat"))
+    binary = {"type": "object", "required": ["binary_data_size"]}
+    in_data = {
+        "required": ["data"],
+        "properties": {"data": {"type": "array"}, "parameters": {"not": binary}},
+    }
+    in_binary = {
+        "required": ["parameters"],
+        "properties": {"parameters": binary, "data": {"type": "null"}},
+    }
+    tensor["allOf"] = [{"anyOf": by_datatype}, {"anyOf": [in_data, in_binary]}]
+    refused: dict[str, Any] = {"not": {}}  # a parameter the service refuses
+    _parameters(
+        tensor, binary_data_size={"type": "integer", "minimum": 0}, shared_memory_region=refused
+    )
+    _parameters(
+        schemas["RequestOutput"],
+        binary_data={"type": "boolean"},
+        classification=refused,
+        shared_memory_region=refused,
+    )
+    _parameters(schemas["InferenceRequest"], binary_data_output={"type": "boolean"})
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _data(values: str) -> dict[str, Any]:
+    """`data`: a list of the named schema's values, or null."""
+    return {"anyOf": [{"type": "array", "items": _ref(values)}, {"type": "null"}]}
+
+
+def _parameters(schema: dict[str, Any], **known: dict[str, Any]) -> None:
+    """The parameters that mean something (or are refused) among an object's `parameters`."""
+    (parameters,) = (
+        s for s in schema["properties"]["parameters"]["anyOf"] if s["type"] == "object"
+    )
+    parameters["properties"] = known
