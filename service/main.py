@@ -98,9 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
-    app.include_router(api.router)
-    app.include_router(views.router)
-    app.include_router(oip.router)
+    routers = (api.router, views.router, oip.router)
+    for router in routers:
+        app.include_router(router)
     if access.is_open("predict"):  # else every prediction goes through its route's check
         app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
     app.add_middleware(
@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = document_limits(FastAPI.openapi(app), settings)
-            spec = document_access(spec, app.routes, access)
+            spec = document_access(spec, [r for router in routers for r in router.routes], access)
             app.openapi_schema = oip.document(spec, settings)
         return app.openapi_schema
 

@@ -46,7 +46,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.deps import SettingsDep, StoreDep
+from service.deps import PREDICT, SettingsDep, StoreDep
 from service.errors import ModelNotReady, ServiceError, StoreUnavailable, VersionNotFound
 from service.problems import PROBLEM_JSON
 from service.schemas import Model
@@ -303,13 +303,15 @@ async def _metadata(store: Store, settings: Settings) -> ModelMetadata:
     )
 
 
-@router.get("/models/{name}", responses=errors(400, 404, 503))
+@router.get("/models/{name}", dependencies=[PREDICT], responses=errors(400, 404, 503))
 async def model_metadata(name: NameDep, store: StoreDep, settings: SettingsDep) -> ModelMetadata:
     """The model's metadata: its kept versions, its input and output tensors."""
     return await _metadata(store, settings)
 
 
-@router.get("/models/{name}/versions/{version}", responses=errors(400, 404, 503))
+@router.get(
+    "/models/{name}/versions/{version}", dependencies=[PREDICT], responses=errors(400, 404, 503)
+)
 async def version_metadata(
     name: NameDep, version: VersionDep, store: StoreDep, settings: SettingsDep
 ) -> ModelMetadata:
@@ -318,14 +320,18 @@ async def version_metadata(
     return await _metadata(store, settings)
 
 
-@router.get("/models/{name}/ready", responses=errors(400, 404, 503))
+@router.get("/models/{name}/ready", dependencies=[PREDICT], responses=errors(400, 404, 503))
 async def model_ready(name: NameDep, store: StoreDep) -> ModelReady:
     """Model readiness: 200 once a model is served, 503 before."""
     _served(store, name)
     return ModelReady(name=name, ready=True)
 
 
-@router.get("/models/{name}/versions/{version}/ready", responses=errors(400, 404, 503))
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    dependencies=[PREDICT],
+    responses=errors(400, 404, 503),
+)
 async def version_ready(name: NameDep, version: VersionDep, store: StoreDep) -> ModelReady:
     """Readiness of a version: 200 while it is kept, 404 otherwise."""
     await _kept(store, name, version)
@@ -343,7 +349,12 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/models/{name}/infer", response_model=None, responses=_INFER_RESPONSES)
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[PREDICT],
+    response_model=None,
+    responses=_INFER_RESPONSES,
+)
 async def infer(
     name: NameDep, request: Request, store: StoreDep, settings: SettingsDep
 ) -> Response:
@@ -353,7 +364,10 @@ async def infer(
 
 
 @router.post(
-    "/models/{name}/versions/{version}/infer", response_model=None, responses=_INFER_RESPONSES
+    "/models/{name}/versions/{version}/infer",
+    dependencies=[PREDICT],
+    response_model=None,
+    responses=_INFER_RESPONSES,
 )
 async def infer_version(
     name: NameDep, version: VersionDep, request: Request, store: StoreDep, settings: SettingsDep
