@@ -234,7 +234,7 @@ def _event_schema() -> dict[str, Any]:
             "content": {"text/event-stream": {"schema": _event_schema()}},
         },
         204: {"description": "Last-Event-ID says the client already has the end event"},
-        **problems(404, 422),
+        **problems(404, 422, 503),
     },
     # Documented by hand: FastAPI would offer null for an optional header, sent as "null".
     openapi_extra={"parameters": [LAST_EVENT_ID_PARAMETER]},
