@@ -32,6 +32,8 @@ IMAGE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 # A log axis draws losses within these bounds: matplotlib's log ticks overflow a float well
 # before the largest float, and a loss of exactly 0 has no logarithm (see _log_losses).
 LOG_FLOOR, LOG_CEILING = 1e-100, 1e100
+# A linear axis draws values within ±this: its limits and ticks overflow a float beyond.
+LINEAR_CEILING = 1e300
 
 # Progress events carry the epochs of a fixed grid (every `stride`-th epoch, at most this many
 # points per job, plus the last one), so a resumed stream continues exactly where it stopped.
@@ -128,15 +130,23 @@ def render_history(history: History, image_format: str, log: bool = False) -> by
         if note:
             loss_ax.text(0.99, 0.96, note, ha="right", va="top", transform=loss_ax.transAxes)
     else:
+        columns, note = _linear(loss_ax, columns)
         loss_ax.set_ylabel("loss (batch MSE)")
+        if note:
+            loss_ax.text(
+                0.99, 0.96, "losses: " + note, ha="right", va="top", transform=loss_ax.transAxes
+            )
     for (label, values), color in zip(columns.items(), ("tab:red", "tab:purple"), strict=False):
         loss_ax.plot(history.epoch, values, color=color, linewidth=1.2, label=label)
     if len(columns) > 1:
         loss_ax.legend(loc="upper right")
 
-    param_ax.plot(history.epoch, history.w, color="tab:blue", linewidth=1.2, label="w")
-    if history.b is not None:
-        param_ax.plot(history.epoch, history.b, color="tab:green", linewidth=1.2, label="b")
+    params = {"w": history.w} if history.b is None else {"w": history.w, "b": history.b}
+    params, note = _linear(param_ax, params)
+    for (label, values), color in zip(params.items(), ("tab:blue", "tab:green"), strict=False):
+        param_ax.plot(history.epoch, values, color=color, linewidth=1.2, label=label)
+    if note:
+        param_ax.text(0.99, 0.04, note, ha="right", va="bottom", transform=param_ax.transAxes)
     param_ax.legend(loc="best")
     param_ax.set_title("Parameters per epoch (before each update)")
     param_ax.set_ylabel("value")
@@ -151,6 +161,25 @@ def render_history(history: History, image_format: str, log: bool = False) -> by
     out = io.BytesIO()
     fig.savefig(out, format=image_format)
     return out.getvalue()
+
+
+def _linear(ax: "Axes", columns: dict[str, list[float]]) -> tuple[dict[str, list[float]], str]:
+    """Fit `ax`'s linear scale to the columns; the columns to draw, and a note on the values
+    moved to fit it. A fit that diverged records values up to the largest float, and
+    matplotlib's own limits and ticks for those overflow (a 500 for the plot of such a job):
+    the limits are set here, with values beyond LINEAR_CEILING drawn at it."""
+    every = [v for values in columns.values() for v in values]
+    if not every:
+        return columns, ""
+    drawn = {
+        k: [min(max(v, -LINEAR_CEILING), LINEAR_CEILING) for v in vs] for k, vs in columns.items()
+    }
+    low = max(min(min(vs) for vs in drawn.values() if vs), -LINEAR_CEILING)
+    high = min(max(max(vs) for vs in drawn.values() if vs), LINEAR_CEILING)
+    margin = 0.05 * (high - low) if high > low else max(0.05 * abs(high), 1.0)
+    ax.set_ylim(low - margin, high + margin)
+    huge = sum(abs(v) > LINEAR_CEILING for v in every)
+    return drawn, f"{huge:,} beyond ±{LINEAR_CEILING:g} drawn there" if huge else ""
 
 
 def _log_losses(ax: "Axes", columns: dict[str, list[float]]) -> tuple[dict[str, list[float]], str]:

@@ -307,6 +307,33 @@ def test_log_plot_of_losses_that_are_zero_tiny_or_huge(app: TestClient) -> None:
         assert note in svg.text
 
 
+def test_linear_plot_of_values_near_the_largest_float(app: TestClient) -> None:
+    """Found by Schemathesis: a fit that diverged recorded losses up to 1.39e308, and the
+    linear plot answered 500 (matplotlib's limits overflowed). Values beyond 1e300 are drawn
+    at it, and the plot says how many."""
+    store = store_of(app)
+    job = fake_job(store, 4)
+    losses = [1.0, 1e300, 1.39e308, 1.7976931348623157e308]
+    w = [1.0, -1.7976931348623157e308, 3e154, 1e301]
+    store.append_history(job.id, array("d", w), None, array("d", losses))
+    for image in ("png", "svg"):
+        r = app.get("/history/plot", params={"job_id": job.id, "format": image})
+        assert r.status_code == 200, r.text
+    svg = app.get("/history/plot", params={"job_id": job.id, "format": "svg"}).text
+    assert "losses: 2 beyond ±1e+300 drawn there" in svg
+    assert svg.count("2 beyond ±1e+300 drawn there") == 2  # and 2 values of w
+
+
+def test_the_plot_of_a_fit_that_diverged_is_drawn(client: TestClient) -> None:
+    """Schemathesis's case, end to end: the fit fails `diverged`, its plot is still drawn."""
+    r = client.post("/fit", json={"x": [820_000_000], "y": [0], "batch_size": None})
+    job = wait_job(client, r.json()["id"])
+    assert job["error"]["type"] == "diverged"
+    for params in ({}, {"format": "svg"}, {"log": "true"}):
+        plot = client.get("/history/plot", params={"job_id": job["id"], **params})
+        assert plot.status_code == 200, plot.text
+
+
 def test_log_plot_of_a_job_without_epochs(app: TestClient) -> None:
     job = fake_job(store_of(app), 5)
     r = app.get("/history/plot", params={"job_id": job.id, "format": "svg", "log": "true"})
