@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
@@ -13,13 +13,14 @@ from service import __version__, api, oip, views
 from service.access import Access
 from service.changes import Streams
 from service.deps import document_access
+from service.errors import ServiceError
 from service.fastpath import FastPredict
 from service.intake import Intake
 from service.jobs import JobRunner, Runner
-from service.middleware import AllowedHosts, BodyLimit, SecurityHeaders
+from service.middleware import PAGE_CSP, SECURITY_HEADERS, AllowedHosts, BodyLimit, SecurityHeaders
 from service.observability import Metrics, RequestObserver
 from service.plotter import Plotter
-from service.problems import install_handlers
+from service.problems import install_handlers, problem_response
 from service.schemas import document_limits
 from service.settings import Settings
 from service.store import MemoryStore, Store
@@ -98,6 +99,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_handlers(app)
+
+    async def on_bug(request: Request, exc: Exception) -> Response:
+        # Starlette's outermost layer answers a bug, outside every middleware of ours: the
+        # answer says what happened as problem+json, with the headers every answer carries.
+        error = ServiceError(
+            "the service failed on this request (the log has it); retry, and report it if "
+            "it happens again"
+        )
+        headers = dict(
+            (name.decode(), value.decode())
+            for name, value in [*SECURITY_HEADERS, (b"content-security-policy", PAGE_CSP.encode())]
+        )
+        return problem_response(error, headers)
+
+    app.add_exception_handler(Exception, on_bug)
     routers = (api.router, views.router, oip.router)
     for router in routers:
         app.include_router(router)

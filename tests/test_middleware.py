@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from service.main import create_app
 from service.middleware import DOCS_CSP, PAGE_CSP
 from service.settings import Settings
 from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job
@@ -222,3 +223,22 @@ def test_the_real_server_sends_them_too(default_server: Server) -> None:
     r = httpx.get(f"{default_server.url}/", timeout=TIMEOUT)
     assert r.headers["content-security-policy"] == PAGE_CSP
     assert r.headers["x-frame-options"] == "DENY"
+
+
+def test_a_bug_is_answered_as_a_problem_with_them() -> None:
+    """A bug is answered by Starlette's outermost layer, outside every middleware of ours:
+    before, a plain-text 500 without the security headers (Schemathesis found one)."""
+    app = create_app(Settings(allowed_hosts=["testserver"]))  # type: ignore[arg-type]
+
+    @app.get("/broken")
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/broken")
+    assert r.status_code == 500
+    assert r.headers["content-type"] == PROBLEM
+    assert r.json()["type"] == "internal"
+    assert "a bug" not in r.text  # what failed is in the log, not in the answer
+    assert r.headers["content-security-policy"] == PAGE_CSP
+    assert r.headers["x-content-type-options"] == "nosniff"
