@@ -3,7 +3,7 @@
 Prints a table (figure, value, baseline, ratio, target) and writes the raw numbers as JSON to
 bench/results/. Ratios are taken within one run, back to back, so a busy machine moves value
 and baseline together; each load ratio is the median of 7 rounds, printed with its range.
-Takes about 8 minutes on 2 cores (plus installing wrk and redis-server once); the Redis-mode
+Takes about 12 minutes on 2 cores (plus installing wrk and redis-server once); the Redis-mode
 rows (`--only redis`, bench/scaleout.py) about 3.5 of them, on a redis-server of their own; the
 heavy-request rows (`--only heavy`, bench/heavy.py) about 3.5 more; the hostile callers' rows
 (`--only hostile`, bench/hostile.py) about 5 more.
