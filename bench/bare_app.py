@@ -1,6 +1,6 @@
 """The baseline: a bare FastAPI `async def` GET /predict that returns the same JSON as the service.
 
-Run under uvicorn with the settings `python -m service` uses (service/__main__.py), so the
+Run under uvicorn with the settings `python -m service` uses (service/server.py), so the
 only difference measured is what the service does per request.
 
     python bench/bare_app.py PORT W B VERSION

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from service import training
-from service.training import Engine, FitParams, history, rel_diff, train
+from service.core import engine as training
+from service.core.engine import Engine, FitParams, history, rel_diff, train
 
 TUTORIAL_X = [1.0, 2.0, 3.0]
 TUTORIAL_Y = [2.0, 4.0, 6.0]
@@ -241,7 +241,7 @@ def prepare_cost() -> dict[str, Any]:
     """prepare() in fresh processes, after torch is imported: what a worker pays at start-up."""
     code = (
         "import json, time, torch; torch.set_num_threads(1); t = time.perf_counter();"
-        "from service import training; info = training.prepare();"
+        "from service.core import engine; info = engine.prepare();"
         "info['total_seconds'] = time.perf_counter() - t; print(json.dumps(info))"
     )
     runs = []

@@ -4,7 +4,7 @@
 
 Each library gets the same task body (fit_task): one fit with the service's engine, a cancel
 check (a Redis key) between blocks, a start and an end entry in Redis with wall-clock times.
-Workers are subprocesses that import torch and prepare the engine once, as service/worker.py
+Workers are subprocesses that import torch and prepare the engine once, as service/runner/worker.py
 does, so they can be killed with SIGKILL. Recovery uses only each library's own mechanisms,
 tuned by the knobs below (the numbers come from reading their worker and broker sources):
 
@@ -56,7 +56,7 @@ def _client(port: int) -> redis.Redis:
 
 def fit_task(job_id: str, epochs: int, port: int) -> str:
     """The task both libraries run: the fit, a cooperative cancel between blocks."""
-    from service import training
+    from service.core import engine as training
 
     r = _client(port)
     r.rpush(f"bench:started:{job_id}", f"{time.time()} {os.getpid()}")
@@ -85,7 +85,7 @@ def worker_main(lib: str, mode: str, port: int) -> None:
 
     import torch
 
-    from service import training
+    from service.core import engine as training
 
     torch.set_num_threads(1)
     training.prepare()

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import load
 
-from service import training
-from service.schemas import JobParams
-from service.store import MemoryStore
+from service.core import engine as training
+from service.core.schemas import JobParams
+from service.state.memory import MemoryStore
 
 TUTORIAL = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
 # Long fits run on noisy data, so that every recorded w and loss is a full-precision float.

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from service.schemas import (
+from service.core.schemas import (
     History,
     Job,
     Model,

@@ -713,7 +713,7 @@ def expected_results(
     and params) is computed once: the long fits repeat a few bodies."""
     import torch
 
-    from service import training
+    from service.core import engine as training
 
     torch.set_num_threads(1)
     training.prepare()

@@ -17,8 +17,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
-from service.settings import Settings
+from service.core.settings import Settings
+from service.http.app import create_app
 
 TUTORIAL = {"x": [1.0, 2.0, 3.0], "y": [2.0, 4.0, 6.0]}
 TIMEOUT = 10.0  # seconds, for every single request a test makes

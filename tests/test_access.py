@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.access import SCOPES
+from service.http.access import SCOPES
 from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job, wait_until
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,5 +1,5 @@
 """The HTTP API through the app factory: the tutorial, the knobs, and the errors callers get
-(their types are listed in the README's Errors section and defined in service/errors.py)."""
+(their types are listed in the README's Errors section and defined in service/core/errors.py)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.schemas import JSON_NUMBER
+from service.core.schemas import JSON_NUMBER
 
 # The in-process TestClient takes no request timeout; pytest-timeout bounds every test.
 from tests.conftest import TUTORIAL, slow_fit, wait_job, wait_until

@@ -15,7 +15,8 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from service.__main__ import DrainingServer, main
+from service.__main__ import main
+from service.server import DrainingServer
 from tests.conftest import TIMEOUT, Server, free_port, start_server, wait_until
 from tests.test_client import RecordingService
 

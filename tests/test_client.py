@@ -38,7 +38,7 @@ from service.client import (
     UnexpectedResponse,
     WaitTimeout,
 )
-from service.schemas import Job, JobStatus, ProgressEvent
+from service.core.schemas import Job, JobStatus, ProgressEvent
 from tests.conftest import TIMEOUT, TUTORIAL, Server, free_port
 
 X, Y = TUTORIAL["x"], TUTORIAL["y"]
@@ -889,7 +889,7 @@ def test_the_new_options_against_the_service(make_client: Callable[..., TestClie
 
 
 def test_the_client_shares_only_the_schemas_with_the_service() -> None:
-    """Other services import the client: of this package it may import service.schemas alone
+    """Other services import the client: of this package it may import service.core.schemas alone
     (the request and answer models, ProgressEvent included), never the server's modules."""
     source = Path(__file__).resolve().parents[1] / "service" / "client.py"
     imported = set()
@@ -898,4 +898,4 @@ def test_the_client_shares_only_the_schemas_with_the_service() -> None:
             imported.add(node.module)
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-    assert {m for m in imported if m.split(".")[0] == "service"} == {"service.schemas"}
+    assert {m for m in imported if m.split(".")[0] == "service"} == {"service.core.schemas"}

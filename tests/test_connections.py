@@ -1,4 +1,4 @@
-"""Bounded connections (service.connections) against a real server: idle sockets, slow headers
+"""Bounded connections (service.http.connections) against a real server: idle sockets, slow headers
 and slow bodies are closed at their deadlines, connections past the cap are refused at once,
 and every answer written outside the app is problem+json with the security headers.
 
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.connections import SPARE_DESCRIPTORS
+from service.http.connections import SPARE_DESCRIPTORS
 from tests.conftest import Server, start_server, stop_shared
 
 pytestmark = pytest.mark.timeout(120)
@@ -164,7 +164,7 @@ def test_the_cap_fits_in_the_file_descriptors_the_process_has() -> None:
     code = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
-        "from service.connections import connection_cap\n"
+        "from service.http.connections import connection_cap\n"
         "print(connection_cap(2048), connection_cap(100))\n"
     )
     out = subprocess.run(

@@ -25,13 +25,13 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from service import turns
-from service.intake import Intake, NotRead, loads
-from service.plotter import Plotter
-from service.problems import install_handlers
-from service.schemas import FitRequest
-from service.settings import Settings
-from service.store import Store
+from service.core.schemas import FitRequest
+from service.core.settings import Settings
+from service.http import turns
+from service.http.intake import Intake, NotRead, loads
+from service.http.plotter import Plotter
+from service.http.problems import install_handlers
+from service.state.base import Store
 from tests.conftest import (
     Server,
     alive,
@@ -87,7 +87,7 @@ def reference(settings: Settings) -> TestClient:
 def pair() -> Iterator[tuple[TestClient, TestClient]]:
     """The service (memory store) and the reference, with the same limits."""
     s = settings_for_tests(max_samples=50, max_queued_jobs=500, keep_jobs=50)
-    from service.main import create_app
+    from service.http.app import create_app
 
     with TestClient(create_app(s)) as real, reference(s) as ref:
         yield real, ref

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from service.errors import MAX_LISTED_ERRORS
+from service.core.errors import MAX_LISTED_ERRORS
 from tests.conftest import TIMEOUT, Server
 
 pytestmark = pytest.mark.timeout(120)

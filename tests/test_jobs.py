@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from service.errors import JobAlreadyEnded, QueueFull, ShuttingDown
-from service.jobs import JobRunner
-from service.schemas import Job, JobParams, JobStatus
-from service.settings import Settings
-from service.store import MemoryStore
+from service.core.errors import JobAlreadyEnded, QueueFull, ShuttingDown
+from service.core.schemas import Job, JobParams, JobStatus
+from service.core.settings import Settings
+from service.runner.local import JobRunner
+from service.state.memory import MemoryStore
 from tests.conftest import SLOW_BATCH, settings_for_tests, wait_until
 
 X = array("d", [1.0, 2.0, 3.0]).tobytes()
@@ -121,7 +121,7 @@ def test_the_lower_priority_reaches_threads_started_before_it() -> None:
     """A library's thread pool (OpenBLAS's, say) may start before the worker lowers itself."""
     code = (
         "import os, threading\n"
-        "from service.worker import lower_priority\n"
+        "from service.core.processes import lower_priority\n"
         "stop = threading.Event()\n"
         "threading.Thread(target=stop.wait).start()\n"
         "print(lower_priority(19, True))\n"

@@ -12,12 +12,12 @@ import pytest
 
 WEB_FRAMEWORKS = ("fastapi", "starlette")
 DOMAIN = [
-    "service.errors",
-    "service.training",
-    "service.worker",
-    "service.store",
-    "service.jobs",
-    "service.forkserver",  # the process every training worker is forked from
+    "service.core.errors",
+    "service.core.engine",
+    "service.runner.worker",
+    "service.state.base",
+    "service.runner.local",
+    "service.runner.forkserver",  # the process every training worker is forked from
     "service.client",  # other services import it: it must not drag a server framework in
 ]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service import training
-from service.schemas import Quadratic
+from service.core import engine as training
+from service.core.schemas import Quadratic
 from tests.conftest import TUTORIAL, Server, wait_job
 from tests.test_api import Factory, assert_problem, fit, fit_and_wait, no_nan
 

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.main import create_app
-from service.middleware import DOCS_CSP, PAGE_CSP
-from service.settings import Settings
+from service.core.settings import Settings
+from service.http.app import create_app
+from service.http.middleware import DOCS_CSP, PAGE_CSP
 from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job
 
 PROBLEM = "application/problem+json"

@@ -23,7 +23,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from service import oip
+from service.http import oip
 from tests.conftest import (
     STORES,
     TIMEOUT,

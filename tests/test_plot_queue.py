@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from service.plotter import MAX_WAITING
+from service.http.plotter import MAX_WAITING
 from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job, wait_until
 
 pytestmark = pytest.mark.timeout(180)

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.exceptions import HTTPException
 
-from service.main import create_app
-from service.problems import install_handlers
+from service.http.app import create_app
+from service.http.problems import install_handlers
 from tests.conftest import settings_for_tests
 
 PROBLEM = "application/problem+json"

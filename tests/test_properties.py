@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service import training
-from service.errors import Diverged
+from service.core import engine as training
+from service.core.errors import Diverged
 from tests.conftest import TUTORIAL, wait_job
 
 finite = st.floats(min_value=-100, max_value=100, allow_nan=False, allow_infinity=False)

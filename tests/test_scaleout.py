@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from service.errors import Fenced
-from service.redis_store import RedisStore
-from service.schemas import FitReport, JobParams, JobStatus
+from service.core.errors import Fenced
+from service.core.schemas import FitReport, JobParams, JobStatus
+from service.state.redis import RedisStore
 from tests.conftest import (
     TIMEOUT,
     TUTORIAL,

@@ -9,16 +9,17 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from service.errors import (
+from service.core.errors import (
     HistoryNotFound,
     IdempotencyKeyReused,
     JobAlreadyEnded,
     JobNotFound,
     VersionNotFound,
 )
-from service.redis_store import RedisStore
-from service.schemas import FitReport, JobParams, JobStatus
-from service.store import MemoryStore, Store
+from service.core.schemas import FitReport, JobParams, JobStatus
+from service.state.base import Store
+from service.state.memory import MemoryStore
+from service.state.redis import RedisStore
 from tests.conftest import RedisServer
 
 MakeStore = Callable[[int], Store]  # keep_jobs -> an empty store

@@ -7,9 +7,9 @@ from array import array
 import pytest
 import torch
 
-from service import training
-from service.errors import Diverged
-from service.training import Chunk, FitParams, history, rel_diff, train
+from service.core import engine as training
+from service.core.engine import Chunk, FitParams, history, rel_diff, train
+from service.core.errors import Diverged
 
 TUTORIAL_X = training.as_tensor([1.0, 2.0, 3.0])
 TUTORIAL_Y = training.as_tensor([2.0, 4.0, 6.0])

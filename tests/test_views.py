@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service import views
-from service.main import create_app
-from service.schemas import FitReport, Job, JobParams, JobStatus
-from service.store import Store
+from service.core.schemas import FitReport, Job, JobParams, JobStatus
+from service.http import views
+from service.http.app import create_app
+from service.state.base import Store
 from tests.conftest import (
     TIMEOUT,
     TUTORIAL,
@@ -369,16 +369,16 @@ def test_matplotlib_is_imported_only_for_a_plot() -> None:
 import sys
 from fastapi.testclient import TestClient
 import service.__main__, service.client
-from service.main import create_app
-from service.settings import Settings
+from service.http.app import create_app
+from service.core.settings import Settings
 with TestClient(create_app(Settings()), base_url="http://localhost") as c:
     assert c.get("/").status_code == 200
     assert c.get("/static/page.js").status_code == 200
     assert c.get("/history/plot").status_code == 404  # no job yet: nothing to draw
     print("before", "matplotlib" in sys.modules)
-    from service import views
-    from service.schemas import History
-    views.render_history(History(job_id="j", status="running", total_epochs=0, since=0,
+    from service.core import render
+    from service.core.schemas import History
+    render.render_history(History(job_id="j", status="running", total_epochs=0, since=0,
         stride=1, count=0, next_since=0, epoch=[], w=[], loss=[]), "png")
     print("after", "matplotlib" in sys.modules)
 """

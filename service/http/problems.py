@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from service.errors import (
+from service.core.errors import (
     InvalidInput,
     MethodNotAllowed,
     NotFound,
@@ -23,7 +23,7 @@ from service.errors import (
     ServiceError,
     capped,
 )
-from service.schemas import Problem
+from service.core.schemas import Problem
 
 PROBLEM_JSON = "application/problem+json"
 

@@ -1,44 +1,43 @@
-"""The one owner of mutable state: published model versions, jobs and their histories.
-
-Readers get immutable snapshots: a job is a frozen model replaced on every transition, and the
-served model is one attribute swapped by one assignment, so /predict never takes the lock.
-"""
+"""MemoryStore: the Store in this process's memory (one replica, no Redis)."""
 
 import bisect
 import threading
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-from service.changes import Changes
-from service.errors import (
+from service.core.errors import (
     HistoryNotFound,
     IdempotencyKeyReused,
     JobAlreadyEnded,
     JobNotFound,
-    QueueFull,
     VersionNotFound,
 )
-from service.schemas import (
+from service.core.schemas import (
     FitReport,
     History,
     Job,
     JobParams,
-    JobResult,
     JobStatus,
     Model,
-    ModelMetrics,
     Problem,
     Progress,
 )
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
+from service.state.base import (
+    Column,
+    HistoryPage,
+    Page,
+    floats,
+    model_of,
+    now,
+    publication,
+    queue_full,
+    result_of,
+)
+from service.state.changes import Changes
 
 
 class _Column:
@@ -99,104 +98,6 @@ class _History:
             b=_Column() if job.params.fit_intercept else None,
             val_loss=_Column() if job.params.validation_fraction else None,
         )
-
-
-class Store(Protocol):
-    """Everything the routes, the views, the runner and the metrics need from state; MemoryStore
-    is the one implementation today, and a shared (Redis) store would be another.
-
-    Routes on the event loop and the runner's dispatcher thread call it at the same time: every
-    method is safe to call concurrently, and what it returns (jobs, the model, history pages) are
-    immutable snapshots. Ended jobs beyond the store's keep_jobs are evicted, those that ended
-    longest ago first, never the served model's; an evicted job is then JobNotFound, and its
-    idempotency key is forgotten.
-    """
-
-    @property
-    def model(self) -> Model | None:
-        """The served model, None before a fit succeeds; a plain read that never waits."""
-
-    @property
-    def unreachable(self) -> str | None:
-        """Why this process cannot know whether a model is served (a shared store it has never
-        read), or None."""
-
-    @property
-    def changes(self) -> Changes:
-        """Told of every change of a job (its status, progress, history, eviction)."""
-
-    def create_job(
-        self,
-        params: JobParams,
-        n_samples: int,
-        idempotency: tuple[str, str] | None = None,
-        max_queued: int | None = None,
-    ) -> tuple[Job, bool]:
-        """A new queued job and True, or for a (key, body fingerprint) seen before the original
-        job and False; raises IdempotencyKeyReused for a known key with another fingerprint,
-        and QueueFull, having created nothing, when max_queued jobs are queued already."""
-
-    def get_job(self, job_id: str) -> Job:
-        """The job as it is now; raises JobNotFound (never created, or evicted)."""
-
-    def list_jobs(self, limit: int) -> list[Job]:
-        """At most `limit` kept jobs, newest first."""
-
-    def job_counts(self) -> dict[JobStatus, int]:
-        """How many kept jobs are in each status; a status with none may be missing."""
-
-    def start_job(self, job_id: str) -> Job | None:
-        """Mark a queued job running (attempt 1) with an empty history; None if it is no longer
-        queued (cancelled or evicted meanwhile)."""
-
-    def append_history(
-        self,
-        job_id: str,
-        w: Sequence[float],
-        b: Sequence[float] | None,
-        loss: Sequence[float],
-        val_loss: Sequence[float] | None = None,
-    ) -> None:
-        """Record the next epochs of a running job (columns of equal length, b only with an
-        intercept, val_loss only with a validation split) and advance its progress; only
-        after start_job or retry_job."""
-
-    def retry_job(self, job_id: str) -> Job:
-        """Start the next attempt of a running job: attempts + 1, progress and history from 0;
-        raises JobNotFound, or JobAlreadyEnded if the job is not running."""
-
-    def succeed_job(self, job_id: str, report: FitReport) -> Job:
-        """End a job as succeeded and keep the model its fit reports as the next version,
-        atomically; the ended job. The version is served as the job's `publish` says (see
-        `publication`): "always" by default. Raises JobNotFound, or JobAlreadyEnded if it has
-        ended already."""
-
-    def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
-        """End a job as `status` (failed or cancelled) with its problem, publishing nothing; the
-        ended job. Raises JobNotFound, or JobAlreadyEnded if it has ended already."""
-
-    def history(
-        self, job_id: str | None, since: int, limit: int | None, max_points: int
-    ) -> History:
-        """A page of a job's history (default: the latest started): at most `limit` epochs from
-        `since`, thinned evenly to at most max_points, the page's last one kept. Raises
-        JobNotFound, or HistoryNotFound if no job (or not this one) has started yet."""
-
-    def history_page(
-        self, job_id: str | None, since: int, limit: int | None, max_points: int
-    ) -> "HistoryPage":
-        """history(), its columns kept as float64 arrays: what GET /history writes in slices."""
-
-    def versions(self, limit: int) -> list[Model]:
-        """At most `limit` kept model versions, newest first. Every publication is kept, up to
-        keep_versions: the oldest are evicted first, never the served one."""
-
-    def version(self, version: int) -> Model:
-        """A kept version; raises VersionNotFound."""
-
-    def serve(self, version: int) -> Model:
-        """Serve a kept version from now on, atomically, like a publication (a rollback, or the
-        promotion of an older version); raises VersionNotFound."""
 
 
 class MemoryStore:
@@ -424,159 +325,3 @@ class MemoryStore:
         old = [v for v in self._versions if v != served_version]
         for v in old[: max(0, len(self._versions) - self._keep_versions)]:
             del self._versions[v]
-
-
-@dataclass(frozen=True)
-class Page:
-    """The epochs a history page holds: every stride-th of [start, end), then the page's last
-    epoch (`tail`) when the stride skips it. Every store pages and thins the same way."""
-
-    total: int
-    start: int
-    end: int
-    stride: int
-    tail: list[int]
-
-    @classmethod
-    def of(cls, total: int, since: int, limit: int | None, max_points: int) -> "Page":
-        start = min(since, total)
-        end = total if limit is None else min(total, start + limit)
-        stride = stride_for(end - start, max_points)
-        last = end - 1
-        tail = [last] if end > start and (last - start) % stride else []
-        return cls(total, start, end, stride, tail)
-
-    @property
-    def epochs(self) -> list[int]:
-        return [*range(self.start, self.end, self.stride), *self.tail]
-
-    def history(
-        self,
-        job: Job,
-        w: list[float],
-        b: list[float] | None,
-        loss: list[float],
-        val_loss: list[float] | None = None,
-    ) -> History:
-        """The page of `job` with these columns (picked at `epochs`)."""
-        more = self.end < self.total or not job.status.ended
-        return History(
-            job_id=job.id,
-            status=job.status,
-            total_epochs=self.total,
-            since=self.start,
-            stride=self.stride,
-            count=len(w),
-            next_since=self.end if more else None,
-            epoch=self.epochs,
-            w=w,
-            b=b,
-            loss=loss,
-            val_loss=val_loss,
-        )
-
-
-@dataclass(frozen=True)
-class Column:
-    """A history page's column: float64 values in pieces, views of what the store holds (a
-    1,000,000-epoch page copied would hold the GIL for milliseconds)."""
-
-    pieces: tuple["memoryview[float]", ...]
-
-    def __len__(self) -> int:
-        return sum(len(piece) for piece in self.pieces)
-
-    def slices(self, size: int) -> Iterator[list[float]]:
-        """The values as lists of at most `size`."""
-        for piece in self.pieces:
-            for i in range(0, len(piece), size):
-                part = piece[i : i + size]
-                values = array("d")  # array's tolist is twice memoryview's
-                values.frombytes(part.cast("B") if part.contiguous else part.tobytes())
-                yield values.tolist()
-
-    def tolist(self) -> list[float]:
-        return [v for values in self.slices(1 << 20) for v in values]
-
-
-def floats(values: Sequence[float]) -> "memoryview[float]":
-    """A float64 view of a few values."""
-    return memoryview(array("d", values).tobytes()).cast("d")
-
-
-@dataclass(frozen=True)
-class HistoryPage:
-    """A page of a job's history as float64 columns: w and loss, b and val_loss when the job
-    records them, each holding the values at `page.epochs`."""
-
-    job: Job
-    page: Page
-    columns: dict[str, Column]
-
-    def model(self) -> History:
-        cols = {name: values.tolist() for name, values in self.columns.items()}
-        b, val_loss = cols.get("b"), cols.get("val_loss")
-        return self.page.history(self.job, cols["w"], b, cols["loss"], val_loss)
-
-
-def queue_full(queued: int, limit: int) -> QueueFull:
-    return QueueFull(
-        f"{queued} jobs are queued (SGD_MAX_QUEUED_JOBS={limit}); retry later or cancel one",
-        retry_after=2,
-    )
-
-
-def model_of(job: Job, version: int, report: FitReport, at: datetime) -> Model:
-    """The version a succeeded job's fit makes."""
-    metrics = ModelMetrics(
-        final_loss=report.final_loss,
-        mse=report.mse,
-        train_mse=report.train_mse,
-        train_r2=report.train_r2,
-        val_mse=report.val_mse,
-        val_r2=report.val_r2,
-    )
-    return Model(
-        version=version,
-        w=report.w,
-        b=report.b,
-        job_id=job.id,
-        trained_at=at,
-        params=job.params,
-        metrics=metrics,
-    )
-
-
-def publication(job: Job, report: FitReport, served: Model | None) -> tuple[bool, str | None]:
-    """Whether a fit's new version is served, per the job's `publish`, and if not, why not.
-
-    "if_better" compares validation MSEs on the job's held-out rows: the new version's against
-    the model served at this moment (the caller holds its lock or transaction), which is
-    evaluated on the same rows in O(1) (schemas.Quadratic).
-    """
-    publish = job.params.publish
-    if publish == "never":
-        return False, 'publish is "never": serve it with POST /models/{version}/serve'
-    if publish == "always" or served is None or report.val is None or report.val_mse is None:
-        return True, None
-    theirs = report.val.mse(served.w, served.b)
-    if report.val_mse < theirs:
-        return True, None
-    return False, (
-        f"its validation MSE {report.val_mse:.6g} is not lower than that of the served "
-        f"version {served.version}, {theirs:.6g}, on the same held-out rows"
-    )
-
-
-def result_of(model: Model, report: FitReport, served: bool, why_not: str | None) -> JobResult:
-    return JobResult(
-        model_version=model.version,
-        **report.model_dump(exclude={"val"}),
-        published=served,
-        not_published_because=why_not,
-    )
-
-
-def stride_for(count: int, max_points: int) -> int:
-    """The step that picks at most max_points of count epochs, the last one included."""
-    return 1 if count <= max_points else -(-(count - 1) // (max_points - 1))

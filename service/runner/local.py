@@ -25,10 +25,9 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from service import worker
-from service.errors import (
+from service.core.errors import (
     JobAlreadyEnded,
     JobTimedOut,
     NotReady,
@@ -36,9 +35,12 @@ from service.errors import (
     ShuttingDown,
     WorkerCrashed,
 )
-from service.schemas import FitReport, Job, JobParams, JobStatus
-from service.settings import Settings
-from service.store import Store
+from service.core.logs import log_job
+from service.core.processes import fork_context
+from service.core.schemas import FitReport, Job, JobParams, JobStatus
+from service.core.settings import Settings
+from service.runner import worker
+from service.state.base import Store
 
 log = logging.getLogger("sgd_service.jobs")
 
@@ -52,48 +54,6 @@ WORKER_STOP_SECONDS = 1.0
 # How long a worker gets to stop a fit that ran out of time (it checks between blocks, each well
 # under a second) before it is replaced.
 TIMEOUT_GRACE_SECONDS = 10.0
-
-
-class Runner(Protocol):
-    """What the routes, the metrics and the server need from a runner of fits: JobRunner here
-    (one process, memory), service.fleet.QueueRunner with a shared store (Redis)."""
-
-    @property
-    def ready(self) -> bool:
-        """Can take fits now (/readyz)."""
-
-    def not_ready(self) -> ServiceError:
-        """Why it cannot take fits now, when it cannot: the error /readyz answers."""
-
-    @property
-    def broken(self) -> str | None:
-        """Why this replica can never train again (the process should exit), or None."""
-
-    @property
-    def queue_depth(self) -> int: ...
-
-    def start(self) -> None: ...
-
-    def submit(
-        self,
-        params: JobParams,
-        n_samples: int,
-        x: worker.Samples,
-        y: worker.Samples,
-        idempotency: tuple[str, str] | None = None,
-    ) -> tuple[Job, bool]:
-        """Create a job with its samples (float64 bytes) and queue it, all or nothing; or, for
-        an Idempotency-Key (key, body fingerprint) seen before, the original job and False.
-        Raises QueueFull or ShuttingDown having created nothing."""
-
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a queued job now or ask a running one to stop; raises JobNotFound or
-        JobAlreadyEnded."""
-
-    def drain(self) -> None:
-        """Refuse new fits from now on."""
-
-    def stop(self, timeout: float = 10.0) -> None: ...
 
 
 class WorkerLost(Exception):
@@ -186,7 +146,7 @@ class JobRunner:
         self._store = store
         self._on_end = on_end
         self._settings = settings
-        self._ctx = worker.fork_context()
+        self._ctx = fork_context()
         # Guards the fields below; held for a few assignments, never while talking to the worker.
         self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
@@ -561,15 +521,3 @@ class JobRunner:
                 self._on_end(job)
         except Exception:
             log.exception("job %s: reporting its end failed", job.id)
-
-
-def log_job(job: Job) -> None:
-    """One log line for a job's transition (the runner's, or a queue worker's)."""
-    fields: dict[str, Any] = {"job_id": job.id, "status": job.status.value}
-    fields.update(epoch=job.progress.epoch, epochs=job.progress.epochs, n_samples=job.n_samples)
-    fields["attempts"] = job.attempts
-    if job.error is not None:
-        fields["error"] = job.error.type
-    if job.result is not None:
-        fields["model_version"] = job.result.model_version
-    log.info("job %s", job.status.value, extra={"fields": fields})

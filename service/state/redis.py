@@ -56,8 +56,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from service.changes import Changes
-from service.errors import (
+from service.core.errors import (
     Fenced,
     HistoryNotFound,
     IdempotencyKeyReused,
@@ -68,7 +67,7 @@ from service.errors import (
     VersionNotFound,
     WorkerCrashed,
 )
-from service.schemas import (
+from service.core.schemas import (
     FitReport,
     History,
     Job,
@@ -79,8 +78,8 @@ from service.schemas import (
     Problem,
     Progress,
 )
-from service.settings import Settings
-from service.store import (
+from service.core.settings import Settings
+from service.state.base import (
     Column,
     HistoryPage,
     Page,
@@ -91,6 +90,7 @@ from service.store import (
     queue_full,
     result_of,
 )
+from service.state.changes import Changes
 
 log = logging.getLogger("sgd_service.redis")
 

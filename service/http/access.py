@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from service.errors import CrossSiteWrite, InsufficientScope, Unauthorized
-from service.settings import Scope, Settings
+from service.core.errors import CrossSiteWrite, InsufficientScope, Unauthorized
+from service.core.settings import Scope, Settings
 
 log = logging.getLogger("sgd_service")
 

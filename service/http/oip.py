@@ -46,13 +46,13 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.deps import PREDICT, SettingsDep, StoreDep
-from service.errors import ModelNotReady, ServiceError, StoreUnavailable, VersionNotFound
-from service.problems import PROBLEM_JSON
-from service.schemas import Model
-from service.settings import Settings
-from service.store import Store
-from service.turns import give_way
+from service.core.errors import ModelNotReady, ServiceError, StoreUnavailable, VersionNotFound
+from service.core.schemas import Model
+from service.core.settings import Settings
+from service.http.deps import PREDICT, SettingsDep, StoreDep
+from service.http.problems import PROBLEM_JSON
+from service.http.turns import give_way
+from service.state.base import Store
 
 SERVER_NAME = "sgd-service"
 # The protocol's "framework/backend" of the model: this service's own linear model, y = w*x + b.

@@ -39,11 +39,12 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from service.errors import MAX_LISTED_ERRORS, InvalidInput, NotReady, capped
-from service.schemas import Finite, FitRequest
-from service.settings import Settings
-from service.turns import give_way
-from service.worker import Samples, lower_priority, name_process
+from service.core.errors import MAX_LISTED_ERRORS, InvalidInput, NotReady, capped
+from service.core.processes import lower_priority, name_process
+from service.core.schemas import Finite, FitRequest
+from service.core.settings import Settings
+from service.http.turns import give_way
+from service.runner.worker import Samples
 
 _FINITE: TypeAdapter[float] = TypeAdapter(Finite)
 log = logging.getLogger("sgd_service")
@@ -360,7 +361,7 @@ class Intake:
         ours, theirs = socket.socketpair()
         with theirs:
             process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "service.intake", str(theirs.fileno())],
+                [sys.executable, "-m", "service.http.intake", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -455,6 +456,6 @@ def _exactly(sock: socket.socket, n: int) -> bytearray:
 
 if __name__ == "__main__":
     # run as service.intake, not __main__: what it pickles must name this module's classes
-    from service import intake
+    from service.http import intake
 
     intake.main(int(sys.argv[1]))

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import torch
 
-from service.errors import Diverged, InvalidInput
-from service.schemas import FitReport, Quadratic
+from service.core.errors import Diverged, InvalidInput
+from service.core.schemas import FitReport, Quadratic
 
 DTYPE = torch.float64
 MAX_BLOCK_EPOCHS = 4096

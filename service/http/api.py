@@ -17,27 +17,14 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from service.bodies import FitRoute, Handler, PredictRoute
-from service.deps import (
-    ADMIN,
-    PREDICT,
-    READ,
-    TRAIN,
-    MetricsDep,
-    RunnerDep,
-    SettingsDep,
-    StoreDep,
-)
-from service.errors import (
+from service.core.errors import (
     InvalidInput,
     JobNotFound,
     ModelNotReady,
     NothingServed,
     StoreUnavailable,
 )
-from service.intake import Accepted, NotRead, Refused, checked, loads
-from service.problems import problems
-from service.schemas import (
+from service.core.schemas import (
     MAX_SEED,
     NUMBER,
     WHOLE,
@@ -55,9 +42,22 @@ from service.schemas import (
     PredictRequest,
     finite_or_raise,
 )
-from service.settings import Settings
-from service.store import HistoryPage, Store
-from service.turns import give_way
+from service.core.settings import Settings
+from service.http.bodies import FitRoute, Handler, PredictRoute
+from service.http.deps import (
+    ADMIN,
+    PREDICT,
+    READ,
+    TRAIN,
+    MetricsDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+)
+from service.http.intake import Accepted, NotRead, Refused, checked, loads
+from service.http.problems import problems
+from service.http.turns import give_way
+from service.state.base import HistoryPage, Store
 
 CANCEL_WAIT_SECONDS = 10.0
 MAX_LISTED_JOBS = 100

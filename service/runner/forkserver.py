@@ -11,7 +11,7 @@ would start a thread pool here, so it is asked for one thread before anything lo
 import os
 import signal
 
-from service.worker import name_process
+from service.core.processes import name_process
 
 name_process("sgd-forkserver")
 # The server decides when its processes stop, as for the worker: a SIGTERM sent to the whole
@@ -23,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 try:
     import torch  # noqa: F401
 
-    from service import training  # noqa: F401
+    from service.core import engine  # noqa: F401
 except Exception:  # noqa: S110
     # A broken install: each worker imports torch again, fails and says why, and the runner
     # counts the failed start as it would any other.

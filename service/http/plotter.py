@@ -17,9 +17,9 @@ from collections.abc import Awaitable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from service.errors import NotReady, TooManyPlots
-from service.schemas import History
-from service.worker import lower_priority, name_process
+from service.core.errors import NotReady, TooManyPlots
+from service.core.processes import lower_priority, name_process
+from service.core.schemas import History
 
 log = logging.getLogger("sgd_service")
 
@@ -40,7 +40,7 @@ def _exit_with(server: int) -> None:
 
 
 def _draw(history: History, image_format: str, log_scale: bool) -> bytes:
-    from service.views import render_history  # imported in the plotting process only
+    from service.core.render import render_history  # imported in the plotting process only
 
     return render_history(history, image_format, log_scale)
 

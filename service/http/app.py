@@ -9,21 +9,30 @@ from fastapi import FastAPI, Request, Response
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from service import __version__, api, oip, views
-from service.access import Access
-from service.changes import Streams
-from service.deps import document_access
-from service.errors import ServiceError
-from service.fastpath import FastPredict
-from service.intake import Intake
-from service.jobs import JobRunner, Runner
-from service.middleware import PAGE_CSP, SECURITY_HEADERS, AllowedHosts, BodyLimit, SecurityHeaders
-from service.observability import Metrics, RequestObserver
-from service.plotter import Plotter
-from service.problems import install_handlers, problem_response
-from service.schemas import document_limits
-from service.settings import Settings
-from service.store import MemoryStore, Store
+from service import __version__
+from service.core.errors import ServiceError
+from service.core.settings import Settings
+from service.http import api, oip, views
+from service.http.access import Access
+from service.http.deps import document_access
+from service.http.fastpath import FastPredict
+from service.http.intake import Intake
+from service.http.middleware import (
+    PAGE_CSP,
+    SECURITY_HEADERS,
+    AllowedHosts,
+    BodyLimit,
+    SecurityHeaders,
+)
+from service.http.observability import Metrics, RequestObserver
+from service.http.openapi import document_limits
+from service.http.plotter import Plotter
+from service.http.problems import install_handlers, problem_response
+from service.http.streams import Streams
+from service.runner.base import Runner
+from service.runner.local import JobRunner
+from service.state.base import Store
+from service.state.memory import MemoryStore
 
 log = logging.getLogger("sgd_service")
 DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")  # where FastAPIOffline serves them
@@ -49,8 +58,8 @@ def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
     if settings.redis_url is None:
         store = MemoryStore(keep_jobs=settings.keep_jobs, keep_versions=settings.keep_versions)
         return store, JobRunner(store, settings, on_end=metrics.job_ended)
-    from service.fleet import QueueRunner  # imports redis only in Redis mode
-    from service.redis_store import RedisStore
+    from service.runner.fleet import QueueRunner  # imports redis only in Redis mode
+    from service.state.redis import RedisStore
 
     shared = RedisStore.from_settings(settings, on_end=metrics.job_ended)
     return shared, QueueRunner(shared, settings)

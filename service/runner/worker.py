@@ -6,16 +6,15 @@ semaphore or event between them: every request and answer is a message, and the 
 for a cancel between blocks of epochs by polling the pipe, which a dead peer cannot block.
 """
 
-import contextlib
-import multiprocessing as mp
 import os
 import signal
 import socket
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
+
+from service.core.processes import lower_priority, name_process
 
 # The worker sends what it has at most this often: bounded message rate, fresh progress.
 FLUSH_SECONDS = 0.05
@@ -140,12 +139,12 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     started = time.perf_counter()
     import torch
 
-    from service import training
+    from service.core import engine
 
     torch.set_num_threads(threads)
     # Plain types only: unpickling a TorchVersion made the server import torch.
     info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
-    info.update(training.prepare())  # one-off engine set-up is paid here, once per process
+    info.update(engine.prepare())  # one-off engine set-up is paid here, once per process
     info["startup_seconds"] = round(time.perf_counter() - started, 3)
     # Fits are background work and run at the lower priority; the start-up before them does
     # not. It is a one-off while the replica is not ready (no balancer sends it traffic), and
@@ -172,16 +171,16 @@ def _exit() -> NoReturn:
 
 def _run(chan: Channel, msg: Fit) -> None:
     """One fit: stream its history, then exactly one of Done, Cancelled or Failed."""
-    from service import training
-    from service.errors import Diverged, InvalidInput, WorkerCrashed
+    from service.core import engine
+    from service.core.errors import Diverged, InvalidInput, WorkerCrashed
 
-    x = training.as_tensor(chan.recv_raw(8 * msg.n))
-    y = training.as_tensor(chan.recv_raw(8 * msg.n))
-    fit = training.FitParams.of(msg.params)
+    x = engine.as_tensor(chan.recv_raw(8 * msg.n))
+    y = engine.as_tensor(chan.recv_raw(8 * msg.n))
+    fit = engine.FitParams.of(msg.params)
     outbox = _Outbox(chan, msg.job_id)
     conn = chan.conn
     try:
-        session = training.Session(x, y, fit)
+        session = engine.Session(x, y, fit)
         for chunk in session.chunks():
             outbox.add(chunk)
             if _interrupted(conn, msg.job_id):
@@ -215,60 +214,6 @@ def _interrupted(conn: Connection, job_id: str) -> bool:
         if isinstance(msg, Cancel) and msg.job_id == job_id:
             return True
     return False
-
-
-def lower_priority(nice: int, sched_idle: bool, spare: Collection[int] = ()) -> str:
-    """Lower every thread of this process to niceness `nice` and, when asked and the OS has it,
-    SCHED_IDLE; the policy it runs under.
-
-    Every thread, not only the caller: on Linux both settings are per thread, and libraries
-    start threads of their own before this runs (OpenBLAS's pool, loaded with torch, spins
-    while it waits for work), which would keep the normal priority and compete with the API.
-    Lowering one's own priority needs no privilege (not even CAP_SYS_NICE), so this works in
-    a container with every capability dropped. The hello reports the policy; the server logs it.
-    The threads `spare` (ids) keep their priority.
-    """
-    policy = "idle" if sched_idle else "other"
-    for tid in _threads():
-        if tid in spare:
-            continue
-        with contextlib.suppress(OSError):  # a thread may end meanwhile
-            if nice:
-                os.setpriority(
-                    os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid))
-                )
-        if sched_idle:
-            try:
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-            except ProcessLookupError:
-                pass
-            except (AttributeError, OSError):  # not Linux, or refused by a sandbox: niceness only
-                policy = "other"
-    return policy
-
-
-def fork_context() -> Any:
-    """Where training workers come from, in both runners: multiprocessing's fork server, which has
-    imported torch and the engine and nothing else, and runs no thread (service.forkserver). A
-    worker is a fork of it, ready in about 0.06 s; never a fork of the server, which has threads.
-    """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["service.forkserver"])
-    return ctx
-
-
-def name_process(name: str) -> None:
-    """The name ps and top show for this process (Linux; elsewhere nothing happens)."""
-    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
-        comm.write(name)
-
-
-def _threads() -> list[int]:
-    """The ids of this process's threads (Linux), or just its own id elsewhere."""
-    try:
-        return [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        return [0]
 
 
 def columns(parts: list[Any]) -> dict[str, bytes]:

@@ -26,8 +26,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from service import fleet
-from service.errors import (
+from service.core.errors import (
     Diverged,
     Fenced,
     InvalidInput,
@@ -37,12 +36,13 @@ from service.errors import (
     StoreUnavailable,
     WorkerCrashed,
 )
-from service.jobs import log_job
-from service.observability import configure_logging
-from service.redis_store import ACTOR, QUEUE, RedisStore
-from service.schemas import Job, JobStatus
-from service.settings import Settings
-from service.worker import FLUSH_SECONDS, columns, lower_priority, name_process
+from service.core.logs import configure_logging, log_job
+from service.core.processes import lower_priority, name_process
+from service.core.schemas import Job, JobStatus
+from service.core.settings import Settings
+from service.runner import fleet
+from service.runner.worker import FLUSH_SECONDS, columns
+from service.state.redis import ACTOR, QUEUE, RedisStore
 
 log = logging.getLogger("sgd_service.worker")
 T = TypeVar("T")
@@ -122,12 +122,12 @@ class FitActor:
             log.info("job %s handed back to the queue", job_id)
 
     def _run(self, job: Job) -> None:
-        from service import training
+        from service.core import engine
 
         attempt = job.attempts
         x_raw, y_raw = self._stored(lambda: self.store.job_data(job.id))
-        x, y = training.as_tensor(x_raw), training.as_tensor(y_raw)
-        fit = training.FitParams.of(job.params.model_dump())
+        x, y = engine.as_tensor(x_raw), engine.as_tensor(y_raw)
+        fit = engine.FitParams.of(job.params.model_dump())
         started = job.started_at or datetime.now(UTC)
         deadline = started.timestamp() + self.settings.job_timeout
         parts: list[Any] = []
@@ -170,7 +170,7 @@ class FitActor:
             log_job(self._stored(lambda: ended(job.id, status, problem, attempt=attempt)))
 
         try:
-            session = training.Session(x, y, fit)
+            session = engine.Session(x, y, fit)
             for chunk in session.chunks():
                 parts.append(chunk)
                 if time.monotonic() - last_flush < FLUSH_SECONDS:
@@ -231,7 +231,7 @@ def main(
     import dramatiq
     import torch
 
-    from service import training
+    from service.core import engine
 
     stop = threading.Event()
 
@@ -247,7 +247,7 @@ def main(
     started = time.perf_counter()
     torch.set_num_threads(settings.torch_threads)
     info: dict[str, Any] = {"pid": os.getpid(), "torch": str(torch.__version__)}
-    info.update(training.prepare())
+    info.update(engine.prepare())
     store = RedisStore.from_settings(settings, watch=False)
     with contextlib.suppress(redis.RedisError):  # Redis away: the replicas warn too
         store.check_config()

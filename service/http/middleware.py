@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import HostNotAllowed, PayloadTooLarge
-from service.problems import problem_response
+from service.core.errors import HostNotAllowed, PayloadTooLarge
+from service.http.problems import problem_response
 
 
 class AllowedHosts:

@@ -24,10 +24,10 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.errors import MalformedRequest, RequestTimeout, ServiceError, TooManyConnections
-from service.middleware import PAGE_CSP, SECURITY_HEADERS
-from service.problems import PROBLEM_JSON
-from service.settings import Settings
+from service.core.errors import MalformedRequest, RequestTimeout, ServiceError, TooManyConnections
+from service.core.settings import Settings
+from service.http.middleware import PAGE_CSP, SECURITY_HEADERS
+from service.http.problems import PROBLEM_JSON
 
 log = logging.getLogger("sgd_service")
 # File descriptors kept for what is not a client connection: the listening socket, logs, pipes

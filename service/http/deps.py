@@ -10,13 +10,13 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from service.access import WRITES, Access
-from service.changes import Streams
-from service.jobs import Runner
-from service.observability import Metrics
-from service.plotter import Plotter
-from service.settings import Scope, Settings
-from service.store import Store
+from service.core.settings import Scope, Settings
+from service.http.access import WRITES, Access
+from service.http.observability import Metrics
+from service.http.plotter import Plotter
+from service.http.streams import Streams
+from service.runner.base import Runner
+from service.state.base import Store
 
 
 # async: FastAPI runs plain `def` dependencies in its threadpool, a hop per request

@@ -1,23 +1,19 @@
 """Metrics (Prometheus), request ids and one structured log line per request."""
 
-import json
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServiceError
-from service.jobs import Runner
-from service.schemas import Job, JobStatus
-from service.store import Store
+from service.core.errors import ServiceError
+from service.core.schemas import Job, JobStatus
+from service.runner.base import Runner
+from service.state.base import Store
 
 access_log = logging.getLogger("sgd_service.access")
 # Health probes come every few seconds from Docker, Kubernetes or a load balancer: their lines
@@ -165,33 +161,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
             text = value.decode("latin-1")[:128]
             return text if text.isprintable() and text else None
     return None
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC), level, logger, message and structured fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            # not formatTime: strftime costs more than the rest of an access line together
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        line.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def configure_logging(level: str) -> None:
-    """JSON lines on stdout for our loggers and uvicorn's; uvicorn's access log is ours."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
-    logging.getLogger("uvicorn.access").disabled = True  # RequestObserver logs each request

@@ -27,11 +27,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
-from service.deps import check_access
-from service.errors import InvalidInput
-from service.intake import Intake, Refused
-from service.settings import Settings
-from service.turns import give_way
+from service.core.errors import InvalidInput
+from service.core.settings import Settings
+from service.http.deps import check_access
+from service.http.intake import Intake, Refused
+from service.http.turns import give_way
 
 OTHER_VALUES = 16  # values a body holds besides its lists, with room to spare
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]

@@ -24,11 +24,12 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from service.errors import NotReady, ServiceError, ShuttingDown, StoreUnavailable
-from service.redis_store import Reconciler, RedisStore
-from service.schemas import Job, JobParams
-from service.settings import Settings
-from service.worker import Samples, fork_context
+from service.core.errors import NotReady, ServiceError, ShuttingDown, StoreUnavailable
+from service.core.processes import fork_context
+from service.core.schemas import Job, JobParams
+from service.core.settings import Settings
+from service.runner.worker import Samples
+from service.state.redis import Reconciler, RedisStore
 
 log = logging.getLogger("sgd_service.fleet")
 
@@ -155,10 +156,10 @@ class QueueRunner:
     # -- the embedded workers --------------------------------------------------------------
 
     def _spawn(self, i: int) -> None:
-        """Start worker i, forked from the fork server (service.worker.fork_context) as the
+        """Start worker i, forked from the fork server (service.core.processes.fork_context) as the
         in-memory runner's worker is. It sends a byte on its pipe once it can take fits, and
         stops when the pipe closes: when this replica is gone, even killed with -9."""
-        from service import queue_worker
+        from service.runner import queue_worker
 
         conn, child = self._ctx.Pipe()
         proc = self._ctx.Process(

@@ -1,0 +1,356 @@
+"""The `sgd-service` commands that talk to a running service, and `token`."""
+
+import argparse
+import json
+import math
+import os
+import secrets
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, NoReturn
+
+import httpx
+from pydantic import ValidationError
+
+from service.client import (
+    ClientError,
+    FitOptions,
+    ImageFormat,
+    ProblemError,
+    Publish,
+    SGDClient,
+)
+from service.core.settings import Scope
+from service.http.access import SCOPES, NamedToken, digest
+
+# -- client commands: talk to a running service ---------------------------------------------
+
+CLIENT_TIMEOUT = 30.0
+
+
+def default_url(environ: Mapping[str, str] = os.environ) -> str:
+    """$SGD_URL, else where `sgd-service serve` listens with the same SGD_HOST and SGD_PORT."""
+    if environ.get("SGD_URL"):
+        return environ["SGD_URL"]
+    host = environ.get("SGD_HOST") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):  # noqa: S104  # every interface: reach it on the loopback
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{environ.get('SGD_PORT') or 8000}"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _finite(text: str) -> float:
+    """A float argument that JSON can carry: NaN and infinities are refused here, not sent."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    """An http(s) URL with a host (from --url or $SGD_URL)."""
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL with a host: {text!r}")
+    return text
+
+
+PLOT_FORMATS: dict[str, ImageFormat] = {".png": "png", ".svg": "svg"}  # what /history/plot draws
+
+
+def _plot_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the service draws .png and .svg; name the file with one of these"
+        )
+    return path
+
+
+def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
+    """The fit, predict and history subcommands."""
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--url",
+        type=_url,
+        default=default_url(),
+        help="the service (default: $SGD_URL, else SGD_HOST and SGD_PORT as `serve` reads them: "
+        "%(default)s); $SGD_API_TOKEN is sent if set",
+    )
+    fit = sub.add_parser("fit", parents=[common], help="start a fit; prints the job as JSON")
+    fit.add_argument("--x", type=_finite, nargs="+", required=True, help="hours studied")
+    fit.add_argument("--y", type=_finite, nargs="+", required=True, help="exam scores")
+    fit.add_argument("--epochs", type=int)
+    fit.add_argument("--learning-rate", type=_finite)
+    fit.add_argument("--init-w", type=_finite)
+    fit.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=argparse.SUPPRESS,
+        help="samples per epoch, or 'all' (full-batch)",
+    )
+    fit.add_argument("--fit-intercept", action="store_true", default=None, help="learn b too")
+    fit.add_argument("--seed", type=int)
+    fit.add_argument(
+        "--validation-fraction",
+        type=_finite,
+        help="hold out this share of the rows (0..0.5, chosen with the seed): val_mse, val_r2",
+    )
+    fit.add_argument(
+        "--tol",
+        type=_tol,
+        default=argparse.SUPPRESS,
+        help="stop early once the loss stops improving by tol (scikit-learn's), or 'off'",
+    )
+    fit.add_argument(
+        "--n-iter-no-change", type=int, help="epochs without improvement before --tol stops"
+    )
+    fit.add_argument(
+        "--publish",
+        choices=PUBLISH,
+        help="serve the new version always, never, or if_better on the held-out rows",
+    )
+    fit.add_argument(
+        "--init-from",
+        type=_init_from,
+        metavar="served|VERSION",
+        help="warm start from the served model or a kept version, not --init-w",
+    )
+    fit.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job to end (its id goes to stderr first; Ctrl-C cancels it)",
+    )
+    fit.add_argument("--timeout", type=_seconds, default=600.0, help="for --wait (seconds)")
+    predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
+    predict.add_argument("hours", type=_finite, nargs="+")
+    predict.add_argument("--version", type=_version, help="a kept model version (default: served)")
+    models = sub.add_parser(
+        "models", parents=[common], help="print the kept model versions as JSON, or --serve one"
+    )
+    models.add_argument("--limit", type=int, default=20, help="at most this many (newest first)")
+    models.add_argument(
+        "--serve", type=_version, metavar="VERSION", help="serve this kept version (a rollback)"
+    )
+    history = sub.add_parser(
+        "history", parents=[common], help="print a job's history as JSON (one line), or --plot it"
+    )
+    history.add_argument("--job-id", help="default: the latest job")
+    history.add_argument(
+        "--max-points", type=int, help="thin the JSON to about this many epochs (not with --plot)"
+    )
+    history.add_argument(
+        "--plot",
+        type=_plot_path,
+        help="write the figure here: .png or .svg (the service thins it to 2,000 points)",
+    )
+    history.add_argument(
+        "--log", action="store_true", help="with --plot: draw the loss on a log scale"
+    )
+
+
+class UsageError(Exception):
+    """A command line or environment the client commands cannot use (exit status 2)."""
+
+
+def _headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    token = environ.get("SGD_API_TOKEN")
+    if not token:
+        return {}
+    # An HTTP header carries visible ASCII only; any other token could never be sent.
+    if not (token.isascii() and token.isprintable()):
+        raise UsageError("SGD_API_TOKEN holds characters an HTTP header cannot carry")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run fit/predict/history; the exit status is 0 on success, 1 on an error answer or a
+    failed fit, 2 on a usage error, 130 on Ctrl-C. Each error is one line on stderr (a problem's
+    fields follow it, one line each)."""
+    try:
+        if args.command == "history" and args.plot is not None and args.max_points is not None:
+            raise UsageError("--max-points thins the JSON history; a --plot is always thinned")
+        if args.command == "history" and args.plot is None and args.log:
+            raise UsageError("--log draws a --plot's loss on a log scale; add --plot FILE")
+        headers = _headers()
+    except UsageError as exc:
+        print(f"sgd-service {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    with httpx.Client(base_url=args.url, timeout=CLIENT_TIMEOUT, headers=headers) as http:
+        sgd = SGDClient(http)
+        try:
+            return COMMANDS[args.command](sgd, args)
+        except ProblemError as exc:
+            print(f"error: {exc.problem.title}: {exc.detail}", file=sys.stderr)
+            for issue in exc.problem.errors or []:
+                print(f"  {issue.field}: {issue.message}", file=sys.stderr)
+        except ClientError as exc:
+            print(f"error: {args.url}: {exc}", file=sys.stderr)
+        except OSError as exc:  # --plot's file: a missing directory, a directory, no permission
+            print(f"error: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return 1
+
+
+def _fit(sgd: SGDClient, args: argparse.Namespace) -> int:
+    # Only what was given is sent: the service's defaults are the tutorial's.
+    options: FitOptions = {}
+    for name in (
+        "epochs",
+        "learning_rate",
+        "init_w",
+        "fit_intercept",
+        "seed",
+        "validation_fraction",
+        "n_iter_no_change",
+        "publish",
+        "init_from",
+    ):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    # None is a value of these two (every sample; no early stopping): absent means not given
+    if hasattr(args, "batch_size"):
+        options["batch_size"] = args.batch_size
+    if hasattr(args, "tol"):
+        options["tol"] = args.tol
+    job = sgd.fit(args.x, args.y, **options)
+    if args.wait:
+        # The id first: whatever happens to this wait, the caller knows which job is theirs.
+        print(f"job {job.id} {job.status.value}; waiting (Ctrl-C cancels it)", file=sys.stderr)
+        try:
+            job = sgd.wait(job.id, timeout=args.timeout)
+        except KeyboardInterrupt:
+            return _cancel_on_interrupt(sgd, job.id)
+    print(job.model_dump_json(indent=2))
+    return 0 if not args.wait or job.status == "succeeded" else 1
+
+
+def _cancel_on_interrupt(sgd: SGDClient, job_id: str) -> int:
+    """Ctrl-C during fit --wait: the job was ours to wait for, so it is cancelled too."""
+    try:
+        sgd.cancel(job_id)
+        print(f"interrupted: job {job_id} cancelled", file=sys.stderr)
+    except (ClientError, KeyboardInterrupt) as exc:
+        reason = "a second Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(
+            f"interrupted: job {job_id} was not cancelled ({reason}); "
+            f"cancel it with POST /jobs/{job_id}/cancel",
+            file=sys.stderr,
+        )
+    return 130
+
+
+def _batch_size(text: str) -> int | None:
+    if text == "all":
+        return None  # every sample each epoch: full-batch gradient descent
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a number of samples or 'all', not {text!r}")
+    return int(text)
+
+
+def _tol(text: str) -> float | None:
+    if text == "off":
+        return None  # no early stopping (sent as null)
+    return _finite(text)
+
+
+PUBLISH: tuple[Publish, ...] = ("always", "never", "if_better")
+
+
+def _init_from(text: str) -> Literal["served"] | int:
+    if text == "served":
+        return "served"
+    try:
+        return _version(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"'served' or a model version number (1, 2, ...), not {text!r}"
+        ) from None
+
+
+def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
+    hours: list[float] = args.hours
+    if len(hours) == 1:
+        scores = [sgd.predict(hours[0], args.version)]
+    else:
+        scores = sgd.predict_many(hours, args.version)
+    for score in scores:
+        print(score)
+    return 0
+
+
+def _version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a model version number (1, 2, ...), not {text!r}")
+    return int(text)
+
+
+def _models(sgd: SGDClient, args: argparse.Namespace) -> int:
+    if args.serve is not None:
+        print(sgd.serve(args.serve).model_dump_json())
+    else:
+        print(sgd.models(args.limit).model_dump_json())
+    return 0
+
+
+def _history(sgd: SGDClient, args: argparse.Namespace) -> int:
+    if args.plot is None:
+        print(sgd.history(args.job_id, max_points=args.max_points).model_dump_json())
+        return 0
+    image_format = PLOT_FORMATS[args.plot.suffix.lower()]
+    args.plot.write_bytes(sgd.plot(args.job_id, image_format, log=args.log))
+    scale = ", log scale" if args.log else ""
+    print(f"wrote {args.plot} ({image_format}{scale})")
+    return 0
+
+
+def _scopes(text: str) -> tuple[Scope, ...]:
+    scopes = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise argparse.ArgumentTypeError(
+            f"scopes are a comma-separated list of {', '.join(SCOPES)}, not {text!r}"
+        )
+    return scopes  # type: ignore[return-value]
+
+
+def _new_token(name: str, scopes: tuple[Scope, ...]) -> int:
+    """A random 256-bit token on stdout's first line; its SGD_TOKENS_FILE entry on the next."""
+    try:
+        NamedToken(name=name, sha256="0" * 64, scopes=scopes)
+    except ValidationError:
+        print(
+            f"sgd-service: error: a token's name is letters, digits, '_.-': {name!r}",
+            file=sys.stderr,
+        )
+        return 2
+    secret = secrets.token_urlsafe(32)
+    entry = {"name": name, "sha256": digest(secret).hex(), "scopes": list(scopes)}
+    print(secret)
+    print(json.dumps(entry))
+    return 0
+
+
+COMMANDS = {"fit": _fit, "predict": _predict, "history": _history, "models": _models}

@@ -1,0 +1,51 @@
+"""What every runner of fits offers the routes, the metrics and the server."""
+
+from typing import Protocol
+
+from service.core.errors import (
+    ServiceError,
+)
+from service.core.schemas import Job, JobParams
+from service.runner import worker
+
+
+class Runner(Protocol):
+    """What the routes, the metrics and the server need from a runner of fits: JobRunner here
+    (one process, memory), service.fleet.QueueRunner with a shared store (Redis)."""
+
+    @property
+    def ready(self) -> bool:
+        """Can take fits now (/readyz)."""
+
+    def not_ready(self) -> ServiceError:
+        """Why it cannot take fits now, when it cannot: the error /readyz answers."""
+
+    @property
+    def broken(self) -> str | None:
+        """Why this replica can never train again (the process should exit), or None."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def submit(
+        self,
+        params: JobParams,
+        n_samples: int,
+        x: worker.Samples,
+        y: worker.Samples,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Job, bool]:
+        """Create a job with its samples (float64 bytes) and queue it, all or nothing; or, for
+        an Idempotency-Key (key, body fingerprint) seen before, the original job and False.
+        Raises QueueFull or ShuttingDown having created nothing."""
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now or ask a running one to stop; raises JobNotFound or
+        JobAlreadyEnded."""
+
+    def drain(self) -> None:
+        """Refuse new fits from now on."""
+
+    def stop(self, timeout: float = 10.0) -> None: ...
