@@ -474,3 +474,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return FIRST.index(module) if module in FIRST else len(FIRST)
 
     items.sort(key=rank)
+
+
+# A fit whose worker died in each of its attempts fails with these members in both modes.
+WORKER_CRASHED_MEMBERS = {"type", "title", "status", "detail", "attempts"}

@@ -17,7 +17,7 @@ from service.core.schemas import Job, JobParams, JobStatus
 from service.core.settings import Settings
 from service.runner.local import JobRunner
 from service.state.memory import MemoryStore
-from tests.conftest import SLOW_BATCH, settings_for_tests, wait_until
+from tests.conftest import SLOW_BATCH, WORKER_CRASHED_MEMBERS, settings_for_tests, wait_until
 
 X = array("d", [1.0, 2.0, 3.0]).tobytes()
 Y = array("d", [2.0, 4.0, 6.0]).tobytes()
@@ -243,7 +243,10 @@ def test_a_job_that_kills_every_worker_fails_naming_its_attempts(
     assert failed.attempts == 2
     assert failed.error is not None
     assert failed.error.type == "worker-crashed"
-    assert "2 attempts" in failed.error.detail
+    assert "died 2 times" in failed.error.detail
+    # the same members as Redis mode's (tests/test_scaleout.py): the attempts made, as a number
+    assert set(failed.error.model_dump(exclude_none=True)) == WORKER_CRASHED_MEMBERS
+    assert failed.error.model_dump()["attempts"] == 2
     assert store.model is None
     wait_until(lambda: r.ready, 60.0, "a new worker")
     assert ended(store, submit(r, store, params()).id).status is JobStatus.succeeded

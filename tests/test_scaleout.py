@@ -24,6 +24,7 @@ from service.state.redis import RedisStore
 from tests.conftest import (
     TIMEOUT,
     TUTORIAL,
+    WORKER_CRASHED_MEMBERS,
     Fleet,
     RedisServer,
     Server,
@@ -162,6 +163,30 @@ def test_a_paused_worker_cannot_write_after_it_lost_its_job(fleet: Fleet) -> Non
         # every recorded epoch is the second attempt's: nothing of the first landed after it
         assert history["total_epochs"] == cancelled["progress"]["epoch"]
         assert http.get("/model").status_code == 503  # nothing was published
+
+
+def test_a_fit_whose_workers_all_died_fails_with_the_in_memory_shape(
+    redis_server: RedisServer,
+) -> None:
+    """Its attempts spent, a fit fails with the same worker-crashed members as in memory mode
+    (tests/test_jobs.py): the attempts made, as a number."""
+    store = RedisStore(redis_server.url, redis_server.prefix(), keep_jobs=10, watch=False)
+    params = JobParams(
+        epochs=10, learning_rate=0.01, init_w=1.0, batch_size=1, fit_intercept=False, seed=1
+    )
+    job, _ = store.create_job(params, 3)
+    for attempt in (1, 2):
+        claimed = store.claim(job.id, f"worker-{attempt}", f"claim-{attempt}")
+        assert claimed is not None
+        assert claimed.attempts == attempt
+        store.bury(job.id, attempt, b"0", max_attempts=2)  # its beat never moved
+    failed = store.get_job(job.id)
+    assert failed.status is JobStatus.failed
+    assert failed.error is not None
+    assert failed.error.type == "worker-crashed"
+    assert "died 2 times" in failed.error.detail
+    assert set(failed.error.model_dump(exclude_none=True)) == WORKER_CRASHED_MEMBERS
+    assert failed.error.model_dump()["attempts"] == 2
 
 
 def test_a_stale_attempt_can_neither_append_nor_publish(redis_server: RedisServer) -> None:

@@ -298,3 +298,14 @@ class WorkerCrashed(ServiceError):
     type = "worker-crashed"
     title = "The training worker stopped unexpectedly"
     status = 500
+
+    @classmethod
+    def every_attempt(cls, deaths: int, limit: int, attempts: int, last: str) -> "WorkerCrashed":
+        """A fit whose worker died `deaths` times, its attempts spent: one shape in both modes
+        (the in-memory runner's and Redis mode's), with the job's `attempts` as a member."""
+        return cls(
+            f"the training worker died {deaths} times running this fit "
+            f"(SGD_JOB_ATTEMPTS={limit}), last: {last}; if it needs more memory than a "
+            "worker has, ask for fewer samples or a smaller batch_size",
+            attempts=attempts,
+        )

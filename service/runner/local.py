@@ -421,12 +421,7 @@ class JobRunner:
         if time.monotonic() >= deadline:
             problem = JobTimedOut(self._settings.job_timeout).problem()
         elif attempts >= limit:
-            problem = WorkerCrashed(
-                f"the training worker died in each of the job's {attempts} attempts "
-                f"(SGD_JOB_ATTEMPTS={limit}), last: {reason}; the fit may need more memory "
-                "than the host has",
-                attempts=attempts,
-            ).problem()
+            problem = WorkerCrashed.every_attempt(attempts, limit, attempts, reason).problem()
         while problem is None and not (self._cancel_asked or self._draining or self._stopping):
             if self._worker_ready:
                 return None, True

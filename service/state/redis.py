@@ -909,10 +909,9 @@ class RedisStore:
             if b"cancel" in fields:
                 return self._finish(pipe, job, JobStatus.cancelled, None)
             if deaths >= max_attempts:
-                problem = WorkerCrashed(
-                    f"the training worker died {deaths} times running this fit "
-                    f"(SGD_JOB_ATTEMPTS={max_attempts}); if it needs more memory than a "
-                    "worker has, ask for fewer samples or a smaller batch_size"
+                last = f"its beat stood still for SGD_LEASE_SECONDS={self.lease_seconds:g}"
+                problem = WorkerCrashed.every_attempt(
+                    deaths, max_attempts, job.attempts, last
                 ).problem()
                 return self._finish(pipe, job, JobStatus.failed, problem)
             return self._requeue(pipe, job)
