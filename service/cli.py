@@ -1,4 +1,5 @@
-"""The `sgd-service` commands that talk to a running service, and `token`."""
+"""The `sgd-service` command line: its parser, the commands that talk to a running service
+(fit, predict, history, models), `token`, and the settings `serve` and `worker` start with."""
 
 import argparse
 import json
@@ -21,8 +22,8 @@ from service.client import (
     Publish,
     SGDClient,
 )
-from service.core.settings import Scope
-from service.http.access import SCOPES, NamedToken, digest
+from service.core.settings import Scope, Settings, SettingsError, load_settings
+from service.http.access import SCOPES, NamedToken, TokensFileError, digest, read_tokens
 
 # -- client commands: talk to a running service ---------------------------------------------
 
@@ -336,7 +337,7 @@ def _scopes(text: str) -> tuple[Scope, ...]:
     return scopes  # type: ignore[return-value]
 
 
-def _new_token(name: str, scopes: tuple[Scope, ...]) -> int:
+def new_token(name: str, scopes: tuple[Scope, ...]) -> int:
     """A random 256-bit token on stdout's first line; its SGD_TOKENS_FILE entry on the next."""
     try:
         NamedToken(name=name, sha256="0" * 64, scopes=scopes)
@@ -354,3 +355,47 @@ def _new_token(name: str, scopes: tuple[Scope, ...]) -> int:
 
 
 COMMANDS = {"fit": _fit, "predict": _predict, "history": _history, "models": _models}
+
+
+def parser() -> Parser:
+    """Every command: serve (the default), worker, token, and the client commands."""
+    top = Parser(
+        prog="sgd-service",
+        description="serve (the default), or fit, predict and history against a running service "
+        "(--url, default $SGD_URL, else SGD_HOST and SGD_PORT as `serve` reads them)",
+    )
+    sub = top.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the service (the default); configured by SGD_* env")
+    worker = sub.add_parser(
+        "worker", help="run a training worker on the shared queue (needs SGD_REDIS_URL)"
+    )
+    worker.add_argument(
+        "--health-file",
+        type=Path,
+        help="touch this file every 2 s while Redis answers (for a container's healthcheck)",
+    )
+    token = sub.add_parser(
+        "token", help="make a new token: prints it, and its line for SGD_TOKENS_FILE"
+    )
+    token.add_argument("--name", required=True, help="who or what holds it (e.g. dashboard)")
+    token.add_argument(
+        "--scopes",
+        type=_scopes,
+        required=True,
+        help=f"comma-separated, of {', '.join(SCOPES)}",
+    )
+    add_client_commands(sub)
+    return top
+
+
+def settings_to_start() -> Settings:
+    """The settings `serve` and `worker` start with; exits with 2 and the reason if they are
+    wrong (an unknown value, an unreadable SGD_TOKENS_FILE), before anything starts."""
+    try:
+        settings = load_settings()
+        if settings.tokens_file is not None:
+            read_tokens(settings.tokens_file)
+    except (SettingsError, TokensFileError) as exc:
+        print(f"sgd-service: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return settings
