@@ -31,9 +31,12 @@ install: $(DEV_STAMP)
 run: $(SERVE_STAMP)
 	$(BIN)/sgd-service serve
 
+# lint-imports: the layers and the torch/matplotlib/web-framework rules ([tool.importlinter] in
+# pyproject.toml); no cache directory left behind, the graph takes a fraction of a second
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: install
 	$(BIN)/mypy
