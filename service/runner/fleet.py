@@ -1,18 +1,20 @@
-"""Fits on a shared queue (Redis mode): any replica enqueues, any training worker runs.
+"""The runner of a replica in Redis mode: fits on a shared queue, which any replica feeds and
+any training worker empties.
 
-The queue and the delivery to one worker at a time are Dramatiq's (its Redis broker): a worker
-acknowledges a fit's message only once the fit has ended. A fit's job, key, samples and message
-are written in one transaction (service.redis_store), so a 202 always has a message behind it.
-Who owns a job now is the store's: each run claims the job (its attempt number is the fencing
-token), beats while it runs, and every replica and worker runs a Reconciler that queues a job
-again once its owner's beat stood still for SGD_LEASE_SECONDS. Dramatiq's own redelivery of a
-worker it thinks dead is only a duplicate, which the claim drops.
+The queue and the delivery to one worker at a time are Dramatiq's (its Redis broker,
+service.runner.queue): a worker acknowledges a fit's message only once the fit has ended. A
+fit's job, key, samples and message are written in one transaction (service.state.redis), so a
+202 always has a message behind it. Who owns a job now is the store's: each run claims the job
+(its attempt number is the fencing token), beats while it runs, and every replica and worker
+runs a Reconciler that queues a job again once its owner's beat stood still for
+SGD_LEASE_SECONDS. Dramatiq's own redelivery of a worker it thinks dead is only a duplicate,
+which the claim drops.
 
-QueueRunner is the API side: the JobRunner interface on the queue, plus the SGD_WORKERS
+QueueRunner is the Runner protocol (service.runner.base) on that queue, plus the SGD_WORKERS
 training workers it starts beside the API and restarts. They run what `sgd-service worker`
-runs (service.queue_worker), forked from the fork server the in-memory runner's worker comes
-from: ready in a fraction of a second, at the start and after every crash, not an interpreter
-importing torch for a second and more.
+runs (service.runner.queue_worker), forked from the fork server the in-memory runner's worker
+comes from: ready in a fraction of a second, at the start and after every crash, not an
+interpreter importing torch for a second and more.
 """
 
 import contextlib
@@ -28,8 +30,10 @@ from service.core.errors import NotReady, ServiceError, ShuttingDown, StoreUnava
 from service.core.processes import fork_context
 from service.core.schemas import Job, JobParams
 from service.core.settings import Settings
+from service.runner import queue_worker
+from service.runner.queue import HAND_BACK_SECONDS, start_reconciler
 from service.runner.worker import Samples
-from service.state.redis import Reconciler, RedisStore
+from service.state.redis import RedisStore
 
 log = logging.getLogger("sgd_service.fleet")
 
@@ -37,30 +41,6 @@ log = logging.getLogger("sgd_service.fleet")
 MAX_START_FAILURES = 5
 # A crash-looping worker is restarted no faster than this.
 RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
-# How long `stop` waits for a worker to hand its fit back before it is killed.
-WORKER_STOP_SECONDS = 20.0
-
-
-def make_broker(settings: Settings, store: RedisStore) -> Any:
-    """Dramatiq's Redis broker in the store's namespace: no middleware (retries, time limits and
-    cancels are the service's own, per attempt) and a heartbeat timeout of SGD_LEASE_SECONDS.
-    Its redelivery of a silent worker's messages runs on every fetch, but what it delivers
-    again is only ever a duplicate or a job the reconciler would queue anyway."""
-    from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
-
-    return RedisBroker(  # type: ignore[no-untyped-call]
-        client=store.redis,
-        namespace=store.queue_namespace,
-        middleware=[],
-        heartbeat_timeout=int(settings.lease_seconds * 1000),
-        maintenance_chance=MAINTENANCE_SCALE,
-    )
-
-
-def start_reconciler(store: RedisStore, settings: Settings, stop: threading.Event) -> None:
-    """Run a Reconciler on a thread of its own until stop is set."""
-    reconciler = Reconciler(store, settings.job_attempts)
-    threading.Thread(target=reconciler.run, args=(stop,), name="sgd-reconcile", daemon=True).start()
 
 
 class QueueRunner:
@@ -145,7 +125,7 @@ class QueueRunner:
         """Refuse new fits. Queued and running jobs stay: other replicas and workers run them."""
         self._draining = True
 
-    def stop(self, timeout: float = WORKER_STOP_SECONDS) -> None:
+    def stop(self, timeout: float = HAND_BACK_SECONDS) -> None:
         """Stop the embedded workers; each hands its running fit back to the queue."""
         self.drain()
         self._stopping.set()
@@ -159,8 +139,6 @@ class QueueRunner:
         """Start worker i, forked from the fork server (service.core.processes.fork_context) as the
         in-memory runner's worker is. It sends a byte on its pipe once it can take fits, and
         stops when the pipe closes: when this replica is gone, even killed with -9."""
-        from service.runner import queue_worker
-
         conn, child = self._ctx.Pipe()
         proc = self._ctx.Process(
             target=queue_worker.embedded,
@@ -225,7 +203,7 @@ class QueueRunner:
         for proc in self._procs:
             if proc is not None and proc.is_alive():
                 proc.terminate()
-        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        deadline = time.monotonic() + HAND_BACK_SECONDS
         for proc in self._procs:
             if proc is None:
                 continue

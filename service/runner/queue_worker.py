@@ -1,9 +1,9 @@
 """`sgd-service worker`: a training worker on the shared queue (Redis mode).
 
 Like the in-memory runner's worker it imports torch and prepares the engine once, then runs one
-fit at a time at a lower CPU priority. It takes fits from the queue (service.fleet), writes
-their history straight into Redis every FLUSH_SECONDS and publishes the result; every write
-carries the attempt number it claimed, so once it has lost the job nothing it writes lands.
+fit at a time at a lower CPU priority. It takes fits from the queue (service.runner.queue),
+writes their history straight into Redis every FLUSH_SECONDS and publishes the result; every
+write carries the attempt number it claimed, so once it has lost the job nothing it writes lands.
 
 Between blocks of epochs it checks for a cancel, for the job's time limit, and for its own stop
 (SIGTERM, Ctrl-C): a stopping worker gives its fit back to the queue, where another worker runs
@@ -40,14 +40,15 @@ from service.core.logs import configure_logging, log_job
 from service.core.processes import lower_priority, name_process
 from service.core.schemas import Job, JobStatus
 from service.core.settings import Settings
-from service.runner import fleet
+from service.runner.queue import HAND_BACK_SECONDS, make_broker, start_reconciler
 from service.runner.worker import FLUSH_SECONDS, columns
 from service.state.redis import ACTOR, QUEUE, RedisStore
 
 log = logging.getLogger("sgd_service.worker")
 T = TypeVar("T")
-# How long a stopping worker tries to give its fit back while Redis is unavailable.
-HAND_BACK_SECONDS = 5.0
+# How long a stopping worker waits for an unavailable Redis to take its fit back; then it leaves
+# the job to the reconciler.
+REDIS_WAIT_ON_STOP_SECONDS = 5.0
 # How often the main thread marks the worker healthy (with --health-file).
 HEALTH_SECONDS = 2.0
 # How often it looks for a stop, and for the replica that started it.
@@ -67,7 +68,7 @@ class FitActor:
 
     Redis may go away at any moment (restarted, hung, cut off): the attempt then waits for it
     and goes on where it was, its history kept in memory meanwhile, rather than give its fit
-    back. Only its beats (service.redis_store.Reconciler) say whether it still owns the job,
+    back. Only its beats (service.state.redis.Reconciler) say whether it still owns the job,
     and a write it can no longer make is refused (Fenced), never half made.
     """
 
@@ -118,7 +119,9 @@ class FitActor:
         """Put the job back on the queue, with a new message, for the next free worker. One
         that cannot reach Redis within a few seconds leaves it to the reconciler."""
         with contextlib.suppress(Fenced, JobAlreadyEnded, JobNotFound, _Stopped):
-            self._stored(lambda: self.store.requeue_job(job_id, attempt), grace=HAND_BACK_SECONDS)
+            self._stored(
+                lambda: self.store.requeue_job(job_id, attempt), grace=REDIS_WAIT_ON_STOP_SECONDS
+            )
             log.info("job %s handed back to the queue", job_id)
 
     def _run(self, job: Job) -> None:
@@ -218,7 +221,7 @@ def _touch_if_reachable(store: RedisStore, health_file: Path) -> None:
 
 
 def embedded(settings: Settings, replica: Connection) -> None:
-    """A replica's own worker (SGD_WORKERS), forked from its fork server (service.fleet)."""
+    """A replica's own worker (SGD_WORKERS), forked from its fork server (service.runner.fleet)."""
     name_process("sgd-worker")
     configure_logging(settings.log_level)
     main(settings, replica)
@@ -251,14 +254,14 @@ def main(
     store = RedisStore.from_settings(settings, watch=False)
     with contextlib.suppress(redis.RedisError):  # Redis away: the replicas warn too
         store.check_config()
-    broker = fleet.make_broker(settings, store)
+    broker = make_broker(settings, store)
     actor = FitActor(store, settings, broker)
     # The beats and the reconciler keep the normal priority: a worker starved of CPU under
     # SCHED_IDLE must not look dead for it, and their work is a few commands a second.
     keepers = threading.Event()
     beats = threading.Thread(target=_beat, args=(actor, keepers), name="sgd-beat", daemon=True)
     beats.start()
-    fleet.start_reconciler(store, settings, keepers)
+    start_reconciler(store, settings, keepers)
     spared = {t.native_id for t in threading.enumerate() if t.name in ("sgd-beat", "sgd-reconcile")}
     info["policy"] = lower_priority(
         settings.worker_nice, settings.worker_sched_idle, spare={t for t in spared if t}
@@ -289,5 +292,5 @@ def main(
             next_health = time.monotonic() + HEALTH_SECONDS
     log.info("training worker stopping: handing its fit back to the queue")
     actor.stopping.set()
-    worker.stop(timeout=int(fleet.WORKER_STOP_SECONDS * 1000))
+    worker.stop(timeout=int(HAND_BACK_SECONDS * 1000))
     os._exit(0)  # skip torch's slow interpreter teardown: nothing is left to flush
