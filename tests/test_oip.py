@@ -23,7 +23,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from service.http import oip
+from service.http.oip import codec
 from tests.conftest import (
     STORES,
     TIMEOUT,
@@ -690,13 +690,13 @@ def test_values_are_checked_without_python_work_per_value(datatype: str, binary:
         values = [i % 7 for i in range(n)]
         if not binary:
             header = json.dumps(infer_body(values, [n], datatype)).encode()
-            return _calls(lambda: oip.inference(header, b"", MODEL, settings))
+            return _calls(lambda: codec.decode(header, b"", MODEL, settings))
         tail = np.asarray(values, dtype=triton_to_np_dtype(datatype)).tobytes()
         document = infer_body(None, [n], datatype, {"binary_data_size": len(tail)})
         header = json.dumps(document).encode()
-        return _calls(lambda: oip.inference(header, tail, MODEL, settings))
+        return _calls(lambda: codec.decode(header, tail, MODEL, settings))
 
-    assert oip.inference(json.dumps(infer_body([4], [1])).encode(), b"", MODEL, settings).hours == [
+    assert codec.decode(json.dumps(infer_body([4], [1])).encode(), b"", MODEL, settings).hours == [
         4.0
     ]
     assert checked(10_000) == checked(10)

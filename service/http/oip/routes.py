@@ -1,0 +1,221 @@
+"""The /v2 routes: health, metadata and inference.
+
+The model is named by SGD_MODEL_NAME; its input `hours` and output `score` are FP64 tensors of
+shape [-1]. An inference is /predict's: one read of the served model (or of a kept version, as
+`?version=` reads it), plain Python, never torch, never a wait on training.
+"""
+
+import math
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from service import __version__
+from service.core.errors import ModelNotReady, StoreUnavailable, VersionNotFound
+from service.core.schemas import Model
+from service.core.settings import Settings
+from service.http.deps import PREDICT, SettingsDep, StoreDep
+from service.http.oip import codec
+from service.http.oip.codec import Inference
+from service.http.oip.errors import InvalidInferenceRequest, ModelNotFound, errors
+from service.http.oip.models import (
+    BINARY_TYPE,
+    EXTENSIONS,
+    HEADER_LENGTH,
+    INPUT,
+    JSON_TYPE,
+    OUTPUT,
+    PLATFORM,
+    SERVER_NAME,
+    VERSION,
+    InferenceResponse,
+    MetadataTensor,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+)
+from service.http.turns import give_way
+from service.state.base import Store
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+
+
+async def _model_name(name: str, settings: SettingsDep) -> str:
+    if name != settings.model_name:
+        raise ModelNotFound(f"no model {name!r}: this server serves {settings.model_name!r}")
+    return name
+
+
+NameDep = Annotated[str, Depends(_model_name)]
+
+
+async def _version_number(name: NameDep, version: str) -> int:
+    if not VERSION.fullmatch(version):
+        raise VersionNotFound(
+            f"model {name!r} has no version {version!r}: versions are numbers, and "
+            f"GET /v2/models/{name} lists the kept ones"
+        )
+    return int(version)
+
+
+VersionDep = Annotated[int, Depends(_version_number)]
+
+
+def _served(store: Store, name: str) -> Model:
+    model = store.model  # one read: one version
+    if model is None:
+        why = store.unreachable
+        if why is not None:
+            raise StoreUnavailable(f"model {name!r}: this replica has not read it yet: {why}")
+        raise ModelNotReady(
+            f"model {name!r} is not ready: no fit has succeeded yet (POST /fit, then retry)"
+        )
+    return model
+
+
+async def _kept(store: Store, name: str, version: int) -> Model:
+    try:
+        return await run_in_threadpool(store.version, version)
+    except VersionNotFound:
+        raise VersionNotFound(
+            f"model {name!r} has no version {version}: GET /v2/models/{name} lists the kept ones"
+        ) from None
+
+
+@router.get("", responses=errors(400))
+async def server_metadata() -> ServerMetadata:
+    """Server metadata: name, version and the protocol extensions it supports."""
+    return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+
+@router.get("/health/live", responses=errors(400))
+async def server_live() -> ServerLive:
+    """Liveness: the process answers."""
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", responses=errors(400, 503))
+async def server_ready(store: StoreDep, settings: SettingsDep) -> ServerReady:
+    """Readiness for inference: 200 once a model is served, 503 before."""
+    _served(store, settings.model_name)
+    return ServerReady(ready=True)
+
+
+async def _metadata(store: Store, settings: Settings) -> ModelMetadata:
+    kept = await run_in_threadpool(store.versions, settings.keep_versions)
+    return ModelMetadata(
+        name=settings.model_name,
+        versions=[str(m.version) for m in kept],
+        platform=PLATFORM,
+        inputs=[MetadataTensor(name=INPUT, datatype="FP64", shape=[-1])],
+        outputs=[MetadataTensor(name=OUTPUT, datatype="FP64", shape=[-1])],
+    )
+
+
+@router.get("/models/{name}", dependencies=[PREDICT], responses=errors(400, 404, 503))
+async def model_metadata(name: NameDep, store: StoreDep, settings: SettingsDep) -> ModelMetadata:
+    """The model's metadata: its kept versions, its input and output tensors."""
+    return await _metadata(store, settings)
+
+
+@router.get(
+    "/models/{name}/versions/{version}", dependencies=[PREDICT], responses=errors(400, 404, 503)
+)
+async def version_metadata(
+    name: NameDep, version: VersionDep, store: StoreDep, settings: SettingsDep
+) -> ModelMetadata:
+    """The model's metadata, for a kept version (404 for any other)."""
+    await _kept(store, name, version)
+    return await _metadata(store, settings)
+
+
+@router.get("/models/{name}/ready", dependencies=[PREDICT], responses=errors(400, 404, 503))
+async def model_ready(name: NameDep, store: StoreDep) -> ModelReady:
+    """Model readiness: 200 once a model is served, 503 before."""
+    _served(store, name)
+    return ModelReady(name=name, ready=True)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    dependencies=[PREDICT],
+    responses=errors(400, 404, 503),
+)
+async def version_ready(name: NameDep, version: VersionDep, store: StoreDep) -> ModelReady:
+    """Readiness of a version: 200 while it is kept, 404 otherwise."""
+    await _kept(store, name, version)
+    return ModelReady(name=name, ready=True)
+
+
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": InferenceResponse,
+        "description": "The scores; with binary outputs asked for, the JSON object then the "
+        f"binary data as {BINARY_TYPE}, the JSON's length in {HEADER_LENGTH}",
+        "content": {BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **errors(400, 404, 413, 503),  # 400's description: `document` writes the rules in
+}
+
+
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[PREDICT],
+    response_model=None,
+    responses=_INFER_RESPONSES,
+)
+async def infer(
+    name: NameDep, request: Request, store: StoreDep, settings: SettingsDep
+) -> Response:
+    """Inference with the served model: `hours` in, `score` out."""
+    asked = await _read(request, name, settings)
+    return _answer(name, _served(store, name), asked)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    dependencies=[PREDICT],
+    response_model=None,
+    responses=_INFER_RESPONSES,
+)
+async def infer_version(
+    name: NameDep, version: VersionDep, request: Request, store: StoreDep, settings: SettingsDep
+) -> Response:
+    """Inference with a kept version (404 for any other)."""
+    asked = await _read(request, name, settings)
+    return _answer(name, await _kept(store, name, version), asked)
+
+
+async def _read(request: Request, name: str, settings: Settings) -> Inference:
+    """The request's body, checked at the edge like POST /predict's; the model comes after."""
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # the caller left mid-body: nothing to answer, nothing to log
+        raise InvalidInferenceRequest("the body ended before its Content-Length") from None
+    header, binary = codec.split(body, request.headers)
+    codec.refuse_crowded(header, settings.max_predict_batch)
+    await give_way()  # up to 1.3 MB counted: /predict goes first
+    asked = codec.decode(header, binary, name, settings)
+    await give_way()  # and again between checking 10,000 values and scoring them
+    return asked
+
+
+def _answer(name: str, model: Model, asked: Inference) -> Response:
+    """The scores of one model version, as JSON or as binary data after the JSON object."""
+    w, b = model.w, model.b  # Model.predict's w * h + b, without a call per value
+    scores = [w * h + b for h in asked.hours]
+    if not math.isfinite(sum(scores)):  # each is finite when their sum is
+        for i, score in enumerate(scores):
+            if not math.isfinite(score):
+                raise InvalidInferenceRequest(
+                    f"the score of {INPUT}[{i}] = {asked.hours[i]:g} overflows a float: send "
+                    f"smaller {INPUT}"
+                )
+    body, json_length = codec.encode(name, model.version, asked, scores)
+    if json_length is None:
+        return Response(body, media_type=JSON_TYPE)
+    return Response(body, media_type=BINARY_TYPE, headers={HEADER_LENGTH: str(json_length)})
