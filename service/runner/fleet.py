@@ -17,30 +17,22 @@ comes from: ready in a fraction of a second, at the start and after every crash,
 interpreter importing torch for a second and more.
 """
 
-import contextlib
 import logging
 import threading
-import time
 import uuid
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 from service.core.errors import NotReady, ServiceError, ShuttingDown, StoreUnavailable
 from service.core.processes import fork_context
 from service.core.schemas import Job, JobParams
 from service.core.settings import Settings
-from service.runner import queue_worker
+from service.runner import queue_worker, supervisor
 from service.runner.queue import HAND_BACK_SECONDS, start_reconciler
+from service.runner.supervisor import StartFailed, StartFailures, WorkerProcess
 from service.runner.worker import Samples
 from service.state.redis import RedisStore
 
 log = logging.getLogger("sgd_service.fleet")
-
-# Workers that die this many times in a row before they are ready cannot start at all.
-MAX_START_FAILURES = 5
-# A crash-looping worker is restarted no faster than this.
-RESTART_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
 
 
 class QueueRunner:
@@ -53,18 +45,16 @@ class QueueRunner:
         self._draining = False
         self._stopping = threading.Event()
         self._ctx = fork_context()
-        self._procs: list[BaseProcess | None] = [None] * settings.workers
-        self._conns: list[Connection | None] = [None] * settings.workers  # open while it lives
-        self._ready: set[int] = set()  # indexes of the workers that said they are ready
-        self._start_failures = 0  # deaths before readiness, in a row
-        self._broken: str | None = None
-        self._supervisor = threading.Thread(target=self._supervise, name="sgd-workers", daemon=True)
+        self._workers: list[WorkerProcess | None] = [None] * settings.workers
+        self._ready: set[int] = set()  # indexes of the workers that said hello
+        self._starts = StartFailures()
+        self._watcher = threading.Thread(target=self._supervise, name="sgd-workers", daemon=True)
         self.worker_info: dict[str, Any] = {}
 
     def start(self) -> None:
         start_reconciler(self._store, self._settings, self._stopping)
         if self._settings.workers:
-            self._supervisor.start()
+            self._watcher.start()
 
     @property
     def ready(self) -> bool:
@@ -89,7 +79,7 @@ class QueueRunner:
     @property
     def broken(self) -> str | None:
         """Set when the embedded workers cannot start at all; a lost Redis heals by itself."""
-        return self._broken
+        return self._starts.broken
 
     @property
     def queue_depth(self) -> int:
@@ -129,90 +119,61 @@ class QueueRunner:
         """Stop the embedded workers; each hands its running fit back to the queue."""
         self.drain()
         self._stopping.set()
-        if self._supervisor.ident is not None:
-            self._supervisor.join(timeout + 5)
+        if self._watcher.ident is not None:
+            self._watcher.join(timeout + 5)
         self._store.close()
 
     # -- the embedded workers --------------------------------------------------------------
 
     def _spawn(self, i: int) -> None:
-        """Start worker i, forked from the fork server (service.core.processes.fork_context) as the
-        in-memory runner's worker is. It sends a byte on its pipe once it can take fits, and
-        stops when the pipe closes: when this replica is gone, even killed with -9."""
-        conn, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=queue_worker.embedded,
-            args=(self._settings, child),
-            name=f"sgd-worker-{i}",
-            daemon=True,
-        )
+        """Start worker i, forked from the fork server as the in-memory runner's worker is. It
+        says hello on its pipe once it can take fits, and stops when the pipe closes: when this
+        replica is gone, even killed with -9."""
         try:
-            proc.start()
-        except (OSError, EOFError) as exc:  # the fork server died, or could not start
-            log.warning("training worker %d could not be started: %r", i, exc)
-            conn.close()
+            new = WorkerProcess(
+                self._ctx, queue_worker.embedded, (self._settings,), f"sgd-worker-{i}"
+            )
+        except StartFailed as exc:
+            self._starts.failed(str(exc))
             return
-        finally:
-            child.close()
-        self._procs[i] = proc
-        self._conns[i] = conn
-        self.worker_info[f"worker{i}"] = proc.pid
+        self._workers[i] = new
+        self.worker_info[f"worker{i}"] = new.pid
 
     def _check_ready(self) -> None:
-        for i, conn in enumerate(self._conns):
-            if i in self._ready or conn is None or not conn.poll(0):
+        for i, w in enumerate(self._workers):
+            if i in self._ready or w is None or not w.conn.poll(0):
                 continue
-            with contextlib.suppress(EOFError, OSError):  # it died before its hello
-                conn.recv_bytes()
+            if w.hello() is not None:  # else it died before it: _lost counts the failed start
                 self._ready.add(i)
-                self._start_failures = 0
+                self._starts.succeeded()
 
     def _lost(self, i: int) -> None:
-        """Worker i died, or could not be started: forget it, and count it if it never was ready."""
-        proc = self._procs[i]
-        if proc is not None:
-            log.warning("training worker %d exited with %s; restarting", proc.pid, proc.exitcode)
-            proc.close()
-            self._procs[i] = None
-        if i not in self._ready:
-            self._start_failures += 1
-        self._ready.discard(i)
-        conn, self._conns[i] = self._conns[i], None
-        if conn is not None:
-            conn.close()
-        if self._start_failures >= MAX_START_FAILURES:
-            self._broken = (
-                f"training workers died {self._start_failures} times before they were ready"
-            )
+        """Worker i died, or could not be started: forget it; a death before its hello is a
+        failed start (one that could not be started was counted as it failed)."""
+        gone, self._workers[i] = self._workers[i], None
+        if gone is None:
+            return
+        code = gone.exit_code(0)
+        gone.close()
+        if i in self._ready:
+            self._ready.discard(i)
+            log.warning("training worker %d exited with %s; restarting", gone.pid, code)
+        else:
+            self._starts.failed(f"training worker {gone.pid} exited with code {code}")
 
     def _supervise(self) -> None:
-        """Keep SGD_WORKERS workers alive until stop(); then stop them."""
-        for i in range(len(self._procs)):
+        """Keep SGD_WORKERS workers alive until stop(); then stop them (SIGTERM: each hands its
+        fit back)."""
+        for i in range(len(self._workers)):
             self._spawn(i)
         while not self._stopping.is_set():
             self._check_ready()
-            for i, proc in enumerate(self._procs):
-                if proc is not None and proc.is_alive():
+            for i, w in enumerate(self._workers):
+                if w is not None and w.proc.is_alive():
                     continue
                 self._lost(i)
-                backoff = RESTART_BACKOFF[min(self._start_failures, len(RESTART_BACKOFF) - 1)]
-                if self._stopping.wait(backoff):
+                if self._stopping.wait(self._starts.backoff()):
                     break
                 self._spawn(i)
             self._stopping.wait(0.1)
-        for proc in self._procs:
-            if proc is not None and proc.is_alive():
-                proc.terminate()
-        deadline = time.monotonic() + HAND_BACK_SECONDS
-        for proc in self._procs:
-            if proc is None:
-                continue
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.exitcode is None:
-                log.error("training worker %d did not stop; killing it", proc.pid)
-                with contextlib.suppress(OSError):
-                    proc.kill()
-                proc.join(5)
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
+        supervisor.stop([w for w in self._workers if w is not None], HAND_BACK_SECONDS)

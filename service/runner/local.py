@@ -1,16 +1,18 @@
-"""The job runner: a bounded queue, one long-lived training worker process, progress, cancel.
+"""The in-memory runner (JobRunner): a bounded queue, one long-lived training worker process,
+progress, cancel.
 
-Fits run in a separate process (service.worker, started once, at a lower CPU priority) so that
-neither the GIL nor the CPU a fit takes slows /predict. A dispatcher thread in the server feeds
-the worker one job at a time and writes what it streams back (history chunks, then the outcome)
-into the store.
+Fits run in a separate process (service.runner.worker, started once, at a lower CPU priority) so
+that neither the GIL nor the CPU a fit takes slows /predict. A dispatcher thread in the server
+feeds the worker one job at a time and writes what it streams back (history chunks, then the
+outcome) into the store.
 
 The worker may die at any moment (the OOM killer, kill -9). The dispatcher waits on the worker's
 pipe, its process sentinel and a wake-up pipe at once, so it sees a death as it happens, busy or
-idle, and starts a replacement; /readyz is 503 until that one is ready. A job whose worker died is
-run again on the replacement (the recorded seed makes the run identical), up to
-SGD_JOB_ATTEMPTS attempts: at-least-once. The runner's lock guards only its own fields and is
-never held while talking to the worker, and no exception ends the dispatcher's loop.
+idle, and starts a replacement (service.runner.supervisor: the back-off, the hello, the stop);
+/readyz is 503 until that one is ready. A job whose worker died is run again on the
+replacement (the recorded seed makes the run identical), up to SGD_JOB_ATTEMPTS attempts:
+at-least-once. The runner's lock guards only its own fields and is never held while talking to
+the worker, and no exception ends the dispatcher's loop.
 """
 
 import atexit
@@ -39,18 +41,15 @@ from service.core.logs import log_job
 from service.core.processes import fork_context
 from service.core.schemas import FitReport, Job, JobParams, JobStatus
 from service.core.settings import Settings
-from service.runner import worker
+from service.runner import supervisor, worker
+from service.runner.supervisor import StartFailed, StartFailures, WorkerProcess
 from service.state.base import Store
 
 log = logging.getLogger("sgd_service.jobs")
 
-# A worker that dies this many times in a row before its hello means it cannot start at all
-# (a broken install, no memory): the runner says it is broken, and the server exits.
-MAX_START_FAILURES = 5
-# Seconds before each new start after consecutive failures: a crash loop must not spin.
-START_BACKOFF = (0.0, 0.5, 1.0, 2.0, 4.0)
-# How long a stopping worker gets to exit by itself before it is killed.
-WORKER_STOP_SECONDS = 1.0
+# How long the worker, sent Stop, gets to exit before it is killed: it reads the pipe between
+# blocks of epochs, each well under a second.
+WORKER_EXIT_SECONDS = 1.0
 # How long a worker gets to stop a fit that ran out of time (it checks between blocks, each well
 # under a second) before it is replaced.
 TIMEOUT_GRACE_SECONDS = 10.0
@@ -67,29 +66,16 @@ class _Pending:
     y: worker.Samples
 
 
-class _Worker:
-    """One worker process and the pipe to it; used by the dispatcher thread only."""
+class _Worker(WorkerProcess):
+    """The worker process: a fit and its samples go down the pipe, its history and its outcome
+    come back (service.runner.worker); used by the dispatcher thread only."""
 
     def __init__(self, ctx: Any, settings: Settings) -> None:
-        parent, child = ctx.Pipe()
         s = settings
-        self.proc = ctx.Process(
-            target=worker.main,
-            args=(child, s.torch_threads, s.worker_nice, s.worker_sched_idle),
-            name="sgd-worker",
-            daemon=True,
-        )
-        try:
-            self.proc.start()
-        except (OSError, EOFError) as exc:  # the fork server died, or could not start
-            parent.close()
-            child.close()
-            raise WorkerLost(f"the training worker could not be started: {exc!r}") from exc
-        child.close()
+        args = (s.torch_threads, s.worker_nice, s.worker_sched_idle)
+        super().__init__(ctx, worker.main, args, "sgd-worker")
         _LIVE_WORKERS.add(self)
-        self.chan = worker.Channel(parent)
-        self.conn = self.chan.conn
-        self.sentinel: int = self.proc.sentinel
+        self.chan = worker.Channel(self.conn)
 
     def send(self, msg: object) -> None:
         try:
@@ -106,20 +92,17 @@ class _Worker:
             raise WorkerLost(f"could not write to the training worker: {exc!r}") from exc
 
     def died(self) -> str:
-        self.proc.join(WORKER_STOP_SECONDS)
-        return f"the training worker exited with code {self.proc.exitcode}"
+        return f"the training worker exited with code {self.exit_code(WORKER_EXIT_SECONDS)}"
 
-    def kill(self) -> None:
-        """Ask the worker to exit, kill it if it does not, and close the pipe."""
-        if self.proc.is_alive():
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(worker.Stop())
-            self.proc.join(WORKER_STOP_SECONDS)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
+    def ask_to_stop(self) -> None:
+        """By message: the worker ignores SIGTERM, which a terminal sends its whole group."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(worker.Stop())
+
+    def close(self) -> None:
         _LIVE_WORKERS.discard(self)
         self.chan.close()
+        super().close()
 
 
 # The worker ignores SIGTERM, so multiprocessing's own exit handler, which terminates and then
@@ -130,8 +113,7 @@ _LIVE_WORKERS: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
 @atexit.register
 def _kill_live_workers() -> None:
     for w in list(_LIVE_WORKERS):
-        with contextlib.suppress(Exception):
-            w.proc.kill()
+        w.kill()
 
 
 class JobRunner:
@@ -157,8 +139,7 @@ class JobRunner:
         # Written by the dispatcher thread only; others read them as plain values.
         self._worker: _Worker | None = None
         self._worker_ready = False
-        self._start_failures = 0
-        self._broken: str | None = None
+        self._starts = StartFailures()
         self.worker_info: dict[str, Any] = {}
         # Anyone wakes the dispatcher by writing a byte: no lock, and a full pipe is awake already.
         self._wake_r, self._wake_w = os.pipe()
@@ -179,7 +160,7 @@ class JobRunner:
         return (
             not self._draining
             and self._worker_ready
-            and self._broken is None
+            and self._starts.broken is None
             and self._thread.is_alive()
         )
 
@@ -191,8 +172,8 @@ class JobRunner:
     @property
     def broken(self) -> str | None:
         """Why the runner can never train again (the process should exit), or None."""
-        if self._broken is not None:
-            return self._broken
+        if self._starts.broken is not None:
+            return self._starts.broken
         if self._thread.ident is not None and not self._thread.is_alive() and not self._stopping:
             return "the dispatcher thread has stopped"
         return None
@@ -224,7 +205,7 @@ class JobRunner:
             log.error("the dispatcher did not stop within %.0fs; killing the worker", timeout)
             current = self._worker
             if current is not None:
-                current.proc.kill()
+                current.kill()
             self._thread.join(timeout)
         if not self._thread.is_alive():
             os.close(self._wake_r)
@@ -290,7 +271,7 @@ class JobRunner:
             self._lose_worker()
 
     def _step(self) -> None:
-        if self._worker is None and not self._draining and self._broken is None:
+        if self._worker is None and not self._draining and self._starts.broken is None:
             self._start_worker()
             return
         pending = self._next()
@@ -320,14 +301,14 @@ class JobRunner:
         return None
 
     def _start_worker(self) -> None:
-        """Spawn a worker and wait for its hello; backs off after failed starts."""
-        delay = START_BACKOFF[min(self._start_failures, len(START_BACKOFF) - 1)]
+        """Start a worker and wait for its hello; backs off after failed starts."""
+        delay = self._starts.backoff()
         if delay and self._sleep(delay):
             return
         try:
             self._worker = new = _Worker(self._ctx, self._settings)
-        except WorkerLost as exc:
-            self._start_failed(str(exc))
+        except StartFailed as exc:
+            self._starts.failed(str(exc))
             return
         while True:
             ready = mp.connection.wait([new.conn, new.sentinel, self._wake_r])
@@ -335,31 +316,18 @@ class JobRunner:
             if self._stopping or self._draining:
                 self._lose_worker()  # a shutdown never brings up a worker
                 return
-            if new.conn in ready:
-                try:
-                    hello = new.conn.recv()
-                except (EOFError, OSError):
-                    break
-                assert isinstance(hello, worker.Hello)
-                self.worker_info = hello.info
-                self._start_failures = 0
-                self._worker_ready = True
-                log.info("training worker ready: %s", hello.info)
-                return
-            if new.sentinel in ready:
+            if new.conn in ready or new.sentinel in ready:
                 break
-        reason = new.died()
-        self._lose_worker()
-        self._start_failed(reason)
-
-    def _start_failed(self, reason: str) -> None:
-        self._start_failures += 1
-        log.error("%s during start-up (%d in a row)", reason, self._start_failures)
-        if self._start_failures >= MAX_START_FAILURES:
-            self._broken = (
-                f"the training worker failed to start {self._start_failures} times in a row"
-            )
-            log.critical("%s; this replica can no longer train", self._broken)
+        hello = new.hello() if new.conn in ready else None
+        if hello is None:
+            reason = new.died()
+            self._lose_worker()
+            self._starts.failed(reason)
+            return
+        self.worker_info = hello.info
+        self._starts.succeeded()
+        self._worker_ready = True
+        log.info("training worker ready: %s", hello.info)
 
     def _sleep(self, seconds: float) -> bool:
         """Wait, waking early for stop or drain; True if the runner is stopping or draining."""
@@ -372,7 +340,7 @@ class JobRunner:
         self._worker_ready = False
         gone, self._worker = self._worker, None
         if gone is not None:
-            gone.kill()
+            supervisor.stop([gone], WORKER_EXIT_SECONDS)
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -425,8 +393,9 @@ class JobRunner:
         while problem is None and not (self._cancel_asked or self._draining or self._stopping):
             if self._worker_ready:
                 return None, True
-            if self._broken is not None:
-                problem = WorkerCrashed(f"{self._broken}; retry on another replica").problem()
+            broken = self._starts.broken
+            if broken is not None:
+                problem = WorkerCrashed(f"{broken}; retry on another replica").problem()
             else:
                 self._start_worker()
         if problem is None:

@@ -41,7 +41,7 @@ from service.core.processes import lower_priority, name_process
 from service.core.schemas import Job, JobStatus
 from service.core.settings import Settings
 from service.runner.queue import HAND_BACK_SECONDS, make_broker, start_reconciler
-from service.runner.worker import FLUSH_SECONDS, columns
+from service.runner.worker import FLUSH_SECONDS, Hello, columns
 from service.state.redis import ACTOR, QUEUE, RedisStore
 
 log = logging.getLogger("sgd_service.worker")
@@ -220,7 +220,7 @@ def _touch_if_reachable(store: RedisStore, health_file: Path) -> None:
         health_file.touch()
 
 
-def embedded(settings: Settings, replica: Connection) -> None:
+def embedded(replica: Connection, settings: Settings) -> None:
     """A replica's own worker (SGD_WORKERS), forked from its fork server (service.runner.fleet)."""
     name_process("sgd-worker")
     configure_logging(settings.log_level)
@@ -275,13 +275,13 @@ def main(
     info["worker_id"] = broker.broker_id
     info["startup_seconds"] = round(time.perf_counter() - started, 3)
     log.info("training worker ready", extra={"fields": info})
-    # An embedded worker (its replica waits for a byte on the pipe between them) lives and dies
+    # An embedded worker (its replica waits for its hello on the pipe between them) lives and dies
     # with its replica: killed outright, the replica cannot stop it, so it watches for that. The
     # replica sends nothing more, so anything to read is the end of the pipe: the replica is gone.
     # (Not a change of parent: the worker's is the fork server, which outlives the replica.)
     if replica is not None:
         with contextlib.suppress(OSError):  # gone already: seen just below
-            replica.send_bytes(b"1")
+            replica.send(Hello(info))
     next_health = 0.0
     while not stop.wait(WATCH_SECONDS):
         if replica is not None and replica.poll(0):
