@@ -7,27 +7,17 @@ served model is one attribute swapped by one assignment, so /predict never takes
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from service.core.errors import (
-    QueueFull,
-)
 from service.core.schemas import (
     FitReport,
     History,
     Job,
     JobParams,
-    JobResult,
     JobStatus,
     Model,
-    ModelMetrics,
 )
 from service.state.changes import Changes
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Store(Protocol):
@@ -219,64 +209,6 @@ class HistoryPage:
         cols = {name: values.tolist() for name, values in self.columns.items()}
         b, val_loss = cols.get("b"), cols.get("val_loss")
         return self.page.history(self.job, cols["w"], b, cols["loss"], val_loss)
-
-
-def queue_full(queued: int, limit: int) -> QueueFull:
-    return QueueFull(
-        f"{queued} jobs are queued (SGD_MAX_QUEUED_JOBS={limit}); retry later or cancel one",
-        retry_after=2,
-    )
-
-
-def model_of(job: Job, version: int, report: FitReport, at: datetime) -> Model:
-    """The version a succeeded job's fit makes."""
-    metrics = ModelMetrics(
-        final_loss=report.final_loss,
-        mse=report.mse,
-        train_mse=report.train_mse,
-        train_r2=report.train_r2,
-        val_mse=report.val_mse,
-        val_r2=report.val_r2,
-    )
-    return Model(
-        version=version,
-        w=report.w,
-        b=report.b,
-        job_id=job.id,
-        trained_at=at,
-        params=job.params,
-        metrics=metrics,
-    )
-
-
-def publication(job: Job, report: FitReport, served: Model | None) -> tuple[bool, str | None]:
-    """Whether a fit's new version is served, per the job's `publish`, and if not, why not.
-
-    "if_better" compares validation MSEs on the job's held-out rows: the new version's against
-    the model served at this moment (the caller holds its lock or transaction), which is
-    evaluated on the same rows in O(1) (schemas.Quadratic).
-    """
-    publish = job.params.publish
-    if publish == "never":
-        return False, 'publish is "never": serve it with POST /models/{version}/serve'
-    if publish == "always" or served is None or report.val is None or report.val_mse is None:
-        return True, None
-    theirs = report.val.mse(served.w, served.b)
-    if report.val_mse < theirs:
-        return True, None
-    return False, (
-        f"its validation MSE {report.val_mse:.6g} is not lower than that of the served "
-        f"version {served.version}, {theirs:.6g}, on the same held-out rows"
-    )
-
-
-def result_of(model: Model, report: FitReport, served: bool, why_not: str | None) -> JobResult:
-    return JobResult(
-        model_version=model.version,
-        **report.model_dump(exclude={"val"}),
-        published=served,
-        not_published_because=why_not,
-    )
 
 
 def stride_for(count: int, max_points: int) -> int:

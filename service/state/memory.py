@@ -2,20 +2,12 @@
 
 import bisect
 import threading
-import uuid
 from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.core.errors import (
-    HistoryNotFound,
-    IdempotencyKeyReused,
-    JobAlreadyEnded,
-    JobNotFound,
-    VersionNotFound,
-)
 from service.core.schemas import (
     FitReport,
     History,
@@ -23,20 +15,9 @@ from service.core.schemas import (
     JobParams,
     JobStatus,
     Model,
-    Problem,
-    Progress,
 )
-from service.state.base import (
-    Column,
-    HistoryPage,
-    Page,
-    floats,
-    model_of,
-    now,
-    publication,
-    queue_full,
-    result_of,
-)
+from service.state import jobs
+from service.state.base import Column, HistoryPage, Page, floats
 from service.state.changes import Changes
 
 
@@ -138,23 +119,13 @@ class MemoryStore:
                 seen = self._idempotency.get(key)
                 if seen is not None:
                     if seen[0] != fingerprint:
-                        raise IdempotencyKeyReused(
-                            f"Idempotency-Key {key!r} was used with another body; "
-                            "use a new key for a new fit"
-                        )
+                        raise jobs.key_reused(key)
                     return self._jobs[seen[1]], False
             if max_queued is not None:
                 queued = sum(j.status is JobStatus.queued for j in self._jobs.values())
                 if queued >= max_queued:
-                    raise queue_full(queued, max_queued)
-            job = Job(
-                id=uuid.uuid4().hex,
-                status=JobStatus.queued,
-                created_at=now(),
-                params=params,
-                n_samples=n_samples,
-                progress=Progress(epoch=0, epochs=params.epochs),
-            )
+                    raise jobs.queue_full(queued, max_queued)
+            job = jobs.new_job(params, n_samples, jobs.now())
             self._jobs[job.id] = job
             if idempotency is not None:
                 self._idempotency[idempotency[0]] = (idempotency[1], job.id)
@@ -164,7 +135,7 @@ class MemoryStore:
         try:
             return self._jobs[job_id]
         except KeyError:
-            raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones") from None
+            raise jobs.job_not_found(job_id) from None
 
     def list_jobs(self, limit: int) -> list[Job]:
         with self._lock:
@@ -182,7 +153,7 @@ class MemoryStore:
             job = self._jobs.get(job_id)
             if job is None or job.status is not JobStatus.queued:
                 return None
-            job = self._replace(job, status=JobStatus.running, started_at=now(), attempts=1)
+            job = self._put(jobs.started(job, jobs.now()))
             self._histories[job_id] = _History.of(job)
             self._latest_started = job_id
             return job
@@ -190,12 +161,9 @@ class MemoryStore:
     def retry_job(self, job_id: str) -> Job:
         """Start the next attempt of a running job whose worker died: its history starts over."""
         with self._lock:
-            job = self.get_job(job_id)
-            if job.status is not JobStatus.running:
-                raise JobAlreadyEnded(f"job {job_id} is {job.status.value}, not running")
+            job = jobs.retried(self.get_job(job_id))
             self._histories[job_id] = _History.of(job)
-            progress = Progress(epoch=0, epochs=job.params.epochs)
-            return self._replace(job, attempts=job.attempts + 1, progress=progress)
+            return self._put(job)
 
     def append_history(
         self,
@@ -214,8 +182,7 @@ class MemoryStore:
                 hist.b.extend(b)
             if hist.val_loss is not None and val_loss is not None:
                 hist.val_loss.extend(val_loss)
-            job = self._jobs[job_id]
-            self._replace(job, progress=Progress(epoch=len(hist.w), epochs=job.params.epochs))
+            self._put(jobs.progressed(self._jobs[job_id], len(hist.w)))
 
     def succeed_job(self, job_id: str, report: FitReport) -> Job:
         """End a job successfully and keep its model as the next version, atomically; serve it
@@ -223,11 +190,11 @@ class MemoryStore:
         with self._lock:
             job = self._running(job_id)
             self._last_version += 1
-            ended = now()
-            model = model_of(job, self._last_version, report, ended)
-            served, why_not = publication(job, report, self._model)
-            result = result_of(model, report, served, why_not)
-            job = self._replace(job, status=JobStatus.succeeded, finished_at=ended, result=result)
+            ended = jobs.now()
+            model = jobs.model_of(job, self._last_version, report, ended)
+            served, why_not = jobs.publication(job, report, self._model)
+            result = jobs.result_of(model, report, served, why_not)
+            job = self._put(jobs.succeeded(job, result, ended))
             if served:
                 self._model = model  # the one assignment that publishes the new version
             self._versions[model.version] = model
@@ -243,9 +210,7 @@ class MemoryStore:
         try:
             return self._versions[version]
         except KeyError:
-            raise VersionNotFound(
-                f"no model version {version}; GET /models lists the kept ones"
-            ) from None
+            raise jobs.version_not_found(version) from None
 
     def serve(self, version: int) -> Model:
         with self._lock:
@@ -256,9 +221,7 @@ class MemoryStore:
     def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
         """End a job as failed or cancelled; nothing it produced is served."""
         with self._lock:
-            job = self._running(job_id)
-            problem = Problem.model_validate(error) if error is not None else None
-            job = self._replace(job, status=status, finished_at=now(), error=problem)
+            job = self._put(jobs.ended(self._running(job_id), status, error, jobs.now()))
             self._ended[job_id] = None
             self._evict()
             return job
@@ -276,11 +239,11 @@ class MemoryStore:
         with self._lock:
             job_id = job_id or self._latest_started
             if job_id is None:
-                raise HistoryNotFound("no job has started yet: POST /fit first")
+                raise jobs.no_history()
             job = self.get_job(job_id)
             hist = self._histories.get(job_id)
             if hist is None:
-                raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
+                raise jobs.no_history(job_id)
             page = Page.of(len(hist.w), since, limit, max_points)
 
             def pick(col: _Column) -> Column:
@@ -296,32 +259,28 @@ class MemoryStore:
     def _running(self, job_id: str) -> Job:
         """A job that has not ended yet (queued or running)."""
         job = self.get_job(job_id)
-        if job.status.ended:
-            raise JobAlreadyEnded(f"job {job_id} already ended as {job.status.value}")
+        jobs.check_open(job)
         return job
 
-    def _replace(self, job: Job, **changes: Any) -> Job:
-        job = job.model_copy(update=changes)
+    def _put(self, job: Job) -> Job:
+        """Keep the job's next snapshot and tell its watchers."""
         self._jobs[job.id] = job
         self.changes.changed(job.id)
         return job
 
     def _evict(self) -> None:
-        """Forget the jobs that ended longest ago beyond keep_jobs, never the served model's.
-
-        By the order they ended, not the order they were created: the job whose end is being
-        recorded is the newest ended one, so it is never evicted while that end is handled.
-        """
-        served = self._model.job_id if self._model else None
-        others = [j for j in self._ended if j != served]
-        for job_id in others[: max(0, len(others) - self._keep_jobs)]:
+        """Forget the ended jobs and the versions retention lets go (jobs.evicted_*)."""
+        served = self._model
+        for job_id in jobs.evicted_jobs(
+            list(self._ended), served.job_id if served else None, self._keep_jobs
+        ):
             del self._ended[job_id]
             del self._jobs[job_id]
             self._histories.pop(job_id, None)
             self.changes.changed(job_id)
         live = set(self._jobs)
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
-        served_version = self._model.version if self._model else None
-        old = [v for v in self._versions if v != served_version]
-        for v in old[: max(0, len(self._versions) - self._keep_versions)]:
+        for v in jobs.evicted_versions(
+            list(self._versions), served.version if served else None, self._keep_versions
+        ):
             del self._versions[v]

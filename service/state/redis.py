@@ -58,13 +58,9 @@ from redis.retry import Retry
 
 from service.core.errors import (
     Fenced,
-    HistoryNotFound,
-    IdempotencyKeyReused,
-    JobAlreadyEnded,
     JobNotFound,
     ServiceError,
     StoreUnavailable,
-    VersionNotFound,
     WorkerCrashed,
 )
 from service.core.schemas import (
@@ -72,24 +68,12 @@ from service.core.schemas import (
     History,
     Job,
     JobParams,
-    JobResult,
     JobStatus,
     Model,
-    Problem,
-    Progress,
 )
 from service.core.settings import Settings
-from service.state.base import (
-    Column,
-    HistoryPage,
-    Page,
-    floats,
-    model_of,
-    now,
-    publication,
-    queue_full,
-    result_of,
-)
+from service.state import jobs
+from service.state.base import Column, HistoryPage, Page, floats
 from service.state.changes import Changes
 
 log = logging.getLogger("sgd_service.redis")
@@ -356,14 +340,7 @@ class RedisStore:
         `samples`, the job's data and its queue message too: all of it in one transaction.
         A full queue (max_queued) raises QueueFull having written nothing, so a refusal never
         takes away a job that another request was handed."""
-        job = Job(
-            id=uuid.uuid4().hex,
-            status=JobStatus.queued,
-            created_at=now(),
-            params=params,
-            n_samples=n_samples,
-            progress=Progress(epoch=0, epochs=params.epochs),
-        )
+        job = jobs.new_job(params, n_samples, jobs.now())
         key, queued_key = self._key("job", job.id), self._key("queued")
         idem_key = None if idempotency is None else self._key("idem", idempotency[0])
         watched = [key, queued_key] + ([idem_key] if idem_key else [])
@@ -381,7 +358,7 @@ class RedisStore:
                     if max_queued is not None:
                         queued = int(pipe.zcard(queued_key))
                         if queued >= max_queued:
-                            raise queue_full(queued, max_queued)
+                            raise jobs.queue_full(queued, max_queued)
                     pipe.multi()
                     fields = {"doc": job.model_dump_json()}
                     if idempotency is not None:
@@ -410,10 +387,7 @@ class RedisStore:
         if doc is None:
             return None
         if fingerprint != idempotency[1]:
-            raise IdempotencyKeyReused(
-                f"Idempotency-Key {idempotency[0]!r} was used with another body; "
-                "use a new key for a new fit"
-            )
+            raise jobs.key_reused(idempotency[0])
         return Job.model_validate_json(doc)
 
     def _enqueue(self, pipe: Pipeline, job_id: str) -> None:
@@ -444,7 +418,7 @@ class RedisStore:
     def get_job(self, job_id: str) -> Job:
         doc = self.redis.hget(self._key("job", job_id), "doc")
         if doc is None:
-            raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
+            raise jobs.job_not_found(job_id)
         return self._present([doc])[0]
 
     @_available
@@ -500,7 +474,7 @@ class RedisStore:
                     pipe.watch(key, *also)
                     fields: dict[bytes, bytes] = pipe.hgetall(key)
                     if b"doc" not in fields:
-                        raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
+                        raise jobs.job_not_found(job_id)
                     out = fn(pipe, Job.model_validate_json(fields[b"doc"]), fields)
                     if pipe.explicit_transaction:  # fn may have nothing to write
                         pipe.execute()
@@ -508,8 +482,8 @@ class RedisStore:
                 except redis.WatchError:
                     pipe.reset()
 
-    def _put(self, pipe: Pipeline, job: Job, **changes: Any) -> Job:
-        job = job.model_copy(update=changes)
+    def _put(self, pipe: Pipeline, job: Job) -> Job:
+        """Write the job's next snapshot (in the transaction being built) and announce it."""
         if not pipe.explicit_transaction:
             pipe.multi()
         pipe.hset(self._key("job", job.id), "doc", job.model_dump_json())
@@ -541,18 +515,11 @@ class RedisStore:
                 return None
             pipe.multi()
             if b"cancel" in fields:
-                self._finish(pipe, job, JobStatus.cancelled, None)
+                self._finish(pipe, jobs.ended(job, JobStatus.cancelled, None, jobs.now()))
                 return None
-            attempt = job.attempts + 1
             self._clear_history(pipe, job_id)
-            job = self._put(
-                pipe,
-                job,
-                status=JobStatus.running,
-                started_at=job.started_at or now(),
-                attempts=attempt,
-                progress=Progress(epoch=0, epochs=job.params.epochs),
-            )
+            job = self._put(pipe, jobs.started(job, jobs.now()))
+            attempt = job.attempts
             key = self._key("job", job_id)
             pipe.hset(key, mapping={"worker": worker, "claim": token, "attempt": attempt})
             self._move(pipe, job_id, "queued", "running")
@@ -580,18 +547,6 @@ class RedisStore:
         pipe.pexpire(self._beat_key(job_id, attempt), BEAT_TTL_MS)
         pipe.execute()
 
-    @staticmethod
-    def _check(job: Job, attempt: int | None) -> None:
-        if job.status.ended:
-            raise JobAlreadyEnded(f"job {job.id} already ended as {job.status.value}")
-        if attempt is not None and (job.status is not JobStatus.running or job.attempts != attempt):
-            raise Fenced(f"attempt {attempt} of job {job.id} no longer owns it")
-
-    @staticmethod
-    def _replayed(job: Job, status: JobStatus, attempt: int | None) -> bool:
-        """The job already ended as this attempt was ending it: a write sent twice."""
-        return job.status is status and attempt is not None and job.attempts == attempt
-
     @_available
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.hexists(self._key("job", job_id), "cancel"))
@@ -607,7 +562,7 @@ class RedisStore:
             self._clear_history(pipe, job_id)
             pipe.set(self._key("latest"), job_id)
             self._move(pipe, job_id, "queued", "running")
-            return self._put(pipe, job, status=JobStatus.running, started_at=now(), attempts=1)
+            return self._put(pipe, jobs.started(job, jobs.now()))
 
         try:
             return self._change(job_id, change)
@@ -617,12 +572,10 @@ class RedisStore:
     @_available
     def retry_job(self, job_id: str) -> Job:
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job:
-            if job.status is not JobStatus.running:
-                raise JobAlreadyEnded(f"job {job_id} is {job.status.value}, not running")
+            job = jobs.retried(job)
             pipe.multi()
             self._clear_history(pipe, job_id)
-            progress = Progress(epoch=0, epochs=job.params.epochs)
-            return self._put(pipe, job, attempts=job.attempts + 1, progress=progress)
+            return self._put(pipe, job)
 
         return self._change(job_id, change)
 
@@ -647,7 +600,7 @@ class RedisStore:
             data["val_loss"] = _raw(val_loss)
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> None:
-            self._check(job, attempt)
+            jobs.check_owner(job, attempt)
             landed = 0 if at is None else job.progress.epoch - at
             if not 0 <= landed <= len(w):
                 raise Fenced(f"job {job_id} is at epoch {job.progress.epoch}, not {at}")
@@ -657,8 +610,7 @@ class RedisStore:
             for name in _columns(job):
                 if name in data:
                     pipe.append(self._key("hist", job_id, name), data[name][landed * 8 :])
-            epoch = job.progress.epoch + len(w) - landed
-            self._put(pipe, job, progress=Progress(epoch=epoch, epochs=job.params.epochs))
+            self._put(pipe, jobs.progressed(job, job.progress.epoch + len(w) - landed))
 
         self._change(job_id, change)
 
@@ -668,14 +620,14 @@ class RedisStore:
         worker claims it again as its next attempt. Not a death."""
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> None:
-            self._check(job, attempt)
+            jobs.check_owner(job, attempt)
             pipe.multi()
             self._requeue(pipe, job)
 
         self._change(job_id, change)
 
     def _requeue(self, pipe: Pipeline, job: Job) -> Job:
-        job = self._put(pipe, job, status=JobStatus.queued)
+        job = self._put(pipe, jobs.requeued(job))
         pipe.hdel(self._key("job", job.id), "worker", "claim", "attempt")
         pipe.delete(self._beat_key(job.id, job.attempts))
         self._move(pipe, job.id, "running", "queued")
@@ -696,27 +648,24 @@ class RedisStore:
                     pipe.watch(job_key, counter_key, served_key, versions_key)
                     doc = pipe.hget(job_key, "doc")
                     if doc is None:
-                        raise JobNotFound(f"no job {job_id!r}; GET /jobs lists the recent ones")
+                        raise jobs.job_not_found(job_id)
                     job = Job.model_validate_json(doc)
-                    if self._replayed(job, JobStatus.succeeded, attempt):
+                    if jobs.replayed(job, JobStatus.succeeded, attempt):
                         return job
-                    self._check(job, attempt)
+                    jobs.check_owner(job, attempt)
                     last = int(pipe.get(counter_key) or 0)
                     served_doc = pipe.get(served_key)
                     current = None if served_doc is None else Model.model_validate_json(served_doc)
-                    ended = now()
-                    model = model_of(job, last + 1, report, ended)
-                    serve, why_not = publication(job, report, current)
-                    result = result_of(model, report, serve, why_not)
+                    ended = jobs.now()
+                    model = jobs.model_of(job, last + 1, report, ended)
+                    serve, why_not = jobs.publication(job, report, current)
+                    result = jobs.result_of(model, report, serve, why_not)
                     model_doc = model.model_dump_json()
                     kept = [int(v) for v in pipe.zrange(versions_key, 0, -1)] + [model.version]
                     served = model.version if serve else current.version if current else None
-                    excess = max(0, len(kept) - self._retention()[1])
-                    old = [v for v in kept if v != served][:excess]
+                    old = jobs.evicted_versions(kept, served, self._retention()[1])
                     pipe.multi()
-                    job = self._finish(
-                        pipe, job, JobStatus.succeeded, None, result=result, at=ended
-                    )
+                    job = self._finish(pipe, jobs.succeeded(job, result, ended))
                     pipe.set(counter_key, model.version)
                     pipe.hset(self._key("models"), str(model.version), model_doc)
                     pipe.zadd(versions_key, {str(model.version): model.version})
@@ -749,7 +698,7 @@ class RedisStore:
     def version(self, version: int) -> Model:
         doc = self.redis.hget(self._key("models"), str(version))
         if doc is None:
-            raise VersionNotFound(f"no model version {version}; GET /models lists the kept ones")
+            raise jobs.version_not_found(version)
         return Model.model_validate_json(doc)
 
     @_available
@@ -763,9 +712,7 @@ class RedisStore:
                     pipe.watch(models_key)
                     doc = pipe.hget(models_key, str(version))
                     if doc is None:
-                        raise VersionNotFound(
-                            f"no model version {version}; GET /models lists the kept ones"
-                        )
+                        raise jobs.version_not_found(version)
                     pipe.multi()
                     pipe.set(served_key, doc)
                     pipe.publish(self._channels + "served", str(version))
@@ -785,11 +732,11 @@ class RedisStore:
         attempt: int | None = None,
     ) -> Job:
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job:
-            if self._replayed(job, status, attempt):
+            if jobs.replayed(job, status, attempt):
                 return job
-            self._check(job, attempt)
+            jobs.check_owner(job, attempt)
             pipe.multi()
-            return self._finish(pipe, job, status, error)
+            return self._finish(pipe, jobs.ended(job, status, error, jobs.now()))
 
         job = self._change(job_id, change)
         self._evict()
@@ -802,15 +749,15 @@ class RedisStore:
         request. The token makes a request sent twice (a cut connection) find itself."""
 
         def change(pipe: Pipeline, job: Job, fields: dict[bytes, bytes]) -> Job:
-            if job.status.ended:
-                if token is not None and fields.get(b"cancelled_by") == token.encode():
-                    return job
-                raise JobAlreadyEnded(f"job {job_id} already ended as {job.status.value}")
+            mine = token is not None and fields.get(b"cancelled_by") == token.encode()
+            if job.status.ended and mine:
+                return job  # this very request, sent twice
+            jobs.check_open(job)
             pipe.multi()
             if token is not None:
                 pipe.hset(self._key("job", job_id), "cancelled_by", token)
             if job.status is JobStatus.queued:
-                return self._finish(pipe, job, JobStatus.cancelled, None)
+                return self._finish(pipe, jobs.ended(job, JobStatus.cancelled, None, jobs.now()))
             pipe.hset(self._key("job", job_id), "cancel", "1")
             return job
 
@@ -818,19 +765,10 @@ class RedisStore:
         self._evict()
         return job
 
-    def _finish(
-        self,
-        pipe: Pipeline,
-        job: Job,
-        status: JobStatus,
-        error: dict[str, Any] | None,
-        result: JobResult | None = None,
-        at: Any = None,
-    ) -> Job:
-        problem = Problem.model_validate(error) if error is not None else None
-        job = self._put(
-            pipe, job, status=status, finished_at=at or now(), error=problem, result=result
-        )
+    def _finish(self, pipe: Pipeline, job: Job) -> Job:
+        """Write a job that has just ended (jobs.ended or jobs.succeeded): it leaves the open
+        jobs, its claim, data and beat go, and every replica hears of its end."""
+        job = self._put(pipe, job)
         pipe.hdel(self._key("job", job.id), "worker", "claim", "attempt", "cancel")
         pipe.delete(self._key("data", job.id), self._beat_key(job.id, job.attempts))
         pipe.zrem(self._key("queued"), job.id)
@@ -848,8 +786,7 @@ class RedisStore:
             return
         served_doc = self.redis.get(self._key("served"))
         served = None if served_doc is None else Model.model_validate_json(served_doc).job_id
-        others = [j for j in ended if j != served]
-        for job_id in others[: max(0, len(others) - keep_jobs)]:
+        for job_id in jobs.evicted_jobs(ended, served, keep_jobs):
             idem = self.redis.hget(self._key("job", job_id), "idem")
             pipe = self.redis.pipeline()
             pipe.delete(self._key("job", job_id), self._key("data", job_id))
@@ -907,13 +844,13 @@ class RedisStore:
             pipe.multi()
             pipe.hset(self._key("job", job_id), "deaths", deaths)
             if b"cancel" in fields:
-                return self._finish(pipe, job, JobStatus.cancelled, None)
+                return self._finish(pipe, jobs.ended(job, JobStatus.cancelled, None, jobs.now()))
             if deaths >= max_attempts:
                 last = f"its beat stood still for SGD_LEASE_SECONDS={self.lease_seconds:g}"
                 problem = WorkerCrashed.every_attempt(
                     deaths, max_attempts, job.attempts, last
                 ).problem()
-                return self._finish(pipe, job, JobStatus.failed, problem)
+                return self._finish(pipe, jobs.ended(job, JobStatus.failed, problem, jobs.now()))
             return self._requeue(pipe, job)
 
         try:
@@ -968,11 +905,11 @@ class RedisStore:
         if job_id is None:
             latest = self.redis.get(self._key("latest"))
             if latest is None:
-                raise HistoryNotFound("no job has started yet: POST /fit first")
+                raise jobs.no_history()
             job_id = latest.decode()
         job = self.get_job(job_id)
         if job.started_at is None:
-            raise HistoryNotFound(f"job {job_id} has not started yet; retry when it runs")
+            raise jobs.no_history(job_id)
         names = _columns(job)
         keys = [self._key("hist", job_id, n) for n in names]
         # the shortest column: a chunk being appended is whole in all of them or in none
