@@ -28,9 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from service.core.schemas import FitRequest
 from service.core.settings import Settings
 from service.http import turns
-from service.http.intake import Intake, NotRead, loads
+from service.http.bodies import error_of
+from service.http.intake import Intake
 from service.http.plotter import Plotter
 from service.http.problems import install_handlers
+from service.http.reading import NotJson, NotRead, loads
 from service.state.base import Store
 from tests.conftest import (
     Server,
@@ -48,7 +50,7 @@ MiB = 1024 * 1024
 
 class _UTF8Only(APIRoute):
     """FastAPI's route, refusing what the service refuses before FastAPI's own parser would
-    read it (service.intake.loads): a body that is not UTF-8, integers too long for int(),
+    read it (service.http.reading.loads): a body that is not UTF-8, integers too long for int(),
     nesting too deep for json.loads."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -60,8 +62,8 @@ class _UTF8Only(APIRoute):
                 try:
                     loads(body)
                 except NotRead as e:
-                    if e.refused.kind != "json":  # FastAPI's own answer to JSON it cannot parse
-                        raise e.refused.error() from None
+                    if not isinstance(e.refused, NotJson):  # FastAPI answers those itself
+                        raise error_of(e.refused) from None
             return await handle(request)
 
         return route

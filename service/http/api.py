@@ -43,7 +43,7 @@ from service.core.schemas import (
     finite_or_raise,
 )
 from service.core.settings import Settings
-from service.http.bodies import FitRoute, Handler, PredictRoute
+from service.http.bodies import FitRoute, Handler, PredictRoute, error_of
 from service.http.deps import (
     ADMIN,
     PREDICT,
@@ -54,8 +54,9 @@ from service.http.deps import (
     SettingsDep,
     StoreDep,
 )
-from service.http.intake import Accepted, NotRead, Refused, checked, loads
+from service.http.intake import Accepted, checked
 from service.http.problems import problems
+from service.http.reading import NotRead, loads
 from service.http.turns import give_way
 from service.state.base import HistoryPage, Store
 
@@ -78,9 +79,8 @@ async def fit(
     """Start a fit as a background job; poll the job at its Location."""
     # parsed and checked by the intake process (service.bodies.FitRoute); here only if not
     accepted = body._accepted or checked(body, settings, digest=idempotency_key is not None)
-    if isinstance(accepted, Refused):
-        raise accepted.error()
-    assert isinstance(accepted, Accepted)
+    if not isinstance(accepted, Accepted):
+        raise error_of(accepted)
     idem = None if idempotency_key is None else (idempotency_key, accepted.digest or "")
     start = None
     if body.init_from is not None:
@@ -240,7 +240,7 @@ class _Parsed(Request):
 
 
 class StrictPredictRoute(PredictRoute):
-    """POST /predict's body read as a fit's (service.intake.loads), with the same refusals:
+    """POST /predict's body read as a fit's (service.http.reading.loads), with the same refusals:
     FastAPI's own json.loads takes UTF-16 and a byte order mark, and answers an integer of
     5,000 digits as a body that is not UTF-8."""
 
@@ -252,7 +252,7 @@ class StrictPredictRoute(PredictRoute):
             try:
                 document = loads(body)
             except NotRead as e:
-                raise e.refused.error() from None
+                raise error_of(e.refused) from None
             return await handle(_Parsed(counted, body, document))
 
         return await super().received(request, settings, parsed)

@@ -19,8 +19,9 @@ refused before even that).
 
 import email.message
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, assert_never
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -30,11 +31,38 @@ from starlette.types import Receive, Scope
 from service.core.errors import InvalidInput
 from service.core.settings import Settings
 from service.http.deps import check_access
-from service.http.intake import Intake, Refused
+from service.http.intake import Accepted, Intake
+from service.http.reading import NotAccepted, NotJson, NotValid, Refused, Unreadable
 from service.http.turns import give_way
 
 OTHER_VALUES = 16  # values a body holds besides its lists, with room to spare
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def error_of(refused: Refused) -> Exception:
+    """What FastAPI or the route raised for a refused body when FastAPI parsed it: the same
+    answers, rendered by the same handlers."""
+    match refused:
+        case NotJson(message, position):
+            return RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("body", position),
+                        "msg": "JSON decode error",
+                        "input": {},
+                        "ctx": {"error": message},
+                    }
+                ]
+            )
+        case Unreadable():
+            return HTTPException(status_code=400, detail="There was an error parsing the body")
+        case NotValid(errors):
+            return RequestValidationError(errors)
+        case NotAccepted(detail, issues):
+            return InvalidInput(detail, issues)
+        case _:
+            assert_never(refused)
 
 
 class _Received(Request):
@@ -137,8 +165,8 @@ class FitRoute(_CountedRoute):
             return await handle(_Received(request.scope, request.receive, b""))
         intake: Intake = request.state.intake
         reply = await intake.accept(chunks, digest="idempotency-key" in request.headers)
-        if isinstance(reply, Refused):
-            raise reply.error()
+        if not isinstance(reply, Accepted):
+            raise error_of(reply)
         # FastAPI checks only that there is a body; the intake has had all of it
         checked = _Received(request.scope, request.receive, b"{}", reply.request())
         return await handle(checked)

@@ -2,18 +2,16 @@
 
 A 1,000,000-sample body is ~20 MB of JSON; parsing and validating it takes ~60 ms of CPU
 while holding the GIL, and a thread would not help: every /predict in flight would wait for
-the GIL. So the server (service.bodies) keeps the body as the chunks it arrived in and sends
+the GIL. So the server (service.http.bodies) keeps the body as the chunks it arrived in and sends
 them to a helper process over a socket, and gets back the checked fit: the options, and x and
 y as float64 bytes. The server never turns the samples into Python objects, nor joins the
 chunks; it only passes bytes on.
 
 The answers are those FastAPI gave when it parsed on the event loop: the fast parser (orjson)
 is tried first, and whenever it or the validation fails the standard library parses the body
-again (`loads`), so that a bad body gets the standard library's error texts and its reading of
-NaN and big integers. Where FastAPI read more than the README promises, or called a body that
-it could not read "not UTF-8", `loads` says what is wrong: a body that is not UTF-8 (UTF-16,
-UTF-32, a byte order mark), an integer longer than the standard library reads (4,300 digits),
-lists nested deeper than it goes.
+again (service.http.reading.loads), so that a bad body gets the standard library's error texts
+and its reading of NaN and big integers. A refusal comes back as one of service.http.reading's
+variants, which the server raises.
 
 The helper takes one body at a time (an asyncio lock queues the others), runs at the training
 worker's priority (SGD_WORKER_NICE, SCHED_IDLE), below the server's, and is started on the
@@ -23,7 +21,6 @@ If it dies (OOM, kill -9), a new one reads the body in hand again: the fit is no
 
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import pickle
@@ -32,7 +29,6 @@ import socket
 import subprocess
 import sys
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +39,7 @@ from service.core.errors import MAX_LISTED_ERRORS, InvalidInput, NotReady, cappe
 from service.core.processes import lower_priority, name_process
 from service.core.schemas import Finite, FitRequest
 from service.core.settings import Settings
+from service.http.reading import NotAccepted, NotRead, NotValid, Refused, loads
 from service.http.turns import give_way
 from service.runner.worker import Samples
 
@@ -69,41 +66,6 @@ class Accepted:
         req = FitRequest.model_construct(set(self.given), x=[], y=[], **self.options)
         req._accepted = self
         return req
-
-
-@dataclass(frozen=True)
-class Refused:
-    """Why a body was refused, in the form the server raises it."""
-
-    # "json": (msg, pos); "unreadable": (); "invalid": (errors,); "input": (detail, issues)
-    kind: str
-    args: tuple[Any, ...]
-
-    def error(self) -> Exception:
-        """What FastAPI or the route raised for this body when it parsed it in the server."""
-        # imported here: the intake process never needs the web framework (~0.1 s to import)
-        from fastapi.exceptions import RequestValidationError
-        from starlette.exceptions import HTTPException
-
-        if self.kind == "json":
-            msg, pos = self.args
-            return RequestValidationError(
-                [
-                    {
-                        "type": "json_invalid",
-                        "loc": ("body", pos),
-                        "msg": "JSON decode error",
-                        "input": {},
-                        "ctx": {"error": msg},
-                    }
-                ]
-            )
-        if self.kind == "unreadable":
-            return HTTPException(status_code=400, detail="There was an error parsing the body")
-        if self.kind == "invalid":
-            return RequestValidationError(self.args[0])
-        detail, issues = self.args
-        return InvalidInput(detail, issues)
 
 
 Reply = Accepted | Refused
@@ -150,107 +112,13 @@ def _number(v: Any) -> bool:
     return type(v) is int
 
 
-class NotRead(Exception):
-    """A body that `loads` refuses; `refused` is the answer, in the form the server raises it."""
-
-    def __init__(self, refused: Refused) -> None:
-        super().__init__(refused.kind)
-        self.refused = refused
-
-
-NOT_UTF8 = "the body must be JSON encoded as UTF-8, without a byte order mark"
-TOO_DEEP = "the body nests arrays or objects too deeply to read; no field takes nested lists"
-
-
-def loads(body: bytes | bytearray) -> Any:
-    """A JSON body as the service reads every one: UTF-8 without a byte order mark, parsed by
-    the standard library (its error texts, its reading of NaN); raises NotRead if refused.
-
-    json.loads alone takes UTF-16, UTF-32 and a byte order mark, which the README does not
-    promise; at an integer too long to read or lists nested too deeply, it raises no JSON error.
-    """
-    # by the first 4 bytes, as json.loads guesses: JSON begins with an ASCII character
-    encoding = json.detect_encoding(body[:4])
-    if encoding != "utf-8":
-        if encoding in ("utf-8-sig", "utf-16", "utf-32"):
-            why = f"it starts with a {encoding.removesuffix('-sig').upper()} byte order mark"
-        else:
-            why = f"it looks like {encoding.upper()}, not UTF-8"
-        raise NotRead(Refused("input", (NOT_UTF8, [_body_issue(why)])))
-    try:
-        text = body.decode()
-    except UnicodeDecodeError as e:
-        why = f"byte {e.object[e.start]:#04x} at offset {e.start} is not UTF-8"
-        raise NotRead(Refused("input", (NOT_UTF8, [_body_issue(why)]))) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise NotRead(Refused("json", (e.msg, e.pos))) from None
-    except ValueError:  # the only other ValueError json.loads raises: an integer too long
-        raise NotRead(_long_integers(text)) from None
-    except RecursionError:
-        raise NotRead(Refused("input", (TOO_DEEP, [_body_issue("nested too deeply")]))) from None
-    except Exception:
-        raise NotRead(Refused("unreadable", ())) from None
-
-
-def _body_issue(message: str) -> dict[str, str]:
-    return {"field": "body", "message": message, "code": "json_invalid"}
-
-
-class _TooLong:
-    """What `_long_integers` reads an integer too long for int() as."""
-
-
-_TOO_LONG = _TooLong()
-
-
-def _long_integers(text: str) -> Refused:
-    """The refusal of a body holding integers longer than int() reads (4,300 digits unless
-    sys.set_int_max_str_digits says otherwise): each named where it is, as a validation error."""
-    limit = sys.get_int_max_str_digits()
-
-    def integer(digits: str) -> int | _TooLong:
-        return _TOO_LONG if len(digits) - digits.startswith("-") > limit else int(digits)
-
-    try:
-        doc = json.loads(text, parse_int=integer)
-    except Exception:
-        return Refused("unreadable", ())
-    found = [loc for loc, value in _leaves(doc) if value is _TOO_LONG]
-    if not found:
-        return Refused("unreadable", ())
-    message = (
-        f"an integer of more than {limit} digits: too long to read, and larger than any field takes"
-    )
-    errors = [
-        {"type": "int_parsing_size", "loc": ("body", *loc), "msg": message}
-        for loc in found[:MAX_LISTED_ERRORS]
-    ]
-    return Refused("invalid", (capped(errors, len(found)),))
-
-
-def _leaves(doc: Any) -> Iterator[tuple[tuple[int | str, ...], Any]]:
-    """Every value of a parsed JSON document that is no list or object, with where it is, in
-    document order (a loop, not recursion: the document may nest as deep as json.loads goes)."""
-    stack: list[tuple[tuple[int | str, ...], Any]] = [((), doc)]
-    while stack:
-        loc, value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(((*loc, k), v) for k, v in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend(((*loc, i), value[i]) for i in reversed(range(len(value))))
-        else:
-            yield loc, value
-
-
 def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
     """Parse and check one fit body, as FastAPI and the route did in the server."""
     try:
         doc = orjson.loads(body)
         flood = _flood(doc)
         if flood is not None:
-            return Refused("invalid", (flood,))
+            return NotValid(flood)
         req = FitRequest.model_validate(doc, from_attributes=True)
     except (orjson.JSONDecodeError, ValidationError):
         try:
@@ -259,7 +127,7 @@ def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
             return e.refused
         flood = _flood(parsed)
         if flood is not None:
-            return Refused("invalid", (flood,))
+            return NotValid(flood)
         try:
             # as FastAPI validates a body: from_attributes, which names the error of a
             # body that is not an object
@@ -269,7 +137,7 @@ def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
                 {"type": err["type"], "loc": ("body", *err["loc"]), "msg": err["msg"]}
                 for err in e.errors(include_url=False)
             ]
-            return Refused("invalid", (capped(errors),))
+            return NotValid(capped(errors))
     return checked(req, settings, digest)
 
 
@@ -279,7 +147,7 @@ def checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
         req.check_limits(settings)
         req.check_combinations()
     except InvalidInput as e:
-        return Refused("input", (e.detail, e.extra["errors"]))
+        return NotAccepted(e.detail, e.extra["errors"])
     return Accepted(
         options=req.model_dump(exclude={"x", "y"}),
         given=frozenset(req.model_fields_set),
