@@ -1,7 +1,8 @@
 """Error answers that no route gives, byte for byte: the body limit, unknown routes and methods.
 
 They come from the middleware and Starlette's router, before any route or dependency runs, so
-the app is used without its lifespan (no worker, no store).
+the app is used without its lifespan (no worker, no store); but a body streamed over the limit
+is met only as a route reads it, after the route's token check.
 """
 
 import json
@@ -46,12 +47,16 @@ def test_a_body_over_the_limit_by_content_length(bare: TestClient) -> None:
     assert r.headers["connection"] == "close"
 
 
-def test_a_body_over_the_limit_while_it_streams(bare: TestClient) -> None:
+def test_a_body_over_the_limit_while_it_streams() -> None:
+    """The limit cuts a body off as it is read; POST /fit reads its body only after its token
+    check, which needs the lifespan's state: this app is started."""
+
     def chunks() -> Iterator[bytes]:
         for _ in range(5):
             yield b"x" * (LIMIT // 2)
 
-    r = bare.post("/fit", content=chunks(), headers={"content-type": "application/json"})
+    with TestClient(create_app(settings_for_tests(max_body_bytes=LIMIT))) as started:
+        r = started.post("/fit", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in r.request.headers
     assert r.status_code == 413
     assert r.content == expected_413()

@@ -15,7 +15,6 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     PlainValidator,
-    PrivateAttr,
     WithJsonSchema,
 )
 from pydantic.json_schema import JsonSchemaValue
@@ -169,9 +168,6 @@ class FitRequest(_Input):
         description="start from the served model's w (and b), or a kept version's, "
         "instead of init_w (a warm start)",
     )
-    # service.intake.Accepted, when the intake process parsed and checked this body: x and y
-    # are then empty lists, and the samples are its float64 bytes
-    _accepted: Any = PrivateAttr(default=None)
 
     def check_combinations(self) -> None:
         """Options that make no sense together; raises InvalidInput naming the fields."""

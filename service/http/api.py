@@ -43,7 +43,7 @@ from service.core.schemas import (
     finite_or_raise,
 )
 from service.core.settings import Settings
-from service.http.bodies import FitRoute, Handler, PredictRoute, error_of
+from service.http.bodies import FitBody, Handler, PredictRoute, error_of
 from service.http.deps import (
     ADMIN,
     PREDICT,
@@ -54,7 +54,8 @@ from service.http.deps import (
     SettingsDep,
     StoreDep,
 )
-from service.http.intake import Accepted, checked
+from service.http.intake import FitOptions
+from service.http.openapi import json_body
 from service.http.problems import problems
 from service.http.reading import NotRead, loads
 from service.http.turns import give_way
@@ -69,33 +70,29 @@ router = APIRouter()
 
 
 async def fit(
-    body: FitRequest,
+    accepted: FitBody,
     response: Response,
     store: StoreDep,
     runner: RunnerDep,
-    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Job:
     """Start a fit as a background job; poll the job at its Location."""
-    # parsed and checked by the intake process (service.bodies.FitRoute); here only if not
-    accepted = body._accepted or checked(body, settings, digest=idempotency_key is not None)
-    if not isinstance(accepted, Accepted):
-        raise error_of(accepted)
+    options = accepted.options
     idem = None if idempotency_key is None else (idempotency_key, accepted.digest or "")
     start = None
-    if body.init_from is not None:
-        start = await run_in_threadpool(_start_from, store, body)
+    if options.init_from is not None:
+        start = await run_in_threadpool(_start_from, store, options)
     params = JobParams(
-        epochs=body.epochs,
-        learning_rate=body.learning_rate,
-        init_w=body.init_w if start is None else start.w,
-        batch_size=body.batch_size,
-        fit_intercept=body.fit_intercept,
-        seed=secrets.randbelow(MAX_SEED + 1) if body.seed is None else body.seed,
-        validation_fraction=body.validation_fraction,
-        tol=body.tol,
-        n_iter_no_change=body.n_iter_no_change,
-        publish=body.publish,
+        epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        init_w=options.init_w if start is None else start.w,
+        batch_size=options.batch_size,
+        fit_intercept=options.fit_intercept,
+        seed=secrets.randbelow(MAX_SEED + 1) if options.seed is None else options.seed,
+        validation_fraction=options.validation_fraction,
+        tol=options.tol,
+        n_iter_no_change=options.n_iter_no_change,
+        publish=options.publish,
         init_from=None if start is None else start.version,
         init_b=0.0 if start is None else start.b,
     )
@@ -107,6 +104,7 @@ async def fit(
     return job
 
 
+# FastAPI reads no body for /fit: `fit_body` does, after the token check (service.http.bodies)
 router.add_api_route(
     "/fit",
     fit,
@@ -114,22 +112,23 @@ router.add_api_route(
     status_code=status.HTTP_202_ACCEPTED,
     dependencies=[TRAIN],
     responses=problems(401, 404, 409, 413, 422, 429, 503),
-    route_class_override=FitRoute,
+    openapi_extra=json_body(FitRequest),
 )
+BODIES = (FitRequest,)  # models of bodies that dependencies read: the document needs them
 
 
-def _start_from(store: Store, body: FitRequest) -> Model:
+def _start_from(store: Store, options: FitOptions) -> Model:
     """The model a warm start begins with: the served one or a kept version, resolved now."""
-    if body.init_from == "served":
+    if options.init_from == "served":
         model = store.model
         if model is None:
             raise NothingServed(
                 'init_from is "served" but no model is served yet: fit without init_from first'
             )
     else:
-        assert isinstance(body.init_from, int)
-        model = store.version(body.init_from)
-    if model.b != 0 and not body.fit_intercept:
+        assert isinstance(options.init_from, int)
+        model = store.version(options.init_from)
+    if model.b != 0 and not options.fit_intercept:
         issue = {
             "field": "init_from, fit_intercept",
             "message": f"version {model.version} has b = {model.b:g}, which a fit without an "

@@ -25,7 +25,7 @@ from service.http.middleware import (
     SecurityHeaders,
 )
 from service.http.observability import Metrics, RequestObserver
-from service.http.openapi import document_limits
+from service.http.openapi import document_bodies, document_limits
 from service.http.plotter import Plotter
 from service.http.problems import install_handlers, problem_response
 from service.http.streams import Streams
@@ -140,7 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = document_limits(FastAPI.openapi(app), settings)
+            spec = document_bodies(FastAPI.openapi(app), api.BODIES)
+            spec = document_limits(spec, settings)
             spec = document_access(spec, [r for router in routers for r in router.routes], access)
             app.openapi_schema = oip.document(spec, settings)
         return app.openapi_schema

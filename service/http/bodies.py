@@ -1,37 +1,43 @@
-"""Routes whose JSON bodies are counted before they are parsed, and the fit's parsed elsewhere.
+"""JSON bodies counted before they are parsed: POST /fit's, parsed and checked elsewhere, and
+POST /predict's.
 
 FastAPI reads a body whole, parses it and validates it on the event loop. For the two routes
 that take lists of numbers that is where a heavy caller would stall every /predict in flight,
-or make the server allocate gigabytes of Python floats for a body of zeros. Their route
-classes read the body chunk by chunk first, counting its values as they go (a comma per
-value), and refuse it as soon as it holds more than the route can take:
+or make the server allocate gigabytes of Python floats for a body of zeros. So their bodies
+are read chunk by chunk first, their values counted as they come (a comma per value), and
+refused as soon as they hold more than the route can take:
 
-- POST /fit hands the chunks to the intake process (service.intake), which parses and checks
-  them; FastAPI then gets the checked FitRequest as if it had parsed it, and runs the route.
-- POST /predict hands the body (at most SGD_MAX_PREDICT_BATCH numbers, which its body limit
-  also bounds) to FastAPI, which parses it as before.
+- POST /fit's body is read by a dependency, `fit_body`, never by FastAPI: it runs after the
+  token check, hands the chunks to the intake process (service.http.intake), which parses
+  and checks them, and gives the route what the intake accepted. The OpenAPI document still
+  describes the body as a FitRequest (service.http.openapi.json_body).
+- POST /predict's route class hands the body (at most SGD_MAX_PREDICT_BATCH numbers, which its
+  body limit also bounds) to FastAPI, which parses it as before.
 
-Everything else is FastAPI's, and the answers to bad bodies are the ones FastAPI gave. A body
-that is not JSON (by its Content-Type) is refused by FastAPI whatever it holds, so it gets
-only its first chunk: the rest is never read (and on POST /fit, a caller without the token is
-refused before even that).
+The answers to bad bodies are the ones FastAPI gave. A body that is not JSON (by its
+Content-Type) is refused whatever it holds, so only its first chunk is read: the rest never
+is (and a caller without the token is refused before even that).
 """
 
 import email.message
 from collections.abc import Callable, Coroutine
-from typing import Any, assert_never
+from typing import Annotated, Any, assert_never
 
+from fastapi import Depends
+from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
 from service.core.errors import InvalidInput
+from service.core.schemas import FitRequest
 from service.core.settings import Settings
-from service.http.deps import check_access
-from service.http.intake import Accepted, Intake
+from service.http.deps import IntakeDep, SettingsDep, check_access
+from service.http.intake import Accepted
 from service.http.reading import NotAccepted, NotJson, NotValid, Refused, Unreadable
 from service.http.turns import give_way
 
@@ -66,18 +72,19 @@ def error_of(refused: Refused) -> Exception:
 
 
 class _Received(Request):
-    """A request whose body its route has read already, and for a fit, checked too."""
+    """A request whose body its route has read already."""
 
-    def __init__(self, scope: Scope, receive: Receive, body: bytes, parsed: Any = None) -> None:
+    def __init__(self, scope: Scope, receive: Receive, body: bytes) -> None:
         super().__init__(scope, receive)
         self._received = body
-        self._parsed = parsed
 
     async def body(self) -> bytes:
         return self._received
 
-    async def json(self) -> Any:
-        return await super().json() if self._parsed is None else self._parsed
+
+def _strict(route: APIRoute) -> bool:
+    """Whether the route takes a body without a Content-Type as not JSON (FastAPI's default)."""
+    return bool(getattr(route.strict_content_type, "value", route.strict_content_type))
 
 
 def _is_json(request: Request, strict: bool) -> bool:
@@ -93,16 +100,16 @@ def _is_json(request: Request, strict: bool) -> bool:
     )
 
 
-async def _first(request: Request) -> _Received:
-    """The request with its body's first chunk as its whole body: FastAPI refuses a body that
-    is not JSON for being there, not for what it holds, so the rest is not worth reading."""
+async def _first(request: Request) -> bytes:
+    """The body's first chunk, as all of it: FastAPI refuses a body that is not JSON for being
+    there, not for what it holds, so the rest is not worth reading."""
     try:
         async for chunk in request.stream():
             if chunk:
-                return _Received(request.scope, request.receive, chunk)
+                return chunk
     except ClientDisconnect as e:
         raise HTTPException(status_code=400, detail="There was an error parsing the body") from e
-    return _Received(request.scope, request.receive, b"")
+    return b""
 
 
 async def _counted(request: Request, most: int, refusal: InvalidInput) -> list[bytes]:
@@ -122,62 +129,75 @@ async def _counted(request: Request, most: int, refusal: InvalidInput) -> list[b
     return chunks
 
 
-class _CountedRoute(APIRoute):
-    def get_route_handler(self) -> Handler:
-        handle = super().get_route_handler()
-        strict = bool(getattr(self.strict_content_type, "value", self.strict_content_type))
+async def fit_body(request: Request, settings: SettingsDep, intake: IntakeDep) -> Accepted:
+    """POST /fit's body, counted as it arrives, then parsed and checked by the intake process.
 
-        async def route(request: Request) -> Response:
-            state = request.scope.get("state") or {}
-            if "intake" not in state:
-                # no lifespan (an app under test that never started): FastAPI's own reading
-                return await handle(request)
-            await self.before_body(request, state["settings"])
-            if not _is_json(request, strict):  # FastAPI refuses it as it always did
-                return await handle(await _first(request))
-            return await self.received(request, state["settings"], handle)
-
-        return route
-
-    async def before_body(self, request: Request, settings: Settings) -> None:
-        """What is checked before any of the body is read."""
-
-    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
-        raise NotImplementedError
-
-
-class FitRoute(_CountedRoute):
-    """POST /fit: the token first, then the body's count, then the intake process's checks."""
-
-    async def before_body(self, request: Request, settings: Settings) -> None:
-        # a caller without the token cannot make the server read 64 MiB, whatever its type
-        check_access(request, "train")
-
-    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
-        most = settings.max_samples
-        refusal = InvalidInput(
-            f"the body holds more than {2 * most + OTHER_VALUES:,} values; x and y take at "
-            f"most SGD_MAX_SAMPLES={most:,} each: send fewer samples per fit",
-            [{"field": "x", "message": "too many values", "code": "limit"}],
-        )
-        chunks = await _counted(request, 2 * most + OTHER_VALUES, refusal)
-        if not chunks:  # FastAPI's answer: the body is missing
-            return await handle(_Received(request.scope, request.receive, b""))
-        intake: Intake = request.state.intake
-        reply = await intake.accept(chunks, digest="idempotency-key" in request.headers)
-        if not isinstance(reply, Accepted):
-            raise error_of(reply)
-        # FastAPI checks only that there is a body; the intake has had all of it
-        checked = _Received(request.scope, request.receive, b"{}", reply.request())
-        return await handle(checked)
+    A dependency of the route after its token check, which FastAPI runs first: a caller
+    without the token cannot make the server read 64 MiB, whatever its type. FastAPI reads no
+    body for the route (it declares none), so nothing else reads this one.
+    """
+    if not _is_json(request, _strict(request.scope["route"])):
+        raise _not_parsed(request, await _first(request))
+    most = settings.max_samples
+    too_many = InvalidInput(
+        f"the body holds more than {2 * most + OTHER_VALUES:,} values; x and y take at "
+        f"most SGD_MAX_SAMPLES={most:,} each: send fewer samples per fit",
+        [{"field": "x", "message": "too many values", "code": "limit"}],
+    )
+    chunks = await _counted(request, 2 * most + OTHER_VALUES, too_many)
+    if not chunks:
+        raise _not_parsed(request, b"")
+    reply = await intake.accept(chunks, digest="idempotency-key" in request.headers)
+    if not isinstance(reply, Accepted):
+        raise error_of(reply)
+    return reply
 
 
-class PredictRoute(_CountedRoute):
+FitBody = Annotated[Accepted, Depends(fit_body)]
+
+
+def _not_parsed(request: Request, body: bytes) -> RequestValidationError:
+    """FastAPI's answer to a FitRequest body that is missing or not JSON: the errors of the
+    route's parameters (an Idempotency-Key too long), then the body's, in one answer."""
+    dependant = request.scope["route"].dependant
+    errors: list[Any] = []
+    for params, received in (
+        (dependant.path_params, request.path_params),
+        (dependant.query_params, request.query_params),
+        (dependant.header_params, request.headers),
+        (dependant.cookie_params, request.cookies),
+    ):
+        errors += request_params_to_args(params, received)[1]
+    if not body:
+        errors.append({"type": "missing", "loc": ("body",), "msg": "Field required", "input": None})
+    else:
+        try:  # as FastAPI validates the raw bytes of a body it did not parse
+            FitRequest.model_validate(body, from_attributes=True)
+        except ValidationError as e:
+            errors += [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+    return RequestValidationError(errors)
+
+
+class PredictRoute(APIRoute):
     """POST /predict: the scope first, then at most SGD_MAX_PREDICT_BATCH hours, counted
     before FastAPI parses them."""
 
-    async def before_body(self, request: Request, settings: Settings) -> None:
-        check_access(request, "predict")
+    def get_route_handler(self) -> Handler:
+        handle = super().get_route_handler()
+        strict = _strict(self)
+
+        async def route(request: Request) -> Response:
+            state = request.scope.get("state") or {}
+            if "settings" not in state:
+                # no lifespan (an app under test that never started): FastAPI's own reading
+                return await handle(request)
+            check_access(request, "predict")
+            if not _is_json(request, strict):  # FastAPI refuses it as it always did
+                first = await _first(request)
+                return await handle(_Received(request.scope, request.receive, first))
+            return await self.received(request, state["settings"], handle)
+
+        return route
 
     async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
         most = settings.max_predict_batch

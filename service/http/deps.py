@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 
 from service.core.settings import Scope, Settings
 from service.http.access import WRITES, Access
+from service.http.intake import Intake
 from service.http.observability import Metrics
 from service.http.plotter import Plotter
 from service.http.streams import Streams
@@ -50,12 +51,18 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_intake(request: Request) -> Intake:
+    intake: Intake = request.state.intake
+    return intake
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PlotterDep = Annotated[Plotter, Depends(get_plotter)]
 StreamsDep = Annotated[Streams, Depends(get_streams)]
+IntakeDep = Annotated[Intake, Depends(get_intake)]
 
 
 def check_access(request: Request, scope: Scope) -> None:

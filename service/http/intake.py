@@ -37,7 +37,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from service.core.errors import MAX_LISTED_ERRORS, InvalidInput, NotReady, capped
 from service.core.processes import lower_priority, name_process
-from service.core.schemas import Finite, FitRequest
+from service.core.schemas import Finite, FitRequest, InitFrom, Publish
 from service.core.settings import Settings
 from service.http.reading import NotAccepted, NotRead, NotValid, Refused, loads
 from service.http.turns import give_way
@@ -51,21 +51,47 @@ PIECE = 1024 * 1024  # the samples come back in pieces of this many bytes
 
 
 @dataclass(frozen=True)
+class FitOptions:
+    """A checked fit's options: FitRequest's fields but its samples."""
+
+    epochs: int
+    learning_rate: float
+    init_w: float
+    batch_size: int | None
+    fit_intercept: bool
+    seed: int | None
+    validation_fraction: float
+    tol: float | None
+    n_iter_no_change: int
+    publish: Publish
+    init_from: InitFrom | None
+
+    @classmethod
+    def of(cls, req: FitRequest) -> "FitOptions":
+        return cls(
+            epochs=req.epochs,
+            learning_rate=req.learning_rate,
+            init_w=req.init_w,
+            batch_size=req.batch_size,
+            fit_intercept=req.fit_intercept,
+            seed=req.seed,
+            validation_fraction=req.validation_fraction,
+            tol=req.tol,
+            n_iter_no_change=req.n_iter_no_change,
+            publish=req.publish,
+            init_from=req.init_from,
+        )
+
+
+@dataclass(frozen=True)
 class Accepted:
     """A fit body that passed every check: its options, and x and y as float64 bytes."""
 
-    options: dict[str, Any]
-    given: frozenset[str]  # the fields the caller sent
+    options: FitOptions
     n: int
     x: Samples  # float64, native byte order, in pieces
     y: Samples
     digest: str | None  # of the validated body, for Idempotency-Key; asked for per request
-
-    def request(self) -> FitRequest:
-        """The FitRequest the route receives: the options, with x and y only as bytes."""
-        req = FitRequest.model_construct(set(self.given), x=[], y=[], **self.options)
-        req._accepted = self
-        return req
 
 
 Reply = Accepted | Refused
@@ -138,10 +164,10 @@ def accept(body: bytes | bytearray, settings: Settings, digest: bool) -> Reply:
                 for err in e.errors(include_url=False)
             ]
             return NotValid(capped(errors))
-    return checked(req, settings, digest)
+    return _checked(req, settings, digest)
 
 
-def checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
+def _checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
     """A valid FitRequest against the settings' limits and its own combinations."""
     try:
         req.check_limits(settings)
@@ -149,8 +175,7 @@ def checked(req: FitRequest, settings: Settings, digest: bool) -> Reply:
     except InvalidInput as e:
         return NotAccepted(e.detail, e.extra["errors"])
     return Accepted(
-        options=req.model_dump(exclude={"x", "y"}),
-        given=frozenset(req.model_fields_set),
+        options=FitOptions.of(req),
         n=len(req.x),
         x=(array("d", req.x).tobytes(),),
         y=(array("d", req.y).tobytes(),),
@@ -218,12 +243,12 @@ class Intake:
         if isinstance(reply, Accepted):  # the samples follow the header, as raw bytes
             x = await _pieces(loop, sock, 8 * reply.n)  # kept as received: no copy here
             y = await _pieces(loop, sock, 8 * reply.n)
-            reply = Accepted(reply.options, reply.given, reply.n, x, y, reply.digest)
+            reply = Accepted(reply.options, reply.n, x, y, reply.digest)
         assert isinstance(reply, Accepted | Refused)
         return reply
 
     def _start(self) -> socket.socket:
-        """`python -m service.intake FD`, its end of a socket pair passed as FD, the settings
+        """`python -m service.http.intake FD`, its end of a socket pair passed as FD, the settings
         its first message. A plain subprocess, not multiprocessing's: it imports only this
         module, and `ps` tells it from the training worker."""
         ours, theirs = socket.socketpair()
@@ -291,7 +316,7 @@ def main(fd: int) -> None:
             reply = accept(body, settings, digest=flag == b"D")
             del body
             if isinstance(reply, Accepted):
-                header = Accepted(reply.options, reply.given, reply.n, (), (), reply.digest)
+                header = Accepted(reply.options, reply.n, (), (), reply.digest)
                 head = pickle.dumps(header)
                 sock.sendall(len(head).to_bytes(8, "little") + head)
                 for piece in (*reply.x, *reply.y):
@@ -323,7 +348,7 @@ def _exactly(sock: socket.socket, n: int) -> bytearray:
 
 
 if __name__ == "__main__":
-    # run as service.intake, not __main__: what it pickles must name this module's classes
+    # run as service.http.intake, not __main__: what it pickles must name this module's classes
     from service.http import intake
 
     intake.main(int(sys.argv[1]))
