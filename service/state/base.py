@@ -1,7 +1,11 @@
-"""The one owner of mutable state: published model versions, jobs and their histories.
+"""The seams of the state package: the Store protocol (the one owner of mutable state: published
+model versions, jobs and their histories), the WorkerStore protocol (what a training worker
+process needs from the shared store), and the history pages every store returns (Page, Column,
+HistoryPage) with their thinning (stride_for).
 
-Readers get immutable snapshots: a job is a frozen model replaced on every transition, and the
-served model is one attribute swapped by one assignment, so /predict never takes the lock.
+Readers get immutable snapshots: a job is a frozen model replaced on every transition (see
+service.state.jobs), and the served model is one attribute swapped by one assignment, so
+/predict never takes a lock nor waits for Redis.
 """
 
 from array import array
@@ -21,8 +25,10 @@ from service.state.changes import Changes
 
 
 class Store(Protocol):
-    """Everything the routes, the views, the runner and the metrics need from state; MemoryStore
-    is the one implementation today, and a shared (Redis) store would be another.
+    """Everything the routes, the views, the runner and the metrics need from state. Two
+    implementations: MemoryStore (service.state.memory, one replica) and RedisStore
+    (service.state.redis, shared by every replica and worker); tests/test_store.py runs the
+    same suite against both.
 
     Routes on the event loop and the runner's dispatcher thread call it at the same time: every
     method is safe to call concurrently, and what it returns (jobs, the model, history pages) are
@@ -116,6 +122,61 @@ class Store(Protocol):
     def serve(self, version: int) -> Model:
         """Serve a kept version from now on, atomically, like a publication (a rollback, or the
         promotion of an older version); raises VersionNotFound."""
+
+
+class WorkerStore(Protocol):
+    """What a training worker process needs from the shared store (Redis mode): claim a queued
+    job, read its samples, beat while it runs, look for a cancel, record its history and end
+    it, or give it back. Every write carries the attempt number the claim returned (the job's
+    `attempts`), and is refused (Fenced) once that attempt no longer owns the job; a write sent
+    twice lands once."""
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long an owner's beat may stand still before its attempt is called dead."""
+
+    def claim(self, job_id: str, worker: str, token: str) -> Job | None:
+        """Start the next attempt of a queued job for `worker`: the job, or None if there is
+        nothing to run (ended, cancelled, evicted, or running elsewhere: a duplicate). The
+        token makes a claim sent twice find itself."""
+
+    def job_data(self, job_id: str) -> tuple[bytes, bytes]:
+        """The job's samples, x and y as float64 bytes; JobNotFound once it has ended."""
+
+    def beat(self, job_id: str, attempt: int) -> None:
+        """The owner of this attempt is alive."""
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether someone asked this running job to stop."""
+
+    def append_history(
+        self,
+        job_id: str,
+        w: Sequence[float],
+        b: Sequence[float] | None,
+        loss: Sequence[float],
+        val_loss: Sequence[float] | None = None,
+        attempt: int | None = None,
+        at: int | None = None,
+    ) -> None:
+        """Record the next epochs, starting at epoch `at`: those that landed already land
+        once."""
+
+    def end_job(
+        self,
+        job_id: str,
+        status: JobStatus,
+        error: dict[str, Any] | None = None,
+        attempt: int | None = None,
+    ) -> Job:
+        """End the job as cancelled or failed (Store.end_job), fenced by `attempt`."""
+
+    def succeed_job(self, job_id: str, report: FitReport, attempt: int | None = None) -> Job:
+        """End the job as succeeded and publish its version (Store.succeed_job), fenced by
+        `attempt`."""
+
+    def requeue_job(self, job_id: str, attempt: int) -> None:
+        """Give the running job back to the queue (its worker is stopping): not a death."""
 
 
 @dataclass(frozen=True)
