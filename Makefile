@@ -59,6 +59,13 @@ pytest: install browser-deps redis-deps
 
 test: lint typecheck pytest
 
+# The inner loop: unit and in-process tests only, no lint or typecheck. Leaves
+# out the e2e tests (a redis-server, servers or workers of their own) and the slow ones
+# (Hypothesis properties); tests/conftest.py marks them from what they use.
+.PHONY: test-fast
+test-fast: install
+	$(BIN)/pytest -n 3 -m "not e2e and not slow"
+
 # The fault test of `make test` (20 kills of the training worker), 200 times over.
 faults: install
 	SGD_FAULT_ROUNDS=200 $(BIN)/pytest -s tests/test_faults.py -k random_moments

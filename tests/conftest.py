@@ -11,6 +11,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import CodeType
 from typing import Any
 
 import httpx
@@ -153,22 +154,36 @@ def store_env(request: pytest.FixtureRequest, store: str) -> dict[str, str]:
     return {f"SGD_{k.upper()}": str(v) for k, v in store_settings(request, store).items()}
 
 
-@pytest.fixture(scope="session")
-def client_pool(redis_server: RedisServer) -> Iterator[dict[str, TestClient]]:
-    """The apps `client` shares, by store, each started on first use and stopped at the end of
-    the run. A pool rather than `client` itself: pytest tears a parametrized session fixture
-    down whenever the next test takes another parameter (between modules, often under
-    pytest-xdist), and each start-up costs a worker process importing torch. It holds the
-    session's redis-server, so that the Redis app stops before that does."""
-    pool: dict[str, TestClient] = {}
-    yield pool
+def stop_apps(pool: dict[str, TestClient]) -> None:
     for c in pool.values():
         c.__exit__(None, None, None)
 
 
+@pytest.fixture(scope="session")
+def client_pool() -> Iterator[dict[str, TestClient]]:
+    """The in-memory app `client` shares, started on first use and stopped at the end of the
+    run. A pool rather than `client` itself: pytest tears a parametrized session fixture down
+    whenever the next test takes another parameter (between modules, often under pytest-xdist),
+    and each start-up costs a worker process importing torch."""
+    pool: dict[str, TestClient] = {}
+    yield pool
+    stop_apps(pool)
+
+
+@pytest.fixture(scope="session")
+def redis_client_pool(redis_server: RedisServer) -> Iterator[dict[str, TestClient]]:
+    """The same for the Redis app. It holds the session's redis-server, so that the app stops
+    before that does; the in-memory app's tests need no redis-server."""
+    pool: dict[str, TestClient] = {}
+    yield pool
+    stop_apps(pool)
+
+
 @pytest.fixture(scope="session", params=STORES)
-def client(request: pytest.FixtureRequest, client_pool: dict[str, TestClient]) -> TestClient:
+def client(request: pytest.FixtureRequest) -> TestClient:
     """One app (and one worker process) per store, shared by the read-mostly API tests."""
+    pool_name = "redis_client_pool" if request.param == "redis" else "client_pool"
+    client_pool: dict[str, TestClient] = request.getfixturevalue(pool_name)
     if request.param not in client_pool:
         settings = settings_for_tests(
             max_queued_jobs=64,
@@ -436,6 +451,61 @@ def fleet(
     f = Fleet(own_redis, make_server, tmp_path)
     yield f
     f.close()
+
+
+# The markers (pyproject.toml lists them), put on each test here from what it uses, so that no
+# test needs to say it and none is forgotten. `make test-fast` runs `-m "not e2e and not slow"`;
+# `make test` runs everything.
+#
+# e2e: the test needs a redis-server, or the suite starts a process of the service's own for it
+# (`python -m service`, a standalone worker): it uses one of these fixtures (or a fixture that
+# uses one), takes the store parameter "redis", or calls one of these helpers itself or in one
+# of its fixtures. An app through TestClient runs in process (its training worker is a fork of
+# the fork server): not e2e.
+E2E_FIXTURES = {
+    "redis_server",
+    "redis_client_pool",
+    "own_redis",
+    "fleet",
+    "make_server",
+    "server",
+    "default_server",
+    "shared_server",
+}
+E2E_HELPERS = {"start_server", "spawn_server", "RedisServer", "Fleet"}
+# slow: a Hypothesis property test, which runs a test body hundreds of times (fits, requests).
+
+
+def _names(code: CodeType) -> set[str]:
+    """The global names a function uses, its nested functions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _names(const)
+    return names
+
+
+def _is_e2e(item: pytest.Function) -> bool:
+    if E2E_FIXTURES & set(item.fixturenames):
+        return True
+    params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+    if any(isinstance(v, str) and v == "redis" for v in params):
+        return True
+    hypothesis = getattr(item.function, "hypothesis", None)
+    functions = [getattr(hypothesis, "inner_test", item.function)]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        functions += [d.func for d in defs]
+    return any(E2E_HELPERS & _names(f.__code__) for f in functions if hasattr(f, "__code__"))
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The markers, as each test is collected: before `-m` selects."""
+    if not isinstance(item, pytest.Function):
+        return
+    if _is_e2e(item):
+        item.add_marker(pytest.mark.e2e)
+    if getattr(item.function, "is_hypothesis_test", False):
+        item.add_marker(pytest.mark.slow)
 
 
 # The modules that take longest, longest first; the rest (a few seconds each) follow in pytest's
