@@ -1,11 +1,12 @@
 """The app factory: create_app(settings) wires routes and handlers; its lifespan owns the state."""
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
@@ -63,6 +64,12 @@ def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
 
     shared = RedisStore.from_settings(settings, on_end=metrics.job_ended)
     return shared, QueueRunner(shared, settings)
+
+
+def _route_of(router: APIRouter, endpoint: Callable[..., Any]) -> APIRoute:
+    """The router's route of this endpoint: what routing puts in scope["route"] for it."""
+    (route,) = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is endpoint]
+    return route
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -127,7 +134,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in routers:
         app.include_router(router)
     if access.is_open("predict"):  # else every prediction goes through its route's check
-        app.add_middleware(FastPredict, max_abs_value=settings.max_abs_value)
+        predict = _route_of(api.router, api.predict)
+        app.add_middleware(FastPredict, route=predict, max_abs_value=settings.max_abs_value)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

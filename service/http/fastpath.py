@@ -9,23 +9,23 @@ validation, errors and the OpenAPI description, so the two can only differ in sp
 
 import math
 import re
-from types import SimpleNamespace
 
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # The route's grammar (service.schemas.JSON_NUMBER), or less of it: a laxer one would answer 200
 # here where the route answers 422. In a query a "+" is a space: `1e+3` is the route's `1e 3`,
 # which it refuses; `1e%2B3` is left to it.
 _PLAIN_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
-_ROUTE = SimpleNamespace(path="/predict")  # what RequestObserver reads for its route label
 _HEADERS = [(b"content-type", b"application/json")]
 
 
 class FastPredict:
     """Answer `GET /predict?hours=<number>` from the served model without FastAPI."""
 
-    def __init__(self, app: ASGIApp, max_abs_value: float) -> None:
+    def __init__(self, app: ASGIApp, route: BaseRoute, max_abs_value: float) -> None:
         self.app = app
+        self.route = route  # the FastAPI route of GET /predict, whose answers these are
         self.max_abs_value = max_abs_value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -33,7 +33,7 @@ class FastPredict:
         if body is None:
             await self.app(scope, receive, send)
             return
-        scope["route"] = _ROUTE
+        scope["route"] = self.route  # as routing would have: RequestObserver labels by it
         headers = [*_HEADERS, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
