@@ -20,7 +20,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -461,3 +461,11 @@ def _bytes(values: Sequence[float]) -> bytes:
     if isinstance(values, memoryview):
         return values.tobytes()
     return array("d", values).tobytes()
+
+
+if TYPE_CHECKING:
+    from service.state.base import Store, WorkerStore
+
+    def _is_a_store(r: RedisStore) -> tuple[Store, WorkerStore]:
+        """mypy's check that RedisStore is a Store and a WorkerStore."""
+        return r, r

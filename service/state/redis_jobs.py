@@ -32,11 +32,12 @@ reads what it did (a job that exists, a claim or cancel with its own token, hist
 own epoch). What a job becomes is decided by service.state.jobs; this module only writes it.
 """
 
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -61,6 +62,7 @@ RETRY = Retry(ExponentialBackoff(cap=0.2, base=0.02), 2, supported_errors=(redis
 # The history columns a job may record, each a string of float64.
 COLUMNS = ("w", "loss", "b", "val_loss")
 
+P = ParamSpec("P")
 T = TypeVar("T")
 Pipeline = Any  # redis.client.Pipeline, as loosely typed as the client
 
@@ -77,17 +79,16 @@ def unavailable(exc: redis.RedisError) -> StoreUnavailable:
     )
 
 
-def available(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn any Redis error into StoreUnavailable (503 store-unavailable)."""
+def available(fn: Callable[P, T]) -> Callable[P, T]:
+    """Turn any Redis error into StoreUnavailable (503 store-unavailable); the signature kept."""
 
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
         except redis.RedisError as exc:
             raise unavailable(exc) from exc
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
