@@ -1,4 +1,6 @@
-"""MemoryStore: the Store in this process's memory (one replica, no Redis)."""
+"""MemoryStore: the Store in this process's memory (one replica, no Redis). What each job
+becomes is service.state.jobs' to decide; this module keeps the results in dicts under one lock,
+and each history as float64 chunks."""
 
 import bisect
 import threading
