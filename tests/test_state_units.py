@@ -19,7 +19,8 @@ T1 = T0 + timedelta(seconds=5)
 
 def running(attempts: int = 1, epoch: int = 4) -> Job:
     job = jobs.started(jobs.new_job(PARAMS, 3, T0), T0)
-    return job.model_copy(update={"attempts": attempts, "progress": jobs.progress(job, epoch)})
+    at = jobs.progress(job.params, epoch)
+    return job.model_copy(update={"attempts": attempts, "progress": at})
 
 
 # -- paging and stride ---------------------------------------------------------------------

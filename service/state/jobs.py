@@ -45,9 +45,9 @@ def now() -> datetime:
 # -- transitions ---------------------------------------------------------------------------
 
 
-def progress(job: Job, epoch: int = 0) -> Progress:
-    """The job's progress at `epoch` (0: an attempt starting over)."""
-    return Progress(epoch=epoch, epochs=job.params.epochs)
+def progress(params: JobParams, epoch: int = 0) -> Progress:
+    """A job's progress at `epoch` (0: a new job, or an attempt starting over)."""
+    return Progress(epoch=epoch, epochs=params.epochs)
 
 
 def new_job(params: JobParams, n_samples: int, at: datetime) -> Job:
@@ -58,7 +58,7 @@ def new_job(params: JobParams, n_samples: int, at: datetime) -> Job:
         created_at=at,
         params=params,
         n_samples=n_samples,
-        progress=Progress(epoch=0, epochs=params.epochs),
+        progress=progress(params),
     )
 
 
@@ -70,7 +70,7 @@ def started(job: Job, at: datetime) -> Job:
             "status": JobStatus.running,
             "started_at": job.started_at or at,
             "attempts": job.attempts + 1,
-            "progress": progress(job),
+            "progress": progress(job.params),
         }
     )
 
@@ -80,7 +80,7 @@ def retried(job: Job) -> Job:
     it is not running."""
     if job.status is not JobStatus.running:
         raise JobAlreadyEnded(f"job {job.id} is {job.status.value}, not running")
-    return job.model_copy(update={"attempts": job.attempts + 1, "progress": progress(job)})
+    return job.model_copy(update={"attempts": job.attempts + 1, "progress": progress(job.params)})
 
 
 def requeued(job: Job) -> Job:
@@ -91,7 +91,7 @@ def requeued(job: Job) -> Job:
 
 def progressed(job: Job, epoch: int) -> Job:
     """A running job with `epoch` epochs recorded."""
-    return job.model_copy(update={"progress": progress(job, epoch)})
+    return job.model_copy(update={"progress": progress(job.params, epoch)})
 
 
 def ended(job: Job, status: JobStatus, error: dict[str, Any] | None, at: datetime) -> Job:
