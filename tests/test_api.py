@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.core.schemas import JSON_NUMBER
+from service.core.numbers import JSON_NUMBER
 
 # The in-process TestClient takes no request timeout; pytest-timeout bounds every test.
 from tests.conftest import TUTORIAL, slow_fit, wait_job, wait_until

@@ -1,96 +1,20 @@
-"""Request and response models: the edge validation, and the immutable values the store keeps."""
+"""Request and response models: the edge validation, and the immutable values the store keeps.
+
+The number types of their fields (Finite, Computed) are service.core.numbers'."""
 
 import math
-import re
-from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    GetCoreSchemaHandler,
-    GetJsonSchemaHandler,
-    PlainValidator,
-    WithJsonSchema,
-)
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
 
-from service.core.errors import InvalidInput, PredictionOutOfRange
+from service.core.errors import InvalidInput
+from service.core.numbers import MAX_SEED, Computed, Finite, integral
 from service.core.settings import Settings
 
-# Strict: true, "3" and null are not numbers; NaN/Infinity (and 1e400, which parses as inf) neither.
-Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-MAX_SEED = 2**63 - 1
-
-# A number in a query or a path, as JSON writes one. pydantic reads such text as Python's int()
-# and float() do, which take " 1", "1_0", "+1", full-width digits and "infinity" too.
-WHOLE_NUMBER = r"[0-9]+"
-JSON_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-
-
-@dataclass(frozen=True)
-class Written:
-    """Metadata of a query or path parameter: its text must match `pattern` whole, or the usual
-    422 names the parameter with `message`; OpenAPI shows the pattern beside the number type.
-
-    Put it after Query() or Path(): pydantic documents bounds that follow a validator as raw
-    `ge`/`le` instead of `minimum`/`maximum`.
-    """
-
-    pattern: str
-    code: str
-    message: str
-
-    def __get_pydantic_core_schema__(
-        self, source: Any, handler: GetCoreSchemaHandler
-    ) -> CoreSchema:
-        regex = re.compile(self.pattern)
-
-        def check(value: Any) -> Any:
-            if isinstance(value, str) and not regex.fullmatch(value):
-                raise PydanticCustomError(self.code, self.message)
-            return value
-
-        return core_schema.no_info_before_validator_function(check, handler(source))
-
-    def __get_pydantic_json_schema__(
-        self, schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        json_schema = handler(schema)
-        for branch in json_schema.get("anyOf", [json_schema]):  # `int | None`: the int
-            if branch.get("type") in ("integer", "number"):
-                branch["pattern"] = f"^{self.pattern}$"
-        return json_schema
-
-
-WHOLE = Written(
-    WHOLE_NUMBER,
-    "int_parsing",
-    "Input should be a whole number in the digits 0-9 alone: no sign, space or _",
-)
-NUMBER = Written(
-    JSON_NUMBER,
-    "float_parsing",
-    "Input should be a number as JSON writes it, such as 4, -2.5 or 1e3: no space, +, _, "
-    "leading zero, inf or nan",
-)
-
-
-def _integral(value: Any) -> Any:
-    """JSON Schema's integer includes 7.0: take an integral float as the int it is (a bool or a
-    string is still refused by the strict check that follows)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
 # A model version number in a body: strict, but 7.0 is 7, as JSON Schema says.
-VersionNumber = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+VersionNumber = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 Publish = Literal["always", "never", "if_better"]
 
 
@@ -298,10 +222,6 @@ class Problem(_Output):
     errors: list[ValidationIssue] | None = None
 
 
-# What the service computes and answers: never NaN or Infinity (JSON would carry them as null).
-Computed = Annotated[float, Field(allow_inf_nan=False)]
-
-
 class JobResult(_Output):
     model_version: int
     w: Computed
@@ -469,10 +389,3 @@ class FitReport(_Output):
 
 class Health(_Output):
     status: str
-
-
-def finite_or_raise(value: float, what: str) -> float:
-    """Guard for computed numbers: never put NaN or Infinity in a response."""
-    if not math.isfinite(value):
-        raise PredictionOutOfRange(f"{what} overflows a float; ask for smaller hours")
-    return value

@@ -24,10 +24,8 @@ from service.core.errors import (
     NothingServed,
     StoreUnavailable,
 )
+from service.core.numbers import MAX_SEED, NUMBER, WHOLE, finite_or_raise
 from service.core.schemas import (
-    MAX_SEED,
-    NUMBER,
-    WHOLE,
     FitRequest,
     Health,
     History,
@@ -40,7 +38,6 @@ from service.core.schemas import (
     Prediction,
     Predictions,
     PredictRequest,
-    finite_or_raise,
 )
 from service.core.settings import Settings
 from service.http.bodies import FitBody, Handler, PredictRoute, error_of

@@ -13,9 +13,9 @@ import re
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# The route's grammar (service.schemas.JSON_NUMBER), or less of it: a laxer one would answer 200
-# here where the route answers 422. In a query a "+" is a space: `1e+3` is the route's `1e 3`,
-# which it refuses; `1e%2B3` is left to it.
+# The route's grammar (service.core.numbers.JSON_NUMBER), or less of it: a laxer one would
+# answer 200 here where the route answers 422. In a query a "+" is a space: `1e+3` is the
+# route's `1e 3`, which it refuses; `1e%2B3` is left to it.
 _PLAIN_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
 _HEADERS = [(b"content-type", b"application/json")]
 

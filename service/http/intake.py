@@ -36,8 +36,9 @@ import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from service.core.errors import MAX_LISTED_ERRORS, InvalidInput, NotReady, capped
+from service.core.numbers import Finite
 from service.core.processes import lower_priority, name_process
-from service.core.schemas import Finite, FitRequest, InitFrom, Publish
+from service.core.schemas import FitRequest, InitFrom, Publish
 from service.core.settings import Settings
 from service.http.reading import NotAccepted, NotRead, NotValid, Refused, loads
 from service.http.turns import give_way
