@@ -1,4 +1,4 @@
-"""Who may do what (service.access), against real servers: scoped tokens from SGD_TOKENS_FILE,
+"""Who may do what (service.http.access), against real servers: scoped tokens from SGD_TOKENS_FILE,
 rotated without a restart; SGD_API_TOKEN as before; writes from other sites' pages refused.
 
 Before (issue 26, point 6): without a token, a cross-site form `POST /models/1/serve` rolled

@@ -1,4 +1,4 @@
-"""HTTP routes: thin, typed, async; state comes in through service.deps; never torch.
+"""HTTP routes: thin, typed, async; state comes in through service.http.deps; never torch.
 
 Every call of the store but the served model's read runs in the threadpool: the store may be
 Redis, across a network, and the event loop must stay free for /predict.

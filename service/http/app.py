@@ -41,8 +41,8 @@ DOCS_PATHS = ("/docs", "/redoc", "/docs/oauth2-redirect")  # where FastAPIOfflin
 
 class State(TypedDict):
     """The long-lived objects, in one place: what the lifespan yields. Each request gets a copy
-    as request.state (read in service.deps); DrainingServer finds the runner where uvicorn keeps
-    it."""
+    as request.state (read in service.http.deps); DrainingServer finds the runner where
+    uvicorn keeps it."""
 
     store: Store
     runner: Runner

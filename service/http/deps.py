@@ -1,6 +1,6 @@
 """FastAPI dependencies: what a route takes besides its request (the lifespan's objects, auth).
 
-The app's lifespan (service.main) yields the long-lived objects; every request gets a copy of
+The app's lifespan (service.http.app) yields the long-lived objects; every request gets a copy of
 that dict as request.state, which routes read only through these functions (FastPredict, the
 pure-ASGI fast path of GET /predict, reads the store from the same dict). Route modules declare
 `store: StoreDep` and the like, and import them from here, never from each other.

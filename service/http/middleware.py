@@ -101,7 +101,7 @@ SECURITY_HEADERS = [
 class SecurityHeaders:
     """Add CSP, X-Frame-Options, X-Content-Type-Options and Referrer-Policy to every answer:
     the outermost layer but the request observer's, so that the Host check's 400, both 413s
-    and /predict's fast path carry them too (service.connections writes them into the answers
+    and /predict's fast path carry them too (service.http.connections writes them into the answers
     uvicorn would give before the app)."""
 
     def __init__(self, app: ASGIApp, docs_paths: Iterable[str]) -> None:

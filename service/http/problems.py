@@ -1,6 +1,6 @@
 """HTTP rendering of errors: every error answer is application/problem+json (RFC 9457).
 
-The domain errors (service.errors) are data; problem_response is the one place that turns an
+The domain errors (service.core.errors) are data; problem_response is the one place that turns an
 error into a response. The exception handlers use it for domain errors, FastAPI's validation
 errors and Starlette's HTTP errors, and the body-limit middleware for its 413; problems()
 documents those answers in OpenAPI.
