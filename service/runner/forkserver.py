@@ -1,4 +1,4 @@
-"""Imported once, by the training worker's fork server only: torch and the engine.
+"""Imported once, by the training workers' fork server only: torch, the engine and the fit loop.
 
 The server never imports torch. Its training workers (the in-memory runner's, and a Redis-mode
 replica's embedded ones) are forked from a small process of its own (multiprocessing's fork
@@ -23,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 try:
     import torch  # noqa: F401
 
-    from service.core import engine  # noqa: F401
+    from service.runner import session  # noqa: F401  (and the engine it runs)
 except Exception:  # noqa: S110
     # A broken install: each worker imports torch again, fails and says why, and the runner
     # counts the failed start as it would any other.

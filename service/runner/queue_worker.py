@@ -27,21 +27,18 @@ from typing import Any, TypeVar
 import redis
 
 from service.core.errors import (
-    Diverged,
     Fenced,
-    InvalidInput,
     JobAlreadyEnded,
     JobNotFound,
     JobTimedOut,
     StoreUnavailable,
-    WorkerCrashed,
 )
 from service.core.logs import configure_logging, log_job
 from service.core.processes import lower_priority, name_process
-from service.core.schemas import Job, JobStatus
+from service.core.schemas import Job
 from service.core.settings import Settings
 from service.runner.queue import HAND_BACK_SECONDS, make_broker, start_reconciler
-from service.runner.worker import FLUSH_SECONDS, Hello, columns
+from service.runner.worker import Hello
 from service.state.redis import ACTOR, QUEUE, RedisStore
 
 log = logging.getLogger("sgd_service.worker")
@@ -55,12 +52,17 @@ HEALTH_SECONDS = 2.0
 WATCH_SECONDS = 0.5
 
 
-class _Stopped(Exception):
+# Both are BaseExceptions, as asyncio's CancelledError is, so that no handler of a fit's errors
+# takes them for one (service.runner.session lets them through): they leave the fit unreported.
+
+
+class _Stopped(BaseException):
     """This worker is stopping: give the fit back to the queue."""
 
 
-class _Cancelled(Exception):
-    pass
+class _Lost(BaseException):
+    """This attempt lost its job while it wrote its history (Fenced, or the job ended or went):
+    drop it."""
 
 
 class FitActor:
@@ -83,13 +85,13 @@ class FitActor:
         token = uuid.uuid4().hex  # the same for every try of this claim
         try:
             claim = self.store.claim
-            job = self._stored(lambda: claim(job_id, self.broker.broker_id, token))
+            job = self.stored(lambda: claim(job_id, self.broker.broker_id, token))
             if job is None:
                 return  # ended, cancelled, or running elsewhere: a duplicate
             self.current = (job.id, job.attempts)
             log_job(job)
             self._run(job)
-        except (Fenced, JobAlreadyEnded, JobNotFound) as exc:
+        except (Fenced, JobAlreadyEnded, JobNotFound, _Lost) as exc:
             log.warning("job %s: this attempt lost the job (%s); dropping it", job_id, exc)
         except _Stopped:
             if self.current is not None:
@@ -97,7 +99,7 @@ class FitActor:
         finally:
             self.current = None
 
-    def _stored(self, write: Callable[[], T], grace: float = 0.0) -> T:
+    def stored(self, write: Callable[[], T], grace: float = 0.0) -> T:
         """write()'s result once Redis takes it: tried again every half second while Redis is
         unavailable; raises _Stopped once this worker is stopping (after `grace` seconds)."""
         deadline: float | None = None
@@ -119,86 +121,86 @@ class FitActor:
         """Put the job back on the queue, with a new message, for the next free worker. One
         that cannot reach Redis within a few seconds leaves it to the reconciler."""
         with contextlib.suppress(Fenced, JobAlreadyEnded, JobNotFound, _Stopped):
-            self._stored(
+            self.stored(
                 lambda: self.store.requeue_job(job_id, attempt), grace=REDIS_WAIT_ON_STOP_SECONDS
             )
             log.info("job %s handed back to the queue", job_id)
 
     def _run(self, job: Job) -> None:
-        from service.core import engine
+        """Run the fit and publish how it ended, every write under this attempt's number."""
+        from service.runner.session import run_session
 
-        attempt = job.attempts
-        x_raw, y_raw = self._stored(lambda: self.store.job_data(job.id))
-        x, y = engine.as_tensor(x_raw), engine.as_tensor(y_raw)
-        fit = engine.FitParams.of(job.params.model_dump())
+        samples = self.stored(lambda: self.store.job_data(job.id))
+        attempt = _Attempt(self, job)
+        outcome = run_session(samples, job.params.model_dump(), attempt, attempt.interrupted)
+        if outcome.crash is not None:
+            log.error("job %s: the fit raised", job.id, exc_info=outcome.crash)
+        n, report = job.attempts, outcome.report
+        if report is not None:
+            ended = self.stored(lambda: self.store.succeed_job(job.id, report, attempt=n))
+        else:
+            status, problem = outcome.status, outcome.problem
+            ended = self.stored(lambda: self.store.end_job(job.id, status, problem, attempt=n))
+        log_job(ended)
+
+
+class _Attempt:
+    """Where one attempt's fit writes and what interrupts it (session.Sink and interrupted):
+    its history appended to Redis under its attempt number; a cancel, a stop, its time limit."""
+
+    def __init__(self, actor: FitActor, job: Job) -> None:
+        self._actor = actor
+        self._job_id, self._attempt = job.id, job.attempts
         started = job.started_at or datetime.now(UTC)
-        deadline = started.timestamp() + self.settings.job_timeout
-        parts: list[Any] = []
-        recorded = 0  # epochs in Redis
-        last_flush = time.monotonic()
+        self._deadline = started.timestamp() + actor.settings.job_timeout
+        self._recorded = 0  # epochs in Redis
+        self._wrote = False  # since the last interrupted()
 
-        def flush(strict: bool = False) -> None:
-            """Append what is kept to the history; kept for the next flush if Redis is away
-            (or StoreUnavailable, if strict)."""
-            nonlocal parts, recorded, last_flush
-            last_flush = time.monotonic()
-            if not parts:
-                return
-            cols = {k: memoryview(v).cast("d") for k, v in columns(parts).items()}
-            try:
-                self.store.append_history(
-                    job.id,
-                    cols["w"],
-                    cols.get("b"),
-                    cols["loss"],
-                    val_loss=cols.get("val_loss"),
-                    attempt=attempt,
-                    at=recorded,
-                )
-            except StoreUnavailable:
-                if strict:
-                    raise
-                return
-            recorded += len(cols["w"])
-            parts = []
-
-        def cancelled() -> bool:
-            try:
-                return self.store.cancel_requested(job.id)
-            except StoreUnavailable:
-                return False
-
-        def end(status: JobStatus, problem: dict[str, Any] | None = None) -> None:
-            ended = self.store.end_job
-            log_job(self._stored(lambda: ended(job.id, status, problem, attempt=attempt)))
-
+    def write(self, history: dict[str, bytes], final: bool) -> bool:
+        """Appended now; or kept in memory while Redis is away (False) and, if final, waited
+        for (_Stopped if this worker stops meanwhile)."""
+        self._wrote = True
+        if final:
+            return self._actor.stored(lambda: self._append(history))
         try:
-            session = engine.Session(x, y, fit)
-            for chunk in session.chunks():
-                parts.append(chunk)
-                if time.monotonic() - last_flush < FLUSH_SECONDS:
-                    continue
-                flush()
-                if cancelled():
-                    raise _Cancelled
-                if self.stopping.is_set():
-                    raise _Stopped
-                if time.time() > deadline:
-                    raise JobTimedOut(self.settings.job_timeout)
-            self._stored(lambda: flush(strict=True))
-            report = session.report()  # raises Diverged unless all finite
-            done = self._stored(lambda: self.store.succeed_job(job.id, report, attempt=attempt))
-            log_job(done)
-        except _Cancelled:
-            end(JobStatus.cancelled)
-        except (Diverged, JobTimedOut, InvalidInput) as exc:
-            self._stored(lambda: flush(strict=True))
-            end(JobStatus.failed, exc.problem())
-        except (_Stopped, Fenced, JobAlreadyEnded, JobNotFound):
-            raise
-        except Exception as exc:  # report, and stay alive for the next job
-            log.exception("job %s: the fit raised", job.id)
-            end(JobStatus.failed, WorkerCrashed(f"the fit raised {exc!r}").problem())
+            return self._append(history)
+        except StoreUnavailable:
+            return False
+
+    def _append(self, history: dict[str, bytes]) -> bool:
+        cols = {name: memoryview(column).cast("d") for name, column in history.items()}
+        try:
+            self._actor.store.append_history(
+                self._job_id,
+                cols["w"],
+                cols.get("b"),
+                cols["loss"],
+                val_loss=cols.get("val_loss"),
+                attempt=self._attempt,
+                at=self._recorded,
+            )
+        except (Fenced, JobAlreadyEnded, JobNotFound) as exc:
+            raise _Lost(exc) from exc
+        self._recorded += len(cols["w"])
+        return True
+
+    def interrupted(self) -> bool:
+        """Whether the job was cancelled; raises _Stopped if this worker is stopping, and
+        JobTimedOut past the job's time limit. Only after a write, once per FLUSH_SECONDS:
+        the cancel is a Redis command, and a chunk can take a millisecond."""
+        if not self._wrote:
+            return False
+        self._wrote = False
+        try:
+            if self._actor.store.cancel_requested(self._job_id):
+                return True
+        except StoreUnavailable:
+            pass
+        if self._actor.stopping.is_set():
+            raise _Stopped
+        if time.time() > self._deadline:
+            raise JobTimedOut(self._actor.settings.job_timeout)
+        return False
 
 
 def _beat(actor: FitActor, stop: threading.Event) -> None:

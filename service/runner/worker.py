@@ -1,4 +1,5 @@
-"""The training worker: a long-lived process that imports torch once and runs fits one at a time.
+"""The in-memory runner's training worker: a long-lived process that imports torch once and runs
+fits one at a time (service.runner.session), and the messages between it and the runner.
 
 It shares nothing with the server but a pipe. The server may lose it at any moment (the OOM
 killer, kill -9) and must never be left waiting on something it held, so there is no lock,
@@ -15,10 +16,6 @@ from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
 from service.core.processes import lower_priority, name_process
-
-# The worker sends what it has at most this often: bounded message rate, fresh progress.
-FLUSH_SECONDS = 0.05
-
 
 # -- messages: server to worker --------------------------------------------------------------
 
@@ -171,35 +168,40 @@ def _exit() -> NoReturn:
 
 def _run(chan: Channel, msg: Fit) -> None:
     """One fit: stream its history, then exactly one of Done, Cancelled or Failed."""
-    from service.core import engine
-    from service.core.errors import Diverged, InvalidInput, WorkerCrashed
+    from service.runner.session import run_session
 
-    x = engine.as_tensor(chan.recv_raw(8 * msg.n))
-    y = engine.as_tensor(chan.recv_raw(8 * msg.n))
-    fit = engine.FitParams.of(msg.params)
-    outbox = _Outbox(chan, msg.job_id)
+    samples = (chan.recv_raw(8 * msg.n), chan.recv_raw(8 * msg.n))
     conn = chan.conn
+    outcome = run_session(
+        samples, msg.params, _PipeSink(chan, msg.job_id), lambda: _interrupted(conn, msg.job_id)
+    )
+    if outcome.report is not None:
+        reply: Done | Cancelled | Failed = Done(msg.job_id, outcome.report.model_dump())
+    elif outcome.problem is not None:
+        reply = Failed(msg.job_id, outcome.problem)
+    else:
+        reply = Cancelled(msg.job_id)
     try:
-        session = engine.Session(x, y, fit)
-        for chunk in session.chunks():
-            outbox.add(chunk)
-            if _interrupted(conn, msg.job_id):
-                outbox.flush()
-                conn.send(Cancelled(msg.job_id))
-                return
-        outbox.flush()
-        report = session.report()  # raises Diverged unless all finite
-        conn.send(Done(msg.job_id, report.model_dump()))
+        conn.send(reply)
     except (BrokenPipeError, ConnectionResetError):
-        # The server closed the pipe: it is gone, or it gave this worker up (its fork server
-        # died, which the server sees as the worker's death). Nothing is left to report to.
-        _exit()
-    except (Diverged, InvalidInput) as exc:
-        outbox.flush()
-        conn.send(Failed(msg.job_id, exc.problem()))
-    except Exception as exc:  # report, and stay alive for the next job
-        outbox.flush()
-        conn.send(Failed(msg.job_id, WorkerCrashed(f"the fit raised {exc!r}").problem()))
+        _exit()  # the server is gone: see _PipeSink
+
+
+class _PipeSink:
+    """A fit's history down the pipe, as the server stores it (a session.Sink)."""
+
+    def __init__(self, chan: Channel, job_id: str) -> None:
+        self._chan = chan
+        self._job_id = job_id
+
+    def write(self, history: dict[str, bytes], final: bool) -> bool:
+        try:
+            self._chan.send_floats(self._job_id, history)
+        except (BrokenPipeError, ConnectionResetError):
+            # The server closed the pipe: it is gone, or it gave this worker up (its fork server
+            # died, which the server sees as the worker's death). Nothing is left to report to.
+            _exit()
+        return True
 
 
 def _interrupted(conn: Connection, job_id: str) -> bool:
@@ -214,33 +216,3 @@ def _interrupted(conn: Connection, job_id: str) -> bool:
         if isinstance(msg, Cancel) and msg.job_id == job_id:
             return True
     return False
-
-
-def columns(parts: list[Any]) -> dict[str, bytes]:
-    """Chunks' history as raw float64 columns by name: w, loss, then b and val_loss if any."""
-    out = {name: b"".join(getattr(c, name).tobytes() for c in parts) for name in ("w", "loss")}
-    for name in ("b", "val_loss"):
-        if getattr(parts[0], name) is not None:
-            out[name] = b"".join(getattr(c, name).tobytes() for c in parts)
-    return out
-
-
-class _Outbox:
-    """Coalesces history chunks into one message every FLUSH_SECONDS."""
-
-    def __init__(self, chan: Channel, job_id: str) -> None:
-        self._chan = chan
-        self._job_id = job_id
-        self._parts: list[Any] = []
-        self._last = time.monotonic()
-
-    def add(self, chunk: Any) -> None:
-        self._parts.append(chunk)
-        if time.monotonic() - self._last >= FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._parts:
-            self._chan.send_floats(self._job_id, columns(self._parts))
-            self._parts = []
-        self._last = time.monotonic()
