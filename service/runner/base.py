@@ -1,17 +1,16 @@
-"""What every runner of fits offers the routes, the metrics and the server."""
+"""The Runner protocol: what every runner of fits offers the routes, the metrics and the server."""
 
 from typing import Protocol
 
-from service.core.errors import (
-    ServiceError,
-)
+from service.core.errors import ServiceError
 from service.core.schemas import Job, JobParams
 from service.runner import worker
 
 
 class Runner(Protocol):
-    """What the routes, the metrics and the server need from a runner of fits: JobRunner here
-    (one process, memory), service.fleet.QueueRunner with a shared store (Redis)."""
+    """What the routes, the metrics and the server need from a runner of fits: JobRunner
+    (service.runner.local: a worker process of its own, the store in memory) or QueueRunner
+    (service.runner.fleet: a shared queue and store in Redis)."""
 
     @property
     def ready(self) -> bool:

@@ -1,14 +1,16 @@
-"""`sgd-service worker`: a training worker on the shared queue (Redis mode).
+"""`sgd-service worker`, and a replica's embedded workers: a training worker on the shared queue
+(Redis mode).
 
 Like the in-memory runner's worker it imports torch and prepares the engine once, then runs one
-fit at a time at a lower CPU priority. It takes fits from the queue (service.runner.queue),
-writes their history straight into Redis every FLUSH_SECONDS and publishes the result; every
-write carries the attempt number it claimed, so once it has lost the job nothing it writes lands.
+fit at a time at a lower CPU priority, through the same loop (service.runner.session). It takes
+fits from the queue (service.runner.queue), writes their history straight into Redis every
+FLUSH_SECONDS and publishes the result; every write carries the attempt number it claimed, so
+once it has lost the job nothing it writes lands.
 
 Between blocks of epochs it checks for a cancel, for the job's time limit, and for its own stop
 (SIGTERM, Ctrl-C): a stopping worker gives its fit back to the queue, where another worker runs
-it again, and exits. Killed outright it cannot: its heartbeat stops, and after SGD_LEASE_SECONDS
-the job library hands its fit to another worker.
+it again, and exits. Killed outright it cannot: its beats stop, and after SGD_LEASE_SECONDS a
+reconciler queues its fit again for another worker.
 """
 
 import contextlib
