@@ -508,43 +508,5 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.slow)
 
 
-# The modules that take longest, longest first; the rest (a few seconds each) follow in pytest's
-# order. `make test` hands whole modules to three pytest-xdist workers in this order, longest
-# first, so that the last ones handed out are short and the workers end together: Schemathesis
-# fuzzes for a fixed time budget (2.5 minutes), the browser and the scale-out tests start many
-# servers of their own. Seconds per module with `--durations=0` under `make test`, 2026-11-28.
-FIRST = (
-    "tests/test_schemathesis.py",  # 159
-    "tests/test_scaleout.py",  # 104
-    "tests/test_redis_faults.py",  # 90
-    "tests/test_browser.py",  # 92
-    "tests/test_load.py",  # 57
-    "tests/test_faults.py",  # 52
-    "tests/test_client.py",  # 52
-    "tests/test_api.py",  # 39
-    "tests/test_views.py",  # 37
-    "tests/test_heavy.py",  # 37
-    "tests/test_oip.py",  # 26
-    "tests/test_hostile.py",  # 20
-    "tests/test_shutdown.py",  # 21
-    "tests/test_cli.py",  # 18
-    "tests/test_middleware.py",  # 17
-    "tests/test_properties.py",  # 15
-    "tests/test_readme.py",  # 12
-    "tests/test_jobs.py",  # 9
-)
-
-
-@pytest.hookimpl(trylast=True)  # after pytest groups the tests by their parametrized fixtures
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The FIRST modules first, in that order; within a module the order stays (a stable sort)."""
-
-    def rank(item: pytest.Item) -> int:
-        module = item.nodeid.split("::")[0]
-        return FIRST.index(module) if module in FIRST else len(FIRST)
-
-    items.sort(key=rank)
-
-
 # A fit whose worker died in each of its attempts fails with these members in both modes.
 WORKER_CRASHED_MEMBERS = {"type", "title", "status", "detail", "attempts"}
