@@ -66,12 +66,14 @@ pytest: install browser-deps redis-deps
 
 test: lint typecheck pytest
 
-# The inner loop: unit and in-process tests only, no lint or typecheck. Leaves
+# The inner loop, under a minute: unit and in-process tests only, no lint or typecheck. Leaves
 # out the e2e tests (a redis-server, servers or workers of their own) and the slow ones
-# (Hypothesis properties); tests/conftest.py marks them from what they use.
+# (Hypothesis properties); tests/conftest.py marks them from what they use. These keep the CPU
+# busy rather than wait: one worker a core (-n auto). 397 tests, 47 s on the 2 shared cores
+# with a load of 3-4 (2026-12-07); 67 s with -n 3.
 .PHONY: test-fast
 test-fast: install
-	$(BIN)/pytest $(XDIST) -m "not e2e and not slow"
+	$(BIN)/pytest -n auto --dist worksteal -m "not e2e and not slow"
 
 # The fault test of `make test` (20 kills of the training worker), 200 times over.
 faults: install
