@@ -134,3 +134,21 @@ def test_every_module_is_under_a_contract() -> None:
     assert {"service.state.redis", "service.runner.fleet", "service.runner.queue_worker"} <= modules
     outside = {m for m in modules if not any(m == p or m.startswith(f"{p}.") for p in places)}
     assert not outside
+
+
+# What import-linter cannot see: whether an import runs when its module loads or only inside a
+# function. The server, the command line and the client load neither torch nor matplotlib (the
+# worker processes and the plotting process import them inside their own process).
+LIGHT = ["service.__main__", "service.server", "service.http.app", "service.cli", "service.client"]
+
+
+def test_the_server_and_the_client_load_no_torch_nor_matplotlib() -> None:
+    code = (
+        f"import sys, {', '.join(LIGHT)}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib'))\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
