@@ -5,11 +5,8 @@ machine may be shared, so every comparison is taken in alternating rounds and re
 median of the per-round figures.
 """
 
-import json
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -237,28 +234,10 @@ def lifecycle() -> dict[str, Any]:
     return out
 
 
-def prepare_cost() -> dict[str, Any]:
-    """prepare() in fresh processes, after torch is imported: what a worker pays at start-up."""
-    code = (
-        "import json, time, torch; torch.set_num_threads(1); t = time.perf_counter();"
-        "from service.core import engine; info = engine.prepare();"
-        "info['total_seconds'] = time.perf_counter() - t; print(json.dumps(info))"
-    )
-    runs = []
-    for _ in range(ROUNDS):
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {**median_best([r["total_seconds"] for r in runs]), "runs": runs}
-
-
 def run_all(log: Callable[[str], None]) -> dict[str, Any]:
     torch.set_num_threads(1)
-    training.prepare()
     results: dict[str, Any] = {}
     for name, fn in (
-        ("prepare", prepare_cost),
         ("agreement", agreement),
         ("per_sample", per_sample_sgd),
         ("full_batch", full_batch),

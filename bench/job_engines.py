@@ -85,10 +85,7 @@ def worker_main(lib: str, mode: str, port: int) -> None:
 
     import torch
 
-    from service.core import engine as training
-
     torch.set_num_threads(1)
-    training.prepare()
     logging.basicConfig(level=logging.WARNING)
     if lib == "dramatiq":
         import dramatiq

@@ -72,13 +72,7 @@ def median_best(figure: dict[str, float], fmt_one: str) -> str:
 
 
 def engine_rows(e: dict[str, Any]) -> list[Row]:
-    ps, fb, sk, ag, pc = (
-        e["per_sample"],
-        e["full_batch"],
-        e["sklearn"],
-        e["agreement"],
-        e["prepare"],
-    )
+    ps, fb, sk, ag = e["per_sample"], e["full_batch"], e["sklearn"], e["agreement"]
     tutorial = f"tutorial loop {fmt(ps['tutorial_us_per_step'], ' us')}"
     dot = f"torch.dot {fmt(fb['dot_ms'], ' ms')}"
     return [
@@ -145,14 +139,6 @@ def engine_rows(e: dict[str, Any]) -> list[Row]:
             f"{fb['eager_ratio_to_dot']:.0f}x",
             "",
             None,
-        ),
-        (
-            "engine preparation per process, after importing torch",
-            median_best(pc, "{:.3f} s"),
-            "fresh processes",
-            "",
-            "<= 0.3 s",
-            pc["median"] <= 0.3,
         ),
         (
             "scikit-learn SGDRegressor step (reference)",

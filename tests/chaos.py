@@ -716,7 +716,6 @@ def expected_results(
     from service.core import engine as training
 
     torch.set_num_threads(1)
-    training.prepare()
     done: dict[tuple[str, str], tuple[float, float]] = {}
     for fit in fits:
         job = jobs.get(fit.job_id or "")

@@ -228,14 +228,6 @@ def test_the_affine_engine_uses_autograd_gradients_that_are_affine_in_theta() ->
         assert torch.allclose(grad, torch.stack([affine_w, affine_b]), rtol=1e-12)
 
 
-def test_prepare_reports_its_set_up_and_a_passing_self_check() -> None:
-    info = training.prepare()
-    assert info["engine"] == "affine"
-    assert isinstance(info["prepare_seconds"], float)
-    assert isinstance(info["self_check_rel_diff"], float)
-    assert info["self_check_rel_diff"] < 1e-9
-
-
 def test_unknown_engine_is_refused() -> None:
     with pytest.raises(ValueError, match="engine"):
         run(TUTORIAL_X, TUTORIAL_Y, FitParams(), "jit")  # type: ignore[arg-type]

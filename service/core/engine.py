@@ -14,7 +14,6 @@ so both engines consume the generator identically; the caller can stop between b
 
 import dataclasses
 import math
-import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,22 +107,6 @@ def result(x: torch.Tensor, y: torch.Tensor, last: Chunk, params: FitParams) -> 
     if not all(map(math.isfinite, (outcome.w, outcome.b, outcome.final_loss, outcome.mse))):
         raise Diverged(params.epochs, params.learning_rate)
     return outcome
-
-
-def prepare() -> dict[str, str | float]:
-    """Once per process: pay torch's first-call costs and check the engine against the reference."""
-    started = time.perf_counter()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, generator=gen, dtype=DTYPE)
-    y = 3 * x + 1 + 0.1 * torch.randn(64, generator=gen, dtype=DTYPE)
-    worst = 0.0
-    for batch_size in (1, 8, None):
-        for intercept in (False, True):
-            params = FitParams(100, 0.05, 0.5, batch_size, intercept, seed=1)
-            fast, ref = history(train(x, y, params)), history(train(x, y, params, "eager"))
-            worst = max(worst, *(rel_diff(a, b) for a, b in zip(fast, ref, strict=True)))
-    seconds = round(time.perf_counter() - started, 3)  # worst: about 1e-15
-    return {"engine": "affine", "prepare_seconds": seconds, "self_check_rel_diff": worst}
 
 
 def train(

@@ -238,8 +238,6 @@ def main(
     import dramatiq
     import torch
 
-    from service.core import engine
-
     stop = threading.Event()
 
     def on_signal(sig: int, frame: object) -> None:
@@ -254,7 +252,6 @@ def main(
     started = time.perf_counter()
     torch.set_num_threads(settings.torch_threads)
     info: dict[str, Any] = {"pid": os.getpid(), "torch": str(torch.__version__)}
-    info.update(engine.prepare())
     store = RedisStore.from_settings(settings, watch=False)
     with contextlib.suppress(redis.RedisError):  # Redis away: the replicas warn too
         store.check_config()

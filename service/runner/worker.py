@@ -136,12 +136,9 @@ def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
     started = time.perf_counter()
     import torch
 
-    from service.core import engine
-
     torch.set_num_threads(threads)
     # Plain types only: unpickling a TorchVersion made the server import torch.
     info = {"pid": os.getpid(), "torch": str(torch.__version__), "threads": threads, "nice": nice}
-    info.update(engine.prepare())  # one-off engine set-up is paid here, once per process
     info["startup_seconds"] = round(time.perf_counter() - started, 3)
     # Fits are background work and run at the lower priority; the start-up before them does
     # not. It is a one-off while the replica is not ready (no balancer sends it traffic), and
