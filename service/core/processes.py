@@ -38,9 +38,10 @@ def lower_priority(nice: int, sched_idle: bool, spare: Collection[int] = ()) -> 
 
 
 def fork_context() -> Any:
-    """Where training workers come from, in both runners: multiprocessing's fork server, which has
-    imported torch and the engine and nothing else, and runs no thread (service.forkserver). A
-    worker is a fork of it, ready in about 0.06 s; never a fork of the server, which has threads.
+    """Where training workers come from, in both runners: multiprocessing's fork server, which
+    has imported torch and the engine and nothing else, and runs no thread
+    (service.runner.forkserver). A worker is a fork of it, ready in about 0.06 s; never a fork
+    of the server, which has threads.
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["service.runner.forkserver"])

@@ -9,7 +9,8 @@ import threading
 from typing import Any
 
 from service.core.settings import Settings
-from service.state.redis import Reconciler, RedisStore
+from service.state.reconcile import Reconciler
+from service.state.redis import RedisStore
 
 # How long a queue worker told to stop gets to hand its running fit back and exit: Dramatiq
 # waits this long for the fit's thread, and the replica that started it kills it after that.

@@ -41,7 +41,9 @@ from service.core.schemas import Job
 from service.core.settings import Settings
 from service.runner.queue import HAND_BACK_SECONDS, make_broker, start_reconciler
 from service.runner.worker import Hello
-from service.state.redis import ACTOR, QUEUE, RedisStore
+from service.state.base import WorkerStore
+from service.state.redis import RedisStore
+from service.state.redis_jobs import ACTOR, QUEUE
 
 log = logging.getLogger("sgd_service.worker")
 T = TypeVar("T")
@@ -76,7 +78,7 @@ class FitActor:
     and a write it can no longer make is refused (Fenced), never half made.
     """
 
-    def __init__(self, store: RedisStore, settings: Settings, broker: Any) -> None:
+    def __init__(self, store: WorkerStore, settings: Settings, broker: Any) -> None:
         self.store = store
         self.settings = settings
         self.broker = broker

@@ -29,10 +29,8 @@ from service.core.schemas import FitReport, History, Job, JobParams, JobStatus, 
 from service.core.settings import Settings
 from service.state import jobs
 from service.state.base import Column, HistoryPage, Page, floats
-from service.state.reconcile import Reconciler, Repairs
+from service.state.reconcile import Repairs
 from service.state.redis_jobs import (
-    ACTOR,
-    QUEUE,
     Pipeline,
     available,
     check_config,
@@ -40,11 +38,6 @@ from service.state.redis_jobs import (
 )
 from service.state.redis_worker import WorkerAPI
 from service.state.watch import Watcher
-
-# ACTOR and QUEUE name the job library's actor and queue this store writes messages for (the
-# worker registers its actor by them); Reconciler is imported from here by service.runner until
-# it imports it from service.state.reconcile.
-__all__ = ["ACTOR", "QUEUE", "Reconciler", "RedisStore"]
 
 # Above this many epochs between two picks, a thinned page reads each pick with its own
 # GETRANGE (pipelined) instead of the whole range.
