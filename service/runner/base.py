@@ -2,7 +2,7 @@
 
 from typing import Protocol
 
-from service.core.errors import ServiceError
+from service.core.errors import NotReady, ServiceError, ShuttingDown
 from service.core.schemas import Job, JobParams
 from service.runner import worker
 
@@ -48,3 +48,21 @@ class Runner(Protocol):
         """Refuse new fits from now on."""
 
     def stop(self, timeout: float = 10.0) -> None: ...
+
+
+# What both runners answer while they cannot take a fit: one wording in both modes.
+
+
+def draining() -> NotReady:
+    """/readyz once the replica drains."""
+    return NotReady("the service is shutting down; send requests to another replica")
+
+
+def shutting_down() -> ShuttingDown:
+    """A fit sent to a draining replica."""
+    return ShuttingDown("the service is shutting down; send the fit to another replica")
+
+
+def starting() -> NotReady:
+    """/readyz before a training worker of this replica has said hello."""
+    return NotReady("the training worker is starting; retry shortly")

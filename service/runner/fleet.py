@@ -22,11 +22,12 @@ import threading
 import uuid
 from typing import Any
 
-from service.core.errors import NotReady, ServiceError, ShuttingDown, StoreUnavailable
+from service.core.errors import NotReady, ServiceError, StoreUnavailable
 from service.core.processes import fork_context
 from service.core.schemas import Job, JobParams
 from service.core.settings import Settings
 from service.runner import queue_worker, supervisor
+from service.runner.base import draining, shutting_down, starting
 from service.runner.queue import HAND_BACK_SECONDS, start_reconciler
 from service.runner.supervisor import StartFailed, StartFailures, WorkerProcess
 from service.runner.worker import Samples
@@ -67,14 +68,14 @@ class QueueRunner:
 
     def not_ready(self) -> ServiceError:
         if self._draining:
-            return NotReady("the service is shutting down; send requests to another replica")
+            return draining()
         if self._store.problem is not None:
             return StoreUnavailable(
                 f"{self._store.problem}; this replica still serves predictions from memory"
             )
         if not self._store.loaded:
             return NotReady("the served model is being read from Redis; retry shortly")
-        return NotReady("no training worker of this replica is ready yet; retry shortly")
+        return starting()
 
     @property
     def broken(self) -> str | None:
@@ -99,7 +100,7 @@ class QueueRunner:
         """Create the job, its samples and its message in one transaction (or find the key's
         original); QueueFull and ShuttingDown create nothing."""
         if self._draining:
-            raise ShuttingDown("the service is shutting down; send the fit to another replica")
+            raise shutting_down()
         return self._store.create_job(
             params,
             n_samples,

@@ -32,9 +32,7 @@ from typing import Any
 from service.core.errors import (
     JobAlreadyEnded,
     JobTimedOut,
-    NotReady,
     ServiceError,
-    ShuttingDown,
     WorkerCrashed,
 )
 from service.core.logs import log_job
@@ -42,6 +40,7 @@ from service.core.processes import fork_context
 from service.core.schemas import FitReport, Job, JobParams, JobStatus
 from service.core.settings import Settings
 from service.runner import supervisor, worker
+from service.runner.base import draining, shutting_down, starting
 from service.runner.supervisor import StartFailed, StartFailures, WorkerProcess
 from service.state.base import Store
 
@@ -166,8 +165,8 @@ class JobRunner:
 
     def not_ready(self) -> ServiceError:
         if self._draining:
-            return NotReady("the service is shutting down; send requests to another replica")
-        return NotReady("the training worker is starting; retry shortly")
+            return draining()
+        return starting()
 
     @property
     def broken(self) -> str | None:
@@ -225,7 +224,7 @@ class JobRunner:
         ShuttingDown. Under the runner's lock, so the job is in the queue as it is created."""
         with self._lock:
             if self._draining:
-                raise ShuttingDown("the service is shutting down; send the fit to another replica")
+                raise shutting_down()
             limit = self._settings.max_queued_jobs
             job, created = self._store.create_job(params, n_samples, idempotency, limit)
             if created:
