@@ -102,6 +102,12 @@ WRONG = [
         "service.core.schemas -> service.runner.base",
     ),
     ("jobs.py", "", "layers", "service.jobs"),  # a new module must take its place in a layer
+    (  # the circle this layout broke: the consumer importing the producer
+        "runner/queue_worker.py",
+        "from service.runner import fleet",
+        "acyclic",
+        "- .queue_worker -> .fleet (1 import)",
+    ),
 ]
 
 
