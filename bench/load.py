@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import httpx
 
 BENCH = Path(__file__).resolve().parent
 WRK_SCRIPT = BENCH / "wrk_report.lua"
+WRK_POST_SCRIPT = BENCH / "wrk_post.lua"
 CONNECTIONS = 32
 
 
@@ -141,17 +143,49 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def hammer(wrk: str | None, url: str, seconds: float) -> dict[str, Any]:
-    """Load `url` with CONNECTIONS keep-alive connections; requests/s and latency percentiles."""
+def hammer(
+    wrk: str | None,
+    url: str,
+    seconds: float,
+    body: bytes | None = None,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    connections: int = CONNECTIONS,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Load `url` with `connections` keep-alive connections; requests/s and latency percentiles.
+
+    With a body, each request is a POST of it (wrk_post.lua). `timeout` is wrk's per request (its
+    default is 2 s); a request that takes longer counts as failed, its latency unrecorded.
+    """
     if wrk is None:
-        return asyncio.run(_py_load(url, seconds))
-    out = subprocess.run(
-        [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "-s", str(WRK_SCRIPT), url],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 60,
-    )
+        return asyncio.run(_py_load(url, seconds, body, content_type, headers, connections))
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s"]
+    if timeout is not None:
+        cmd.append(f"--timeout={timeout:g}s")
+    sent = dict(headers or {})
+    if body is not None:
+        sent = {"Content-Type": content_type, **sent}
+    for name, value in sent.items():
+        cmd += ["-H", f"{name}: {value}"]
+    env = None
+    with contextlib.ExitStack() as stack:
+        if body is None:
+            cmd += ["-s", str(WRK_SCRIPT), url]
+        else:
+            body_file = stack.enter_context(tempfile.NamedTemporaryFile(prefix="wrk-body-"))
+            body_file.write(body)
+            body_file.flush()
+            env = {**os.environ, "WRK_BODY_FILE": body_file.name, "WRK_REPORT": str(WRK_SCRIPT)}
+            cmd += ["-s", str(WRK_POST_SCRIPT), url]
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60 + (timeout or 0),
+            env=env,
+        )
     line = next(x for x in out.stdout.splitlines() if x.startswith("WRKJSON "))
     raw = json.loads(line[len("WRKJSON ") :])
     return {
@@ -166,11 +200,22 @@ def hammer(wrk: str | None, url: str, seconds: float) -> dict[str, Any]:
     }
 
 
-async def _py_load(url: str, seconds: float) -> dict[str, Any]:
+async def _py_load(
+    url: str,
+    seconds: float,
+    body: bytes | None = None,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    connections: int = CONNECTIONS,
+) -> dict[str, Any]:
     """A small asyncio HTTP/1.1 keep-alive load generator, for when wrk cannot be installed."""
     parsed = httpx.URL(url)
     target = parsed.raw_path.decode()
-    request = (f"GET {target} HTTP/1.1\r\nHost: {parsed.host}\r\n\r\n").encode()
+    lines = [f"{'GET' if body is None else 'POST'} {target} HTTP/1.1", f"Host: {parsed.host}"]
+    if body is not None:
+        lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
     latencies: list[float] = []
     failed = 0
     end = time.perf_counter() + seconds
@@ -197,7 +242,7 @@ async def _py_load(url: str, seconds: float) -> dict[str, Any]:
 
     began = time.perf_counter()
     results = await asyncio.gather(
-        *(connection() for _ in range(CONNECTIONS)), return_exceptions=True
+        *(connection() for _ in range(connections)), return_exceptions=True
     )
     elapsed = time.perf_counter() - began
     failed += sum(isinstance(r, BaseException) for r in results)
