@@ -6,11 +6,15 @@ and baseline together; each load ratio is the median of 7 rounds, printed with i
 Takes about 12 minutes on 2 cores (plus installing wrk and redis-server once); the Redis-mode
 rows (`--only redis`, bench/scaleout.py) about 3.5 of them, on a redis-server of their own; the
 heavy-request rows (`--only heavy`, bench/heavy.py) about 3.5 more; the hostile callers' rows
-(`--only hostile`, bench/hostile.py) about 5 more.
+(`--only hostile`, bench/hostile.py) about 5 more; the wire-format rows (`--only wire`,
+bench/wire.py) about 10 more with the three peer servers (about 7 without them; installing the
+peers, bench/peers.py, takes minutes more the first time). The wire section's 100,000-value rows
+run in every other round only (4 of the default 7).
 
-    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile] [--seconds 6]
+    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile|wire] [--seconds 6]
         [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
+        [--no-peers]                 # wire: leave out the peer servers
 """
 
 import argparse
@@ -33,6 +37,7 @@ import hostile  # noqa: E402
 import load  # noqa: E402
 import scaleout  # noqa: E402
 import serving  # noqa: E402
+import wire  # noqa: E402
 
 Row = tuple[str, str, str, str, str, bool | None]
 
@@ -609,6 +614,210 @@ def hostile_rows(h: dict[str, Any]) -> list[Row]:
     ]
 
 
+def wire_rows(w: dict[str, Any]) -> list[Row]:
+    """The prediction routes' wire formats (bench/wire.py), each against GET /predict in the same
+    round: a ratio is met when both the median of the per-round ratios and the best-of-runs ratio
+    are within its goal; an absolute goal, when the median run reaches it. A figure whose runs
+    failed requests, or whose route failed its check, is shown so and not met."""
+    figs, ratios, goals, checks = w["figures"], w["ratios"], w["goals"], w["checks"]
+
+    def mb(figure: dict[str, float], unit: str = "") -> str:
+        return f"{fmt(figure['median'], unit)} (best {fmt(figure['best'], unit)})"
+
+    def trouble(name: str) -> str:
+        """What went wrong with a figure's runs, or its check; "" when nothing did."""
+        check = checks.get(name, {"ok": True})
+        failed = figs[name]["failed"]
+        out = [f"{failed} failed of {figs[name]['requests']:,} requests"] if failed else []
+        if not check["ok"]:
+            out.append(f"check: {check['status']} {check.get('detail', '')}"[:120])
+        return f" [{'; '.join(out)}]" if out else ""
+
+    def ok(name: str) -> bool:
+        return bool(figs[name]["failed"] == 0 and checks.get(name, {"ok": True})["ok"])
+
+    def versus(name: str, key: str, mark: float, higher: bool) -> tuple[str, str, bool]:
+        """Ratio, target and met cells of `name` against its baseline in ratios."""
+        figure = ratios[name][key]
+        met = (
+            figure["median"] >= mark and figure["of_best"] >= mark
+            if higher
+            else figure["median"] <= mark and figure["of_best"] <= mark
+        )
+        return ratio_spread(figure, figure["of_best"]), f"{'>=' if higher else '<='} {mark:g}x", met
+
+    def rps_row(figure: str, name: str, base_label: str, mark: float) -> Row:
+        base = ratios[name]["baseline"]
+        cells = versus(name, "rps", mark, True)
+        return (
+            figure,
+            mb(figs[name]["rps"]) + trouble(name),
+            f"{base_label} {mb(figs[base]['rps'])}",
+            cells[0],
+            cells[1],
+            cells[2] and ok(name),
+        )
+
+    def p99_row(figure: str, name: str, base_label: str, mark: float) -> Row:
+        base = ratios[name]["baseline"]
+        cells = versus(name, "p99_ms", mark, False)
+        return (
+            figure,
+            mb(figs[name]["p99_ms"], " ms") + trouble(name),
+            f"{base_label} {mb(figs[base]['p99_ms'], ' ms')}",
+            cells[0],
+            cells[1],
+            cells[2] and ok(name),
+        )
+
+    def values_row(figure: str, name: str, goal: float) -> Row:
+        f = figs[name]
+        body = w["targets"][name]["body_bytes"]
+        runs = f"{f['runs']} run" + ("s" if f["runs"] != 1 else "")
+        return (
+            figure,
+            f"{mb(f['values_per_s'])} values/s" + trouble(name),
+            f"p99 {mb(f['p99_ms'], ' ms')}; {runs}; {body / 2**10:,.0f} KiB body",
+            "",
+            f">= {goal:,.0f} values/s",
+            f["values_per_s"]["median"] >= goal and ok(name),
+        )
+
+    get = figs["get"]
+    rows: list[Row] = [
+        (
+            "GET /predict?hours=4 requests/s (the baseline), 32 connections",
+            mb(get["rps"]) + trouble("get"),
+            f"p50 {mb(get['p50_ms'], ' ms')}; p99 {mb(get['p99_ms'], ' ms')}",
+            "",
+            "baseline",
+            None if ok("get") else False,
+        ),
+        rps_row("POST /v2/models/sgd/infer, 1 value (JSON), requests/s", "v2", "GET", 0.5),
+        p99_row("  same, p99", "v2", "GET", 2),
+        rps_row('POST /predict {"hours":[4]} requests/s', "post", "GET", 0.5),
+        p99_row("  same, p99", "post", "GET", 2),
+        rps_row(
+            "GET /predict?hours=4&version=1 (kept) requests/s",
+            "get_version",
+            "unversioned",
+            goals["version_rps_ratio"],
+        ),
+        rps_row(
+            "POST /v2/models/sgd/versions/1/infer requests/s",
+            "v2_version",
+            "unversioned",
+            goals["version_rps_ratio"],
+        ),
+        rps_row(
+            'POST /predict {"hours":[4],"version":1} requests/s',
+            "post_version",
+            "unversioned",
+            goals["version_rps_ratio"],
+        ),
+        values_row(
+            "POST /v2 infer, 1,000 values (JSON), 32 connections",
+            "v2_batch",
+            goals["batch_values_per_s"],
+        ),
+        values_row(
+            "POST /predict, 1,000 values, 32 connections", "post_batch", goals["batch_values_per_s"]
+        ),
+    ]
+    if "v2_big" in figs:
+        client = w["big_client"]
+        errors = (
+            f", {client['errors']} errors {client['error_statuses']}" if client["errors"] else ""
+        )
+        rows += [
+            values_row(
+                "POST /v2 infer, 100,000 values (JSON), one client",
+                "v2_big",
+                goals["big_json_values_per_s"],
+            ),
+            values_row(
+                "  same, binary tensor data, FP64 in and out",
+                "v2_big_binary",
+                goals["big_binary_values_per_s"],
+            ),
+            p99_row(
+                "GET /predict p99 beside one client looping 100,000-value /v2 JSON",
+                "get_beside_big",
+                "idle",
+                goals["beside_p99_ratio"],
+            ),
+            (
+                "  that client's requests (all rounds)",
+                f"{client['requests']}, {fmt(client['median_seconds'] * 1e3, ' ms')} each{errors}",
+                "",
+                "",
+                "0 errors",
+                client["errors"] == 0,
+            ),
+        ]
+    rss = w["rss_bytes"]
+
+    def mib(figure: dict[str, float]) -> str:
+        return fmt(figure["median"] / 2**20, " MiB")
+
+    ours = (
+        f"ours {fmt(figs['v2']['rps']['median'])} rps, p99 "
+        f"{fmt(figs['v2']['p99_ms']['median'], ' ms')}, RSS {mib(rss['service'])}"
+    )
+    for name, peer in w["peers"].items():
+        label = f"peer {name}"
+        if not peer["available"]:
+            rows.append((label, f"unavailable: {peer['reason']}", "", "", "reported", None))
+            continue
+        version = ("  what it runs", peer.get("version", ""), "", "", "", None)
+        key = f"peer:{name}"
+        f = figs[key]
+        bad = ""
+        if f["failed"]:
+            bad = f" [{f['failed']} failed of {f['requests']:,} requests]"
+        if not peer["check"]["ok"]:
+            bad += f" [check: {peer['check']['status']} {peer['check'].get('detail', '')}]"[:120]
+        rows.append(
+            (
+                f"{label}: POST /v2 infer, 1 value: rps, p99, RSS",
+                f"{mb(f['rps'])} rps, p99 {mb(f['p99_ms'], ' ms')}, RSS {mib(rss[name])}{bad}",
+                ours,
+                "ours/theirs " + ratio_spread(peer["ratio"], peer["ratio"]["of_best"]),
+                "reported",
+                None,
+            )
+        )
+        rows.append(version)
+    failed = {name: f["failed"] for name, f in figs.items() if f["failed"]}
+    return [
+        *rows,
+        (
+            "  service RSS after its /v2 one-value runs (all its processes)",
+            mib(rss["service"]),
+            f"max {fmt(rss['service']['worst'] / 2**20, ' MiB')}",
+            "",
+            "reported",
+            None,
+        ),
+        (
+            "  failed requests (all wire runs)",
+            str(w["failed_requests"]),
+            ", ".join(f"{name} {n}" for name, n in failed.items()),
+            "",
+            "0",
+            w["failed_requests"] == 0,
+        ),
+        (
+            "  machine CPU used by other processes in load runs",
+            f"{w['others_cpu_fraction']['median']:.0%}",
+            f"max {w['others_cpu_fraction']['max']:.0%}",
+            "",
+            "~0% for trusted ratios",
+            None,
+        ),
+    ]
+
+
 def spread(ratios: list[float]) -> str:
     """The median of per-round ratios, and their range: how much the machine moved."""
     return f"{statistics_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -642,11 +851,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--only", choices=["engine", "serving", "redis", "heavy", "hostile"])
+    parser.add_argument(
+        "--only", choices=["engine", "serving", "redis", "heavy", "hostile", "wire"]
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
     parser.add_argument("--service-pythonpath", help="serve `service` from this directory")
     parser.add_argument("--predict-only", action="store_true", help="skip the memory figures")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="wire: leave out the peer servers (bench/peers.py)"
+    )
     parser.add_argument(
         "--service-env", action="append", default=[], help="KEY=VALUE for the service (repeat)"
     )
@@ -705,6 +919,19 @@ def main() -> int:
         results["hostile"]["load_generator"] = wrk or "python-asyncio"
         results["hostile"]["elapsed_seconds"] = time.monotonic() - section_started
         rows += hostile_rows(results["hostile"])
+    if args.only in (None, "wire"):
+        wrk = load.ensure_wrk(log)
+        env = dict(item.split("=", 1) for item in args.service_env)
+        if args.service_pythonpath:
+            env["PYTHONPATH"] = args.service_pythonpath
+        section_started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="sgd-bench-wire-") as tmp:
+            results["wire"] = wire.run_all(
+                log, wrk, Path(tmp), args.seconds, args.rounds, env, not args.no_peers
+            )
+        results["wire"]["load_generator"] = wrk or "python-asyncio"
+        results["wire"]["elapsed_seconds"] = time.monotonic() - section_started
+        rows += wire_rows(results["wire"])
     results["elapsed_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
