@@ -4,6 +4,8 @@
 
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -163,17 +165,28 @@ def predict_rounds(
     seconds: float,
     rounds: int,
 ) -> dict[str, Any]:
-    """Back to back, in each round: bare idle, service idle, service while fits run."""
+    """Back to back, in each round: bare idle, service idle, service beside a busy loop at the
+    worker's priority (the floor), service while fits run."""
     path = "/predict?hours=4"
     for url in (bare.url, srv.url):  # warm both: imports, caches, the first connections
         load.hammer(wrk, url + path, 2)
     fit_epochs = 2_000_000
-    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "service": [], "service_fitting": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "bare": [],
+        "service": [],
+        "service_floor": [],
+        "service_fitting": [],
+    }
     fits: list[dict[str, Any]] = []
     for r in range(rounds):
         log(f"predict: round {r + 1}/{rounds}")
         runs["bare"].append(load.hammer(wrk, bare.url + path, seconds))
         runs["service"].append(load.hammer(wrk, srv.url + path, seconds))
+        spinner = BusyLoop()
+        try:
+            runs["service_floor"].append(load.hammer(wrk, srv.url + path, seconds))
+        finally:
+            spinner.stop()
         feeder = FitFeeder(srv.url, fit_epochs)
         feeder.start()
         if not feeder.running.wait(120):
@@ -207,6 +220,19 @@ def predict_rounds(
         # the best-of-runs measure: the best p99 while fitting over the best idle one
         "p99_fitting_ratio_of_best": min(r["p99_ms"] for r in runs["service_fitting"])
         / min(r["p99_ms"] for r in runs["service"]),
+        # the floor: fitting against the same server beside a plain busy loop at the worker's
+        # priority, round by round, and best against best
+        "p99_floor_ratios": per_round("p99_ms", "service_fitting", "service_floor"),
+        "p99_floor_ratio": statistics.median(
+            per_round("p99_ms", "service_fitting", "service_floor")
+        ),
+        "p99_floor_ratio_of_best": min(r["p99_ms"] for r in runs["service_fitting"])
+        / min(r["p99_ms"] for r in runs["service_floor"]),
+        # what the busy loop alone costs: the floor over idle
+        "p99_floor_idle_ratios": per_round("p99_ms", "service_floor", "service"),
+        "p99_floor_idle_ratio": statistics.median(per_round("p99_ms", "service_floor", "service")),
+        "floor_rps": statistics.median(r["rps"] for r in runs["service_floor"]),
+        "rps_floor_ratio": statistics.median(per_round("rps", "service_fitting", "service_floor")),
         "rps_fitting_ratio": statistics.median(per_round("rps", "service_fitting", "service")),
         "failed_requests": sum(run["failed"] for group in runs.values() for run in group),
         "fit_busy_fraction": statistics.median(
@@ -217,6 +243,40 @@ def predict_rounds(
         "fits_under_load": len(loaded),
         "fit_epochs": fit_epochs,
     }
+
+
+class BusyLoop:
+    """A child process spinning `while True: pass` at the training worker's priority (nice 19,
+    SCHED_IDLE): the floor a fit's CPU alone would cost /predict on this machine, with none of
+    the service's own work for it (no history streamed into the server, no store writes)."""
+
+    CODE = (
+        "import os\n"
+        "os.nice(19)\n"
+        "try:\n"
+        "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "except (AttributeError, OSError):\n"
+        "    pass\n"
+        "print('spinning', flush=True)\n"
+        "while True:\n"
+        "    pass\n"
+    )
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.CODE], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"spinning":
+            self.stop()
+            raise RuntimeError("the busy loop did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def _overlap(job: dict[str, Any], start: float, end: float) -> float:
