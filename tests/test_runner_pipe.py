@@ -2,6 +2,7 @@
 pipe, the server's reading of it (JobRunner._receive's) on the other, no process between them.
 What arrives must be what the fit wrote, bit for bit, through the shared file or raw."""
 
+import mmap
 import multiprocessing as mp
 import os
 from array import array
@@ -46,12 +47,19 @@ def chunks(epochs: int, sizes: list[int], names: tuple[str, ...]) -> list[dict[s
 @pytest.mark.parametrize(
     "names", [("w", "loss"), ("w", "loss", "b"), ("w", "loss", "b", "val_loss")]
 )
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("way", ["shared", "no memfd", "no map"])
 def test_the_history_arrives_bit_for_bit(
-    names: tuple[str, ...], shared: bool, monkeypatch: Any
+    names: tuple[str, ...], way: str, monkeypatch: Any
 ) -> None:
-    if not shared:  # a platform without memfd_create: raw down the pipe
+    shared = way == "shared"
+    if way == "no memfd":  # a platform without memfd_create: raw down the pipe
         monkeypatch.delattr(os, "memfd_create")
+    if way == "no map":  # no room to map the file: raw down the pipe too
+
+        def refuse(*args: Any) -> None:
+            raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(mmap, "mmap", refuse)
     ours, theirs = mp.Pipe()
     server, sent = worker.Channel(ours), worker.Channel(theirs)
     epochs, sizes = 1000, [1, 400, 599]  # the fit stopped early: fewer epochs than it had room for

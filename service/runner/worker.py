@@ -321,8 +321,12 @@ class _PipeSink:
             self._raw = True
             return
         try:
-            os.ftruncate(fd, size)  # sparse: only the pages written take memory
-            self._file = mmap.mmap(fd, size)
+            try:
+                os.ftruncate(fd, size)  # sparse: only the pages written take memory
+                self._file = mmap.mmap(fd, size)
+            except OSError:  # no room to map it: raw down the pipe
+                self._raw = True
+                return
             self._chan.send_shared(self._job_id, self._epochs, fd)
         finally:
             os.close(fd)
