@@ -123,14 +123,6 @@ def as_received(column: "array[float]") -> "memoryview[float]":
     return memoryview(column.tobytes()).cast("d")
 
 
-def shmem_bytes() -> int:
-    """The machine's shared memory (Shmem, /proc/meminfo)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Shmem:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no Shmem in /proc/meminfo")
-
-
 def timed_get(client: httpx.Client, path: str, repeats: int) -> dict[str, float]:
     times, size = [], 0
     for _ in range(repeats):
@@ -145,10 +137,10 @@ def timed_get(client: httpx.Client, path: str, repeats: int) -> dict[str, float]
 def memory_and_history(srv: load.Server, client: httpx.Client) -> dict[str, Any]:
     """RSS of the server around a 1,000,000-epoch fit, and /history for it, full and thinned."""
     epochs = 1_000_000
-    before, shmem_before = load.rss_bytes(srv.pid), shmem_bytes()
+    before = load.rss_bytes(srv.pid)
     job = wait_job(client, submit(client, epochs, seed=7))
     time.sleep(0.5)  # let the last chunk's buffers go
-    after, shmem_after = load.rss_bytes(srv.pid), shmem_bytes()
+    after = load.rss_bytes(srv.pid)
     full = timed_get(client, f"/history?job_id={job['id']}&max_points={epochs}", 3)
     thinned = timed_get(client, f"/history?job_id={job['id']}", 5)
     after_reads = load.rss_bytes(srv.pid)
@@ -158,11 +150,6 @@ def memory_and_history(srv: load.Server, client: httpx.Client) -> dict[str, Any]
         "rss_before_mb": before / 2**20,
         "rss_growth_mb": (after - before) / 2**20,
         "rss_growth_bytes_per_epoch": (after - before) / epochs,
-        # The in-memory runner's history lives in a shared file (a memfd) that the server maps
-        # and touches only when it reads it: the machine's shared memory, not the server's RSS,
-        # holds it. System-wide, so other processes' shared memory counts too.
-        "shmem_growth_mb": (shmem_after - shmem_before) / 2**20,
-        "shmem_growth_bytes_per_epoch": (shmem_after - shmem_before) / epochs,
         "rss_after_history_reads_mb": after_reads / 2**20,
         "history_full": full,
         "history_thinned": thinned,

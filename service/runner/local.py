@@ -409,7 +409,6 @@ class JobRunner:
         current.send(worker.Fit(job.id, job.params.model_dump(), job.n_samples))
         current.send_raw(*pending.x, *pending.y)
         cancel_sent = timed_out = False
-        shared: list[worker.SharedHistory] = []  # this run's history file, once announced
         while True:
             if (self._cancel_asked or timed_out) and not cancel_sent:
                 current.send(worker.Cancel(job.id))
@@ -419,7 +418,7 @@ class JobRunner:
             ready = mp.connection.wait(watched, max(0.0, until - time.monotonic()))
             self._drain_wake()
             if current.conn in ready:
-                ended = self._receive(job, current, timed_out, shared)
+                ended = self._receive(job, current, timed_out)
                 if ended is not None:
                     return ended
             elif current.sentinel in ready:
@@ -435,20 +434,12 @@ class JobRunner:
         problem = JobTimedOut(self._settings.job_timeout).problem()
         return self._end(job.id, JobStatus.failed, problem, report=False)
 
-    def _receive(
-        self, job: Job, current: _Worker, timed_out: bool, shared: list[worker.SharedHistory]
-    ) -> Job | None:
+    def _receive(self, job: Job, current: _Worker, timed_out: bool) -> Job | None:
         """Handle one message of the running job; the job once it has ended."""
         try:
             msg = current.conn.recv()
-            if isinstance(msg, worker.Shared):
-                shared[:] = [current.chan.recv_shared(msg)]
-                return None
             if isinstance(msg, worker.Chunk):
-                if shared:
-                    cols = shared[0].take(msg.count, msg.columns)
-                else:
-                    cols = {name: current.chan.recv_floats(msg.count) for name in msg.columns}
+                cols = {name: current.chan.recv_floats(msg.count) for name in msg.columns}
         except (EOFError, OSError) as exc:
             raise WorkerLost(f"lost the training worker: {exc!r}") from exc
         if isinstance(msg, worker.Chunk):

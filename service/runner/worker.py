@@ -7,13 +7,10 @@ semaphore or event between them: every request and answer is a message, and the 
 for a cancel between blocks of epochs by polling the pipe, which a dead peer cannot block.
 """
 
-import ctypes
-import mmap
 import os
 import signal
 import socket
 import time
-import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
@@ -60,27 +57,12 @@ class Hello:
 
 @dataclass(frozen=True)
 class Chunk:
-    """The next `count` epochs of these columns: w, loss, then b (with an intercept) and
-    val_loss (with a validation split). After a Shared, they are in its file; before, they
-    follow as raw float64 columns, in this order."""
+    """The next `count` epochs follow as raw float64 columns, these in this order: w, loss,
+    then b (with an intercept) and val_loss (with a validation split)."""
 
     job_id: str
     count: int
     columns: tuple[str, ...]
-
-
-# The columns of a shared history file, in this order, each `epochs` float64 values long.
-SHARED_COLUMNS = ("w", "loss", "b", "val_loss")
-
-
-@dataclass(frozen=True)
-class Shared:
-    """This fit's history is written into a shared file, whose descriptor follows (SCM_RIGHTS):
-    SHARED_COLUMNS one after the other, each room for `epochs` values; every Chunk after this
-    says how many more epochs it holds."""
-
-    job_id: str
-    epochs: int
 
 
 @dataclass(frozen=True)
@@ -130,20 +112,6 @@ class Channel:
     def recv_floats(self, count: int) -> "memoryview[float]":
         return memoryview(self.recv_raw(8 * count)).cast("d")
 
-    def send_shared(self, job_id: str, epochs: int, fd: int) -> None:
-        self.conn.send(Shared(job_id, epochs))
-        socket.send_fds(self._sock, [b"F"], [fd])
-
-    def recv_shared(self, msg: Shared) -> "SharedHistory":
-        _, fds, _, _ = socket.recv_fds(self._sock, 1, 1)
-        if not fds:
-            raise EOFError("the pipe closed before the history file")
-        try:
-            return SharedHistory(fds[0], msg.epochs)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
     def recv_raw(self, size: int) -> bytes:
         data = self._sock.recv(size, socket.MSG_WAITALL)
         while len(data) < size:  # a signal can cut MSG_WAITALL short; EOF means the worker died
@@ -156,69 +124,6 @@ class Channel:
     def close(self) -> None:
         self._sock.close()
         self.conn.close()
-
-
-class SharedHistory:
-    """The server's read-only map of a fit's shared history file (see Shared).
-
-    The worker writes the history into the file, at its own priority; the server maps it and
-    stores views of it, so a chunk costs the server a header and no copy. Read from the pipe,
-    each epoch's 16-24 bytes were copied into freshly faulted pages by the dispatcher thread,
-    at the server's priority (24 ms of CPU, 174 wake-ups, a 2,000,000-epoch fit), and freeing
-    an evicted history held the GIL (2.6 ms for 32 MB). The map is made with libc's mmap,
-    which keeps no descriptor (Python's mmap keeps one open per map: one per kept history),
-    and unmapped, the GIL released, once no view of it is left.
-    """
-
-    def __init__(self, fd: int, epochs: int) -> None:
-        size = 8 * epochs * len(SHARED_COLUMNS)
-        address = _libc().mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if address is None or address == _MAP_FAILED:
-            raise OSError(
-                ctypes.get_errno(),
-                f"could not map a history file: {os.strerror(ctypes.get_errno())}",
-            )
-        mapped = (ctypes.c_ubyte * size).from_address(address)
-        weakref.finalize(mapped, _libc().munmap, address, size).atexit = False
-        self._values = memoryview(mapped).cast("B").cast("d").toreadonly()
-        self._epochs = epochs
-        self._done = 0
-
-    def take(self, count: int, columns: tuple[str, ...]) -> dict[str, "memoryview[float]"]:
-        """Read-only views of the next `count` epochs of these columns."""
-        if self._done + count > self._epochs:
-            raise ValueError(f"{self._done + count} epochs in a history file for {self._epochs}")
-        out = {}
-        for name in columns:
-            start = SHARED_COLUMNS.index(name) * self._epochs + self._done
-            out[name] = self._values[start : start + count]
-        self._done += count
-        return out
-
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        libc.munmap.restype = ctypes.c_int
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        _LIBC = libc
-    return _LIBC
-
-
-_LIBC: ctypes.CDLL | None = None
 
 
 def main(conn: Connection, threads: int, nice: int, sched_idle: bool) -> None:
@@ -264,11 +169,9 @@ def _run(chan: Channel, msg: Fit) -> None:
 
     samples = (chan.recv_raw(8 * msg.n), chan.recv_raw(8 * msg.n))
     conn = chan.conn
-    sink = _PipeSink(chan, msg.job_id, int(msg.params["epochs"]))
-    try:
-        outcome = run_session(samples, msg.params, sink, lambda: _interrupted(conn, msg.job_id))
-    finally:
-        sink.close()
+    outcome = run_session(
+        samples, msg.params, _PipeSink(chan, msg.job_id), lambda: _interrupted(conn, msg.job_id)
+    )
     if outcome.report is not None:
         reply: Done | Cancelled | Failed = Done(msg.job_id, outcome.report.model_dump())
     elif outcome.problem is not None:
@@ -282,60 +185,20 @@ def _run(chan: Channel, msg: Fit) -> None:
 
 
 class _PipeSink:
-    """A fit's history for the server (a session.Sink): written into a shared file (see Shared)
-    and announced down the pipe a chunk at a time; where no shared file can be made, sent down
-    the pipe raw."""
+    """A fit's history down the pipe, as the server stores it (a session.Sink)."""
 
-    def __init__(self, chan: Channel, job_id: str, epochs: int) -> None:
+    def __init__(self, chan: Channel, job_id: str) -> None:
         self._chan = chan
         self._job_id = job_id
-        self._epochs = epochs
-        self._file: mmap.mmap | None = None
-        self._done = 0
-        self._raw = False
 
     def write(self, history: dict[str, bytes], final: bool) -> bool:
         try:
-            if self._file is None and not self._raw:
-                self._share()
-            if self._file is None:
-                self._chan.send_floats(self._job_id, history)
-                return True
-            count = len(next(iter(history.values()))) // 8
-            for name, column in history.items():
-                at = 8 * (SHARED_COLUMNS.index(name) * self._epochs + self._done)
-                self._file[at : at + len(column)] = column
-            self._done += count
-            self._chan.conn.send(Chunk(self._job_id, count, tuple(history)))
+            self._chan.send_floats(self._job_id, history)
         except (BrokenPipeError, ConnectionResetError):
             # The server closed the pipe: it is gone, or it gave this worker up (its fork server
             # died, which the server sees as the worker's death). Nothing is left to report to.
             _exit()
         return True
-
-    def _share(self) -> None:
-        size = 8 * self._epochs * len(SHARED_COLUMNS)
-        try:
-            fd = os.memfd_create("sgd-history", os.MFD_CLOEXEC)
-        except (AttributeError, OSError):  # not Linux: raw down the pipe
-            self._raw = True
-            return
-        try:
-            try:
-                os.ftruncate(fd, size)  # sparse: only the pages written take memory
-                self._file = mmap.mmap(fd, size)
-            except OSError:  # no room to map it: raw down the pipe
-                self._raw = True
-                return
-            self._chan.send_shared(self._job_id, self._epochs, fd)
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        """Unmap the worker's side; the server's map keeps the history."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def _interrupted(conn: Connection, job_id: str) -> bool:
