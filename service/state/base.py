@@ -119,6 +119,10 @@ class Store(Protocol):
     def version(self, version: int) -> Model:
         """A kept version; raises VersionNotFound."""
 
+    def held(self, version: int) -> Model | None:
+        """A kept version if this process holds it in memory (a plain read that never waits),
+        else None: then version() knows."""
+
     def serve(self, version: int) -> Model:
         """Serve a kept version from now on, atomically, like a publication (a rollback, or the
         promotion of an older version); raises VersionNotFound."""

@@ -214,6 +214,9 @@ class MemoryStore:
         except KeyError:
             raise jobs.version_not_found(version) from None
 
+    def held(self, version: int) -> Model | None:
+        return self._versions.get(version)
+
     def serve(self, version: int) -> Model:
         with self._lock:
             model = self.version(version)

@@ -92,6 +92,12 @@ class RedisStore(WorkerAPI, Repairs):
         """The served model as this replica last saw it: an attribute read, never Redis."""
         return self._watcher.model
 
+    def held(self, version: int) -> Model | None:
+        """The served model, when it is this version: every other one is read from Redis,
+        which knows whether it is still kept."""
+        model = self._watcher.model
+        return model if model is not None and model.version == version else None
+
     @property
     def unreachable(self) -> str | None:
         """Why this replica may not know the served model (it has never read it), or None."""
