@@ -1,13 +1,13 @@
-"""The plain-ASGI /predict answers exactly what the FastAPI route answers, or leaves it to it."""
+"""The prediction routes (service.http.direct): one handler each, found by the Shortcut or by
+the router; GET /predict's quick reading of `?hours=<number>` answers as FastAPI's reading does."""
 
 from collections.abc import Iterator
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.http.deps import get_store
-from service.state.base import Store
+from service.http.direct import Shortcut
 from tests.conftest import TUTORIAL, wait_job
 
 HOURS = ["4", "0", "-3", "2.5", "1e3", "-7.25E-2", "123456789", "0.1"]
@@ -20,39 +20,74 @@ def served(client: TestClient) -> TestClient:
 
 
 @pytest.fixture
-def routed(served: TestClient) -> Iterator[list[str]]:
-    """The queries that FastAPI's route of GET /predict answered while the test ran (it reads
-    the store through get_store; the fast path reads it from the app's state)."""
-    queries: list[str] = []
-
-    async def counted(request: Request) -> Store:
-        queries.append(request.url.query)
-        return await get_store(request)
-
+def routed(served: TestClient) -> Iterator[None]:
+    """The app without its Shortcut: every request found by the router, route by route."""
     app = served.app
     assert isinstance(app, FastAPI)
-    app.dependency_overrides[get_store] = counted
+    shortcut = app.router.middleware_stack
+    assert isinstance(shortcut, Shortcut)
+    app.router.middleware_stack = shortcut.app  # type: ignore[assignment]  # the router's app
     try:
-        yield queries
+        yield
     finally:
-        del app.dependency_overrides[get_store]
+        app.router.middleware_stack = shortcut
 
 
 @pytest.mark.parametrize("hours", HOURS)
-def test_fast_answer_equals_the_route_answer(
-    served: TestClient, routed: list[str], hours: str
-) -> None:
-    fast = served.get(f"/predict?hours={hours}")
-    assert routed == []  # the fast path answered: FastAPI's route never ran
-    # an extra parameter is not the fast path's business: FastAPI's route answers it
-    routed_answer = served.get(f"/predict?hours={hours}&via=route")
-    assert routed == [f"hours={hours}&via=route"]
-    assert fast.status_code == routed_answer.status_code == 200
-    assert fast.json() == routed_answer.json()
-    assert fast.headers["content-type"] == routed_answer.headers["content-type"]
-    assert fast.headers["content-type"] == "application/json"
+def test_the_quick_reading_of_hours_equals_fastapis(served: TestClient, hours: str) -> None:
+    quick = served.get(f"/predict?hours={hours}")
+    # another parameter: read by FastAPI's own function, as every query it does not know
+    read = served.get(f"/predict?hours={hours}&via=route")
+    assert quick.status_code == read.status_code == 200
+    assert quick.content == read.content
+    assert quick.headers["content-type"] == read.headers["content-type"] == "application/json"
     model = served.get("/model").json()
-    assert fast.json()["score"] == model["w"] * float(hours) + model["b"]
+    assert quick.json()["score"] == model["w"] * float(hours) + model["b"]
+
+
+V2 = "/v2/models/sgd"
+ONE = {"inputs": [{"name": "hours", "datatype": "FP64", "shape": [1], "data": [4]}]}
+# Requests to the prediction routes, as the Shortcut takes them or leaves them to the router
+REQUESTS: list[tuple[str, str, object]] = [
+    ("GET", "/predict?hours=4", None),
+    ("GET", "/predict?hours=4&version=1", None),
+    ("GET", "/predict?hours=x", None),
+    ("GET", "/predict", None),
+    ("HEAD", "/predict?hours=4", None),
+    ("PUT", "/predict", None),
+    ("GET", "/predict/?hours=4", None),
+    ("POST", "/predict", {"hours": [1, 2, 4]}),
+    ("POST", "/predict", {"hours": [1, 2, 4], "version": 99}),
+    ("POST", "/predict", {"hours": []}),
+    ("POST", f"{V2}/infer", ONE),
+    ("POST", f"{V2}/versions/1/infer", ONE),
+    ("POST", f"{V2}/versions/x/infer", ONE),
+    ("POST", f"{V2}/versions/99/infer", ONE),
+    ("POST", "/v2/models/other/infer", ONE),
+    ("POST", "/v2/models//infer", ONE),
+    ("POST", f"{V2}/infer/", ONE),
+    ("POST", f"{V2}/a/b/infer", ONE),
+    ("GET", f"{V2}/infer", None),
+    ("POST", f"{V2}/infer", {"inputs": []}),
+]
+
+
+@pytest.mark.parametrize(("method", "url", "body"), REQUESTS)
+def test_the_shortcut_answers_as_the_router_does(
+    served: TestClient, request: pytest.FixtureRequest, method: str, url: str, body: object
+) -> None:
+    """One handler a route: found by the Shortcut or by the router, a request gets the same
+    answer, byte for byte, headers included."""
+    kept = served.get("/models").json()["versions"][-1]["version"]
+    url = url.replace("version=1", f"version={kept}").replace("versions/1/", f"versions/{kept}/")
+    quick = served.request(method, url, json=body)
+    request.getfixturevalue("routed")
+    routed = served.request(method, url, json=body)
+    assert (quick.status_code, quick.content) == (routed.status_code, routed.content)
+    varying = ("x-request-id",)
+    assert [h for h in quick.headers.items() if h[0] not in varying] == [
+        h for h in routed.headers.items() if h[0] not in varying
+    ]
 
 
 # A "+" in a query is a space: the route reads `1e+3` as `1e 3`, which the fast path once
@@ -61,7 +96,7 @@ UNUSUAL = ["nan", "inf", "1e400", "2e9", "4_0", "%204", "0x10", "%34", "", "1e%2
 
 
 @pytest.mark.parametrize("hours", UNUSUAL)
-def test_anything_unusual_is_left_to_the_route(served: TestClient, hours: str) -> None:
+def test_anything_unusual_is_read_by_fastapis_function(served: TestClient, hours: str) -> None:
     r = served.get(f"/predict?hours={hours}")
     routed = served.get(f"/predict?hours={hours}&via=route")
     assert r.status_code == routed.status_code
@@ -91,8 +126,8 @@ def test_hours_not_written_as_json_writes_a_number_are_refused_by_both(
 
 
 def test_fast_answers_are_counted_under_the_routes_template(served: TestClient) -> None:
-    """RequestObserver labels a fast answer by the real route of GET /predict, as routing
-    would have: one series for both ways of answering."""
+    """RequestObserver labels an answer by the route of GET /predict, as routing would have:
+    one series for both readings."""
 
     def answered() -> float:
         metrics = served.get("/metrics").text
@@ -100,6 +135,7 @@ def test_fast_answers_are_counted_under_the_routes_template(served: TestClient) 
         (line,) = [m for m in metrics.splitlines() if m.startswith(series)]
         return float(line.removeprefix(series))
 
+    served.get("/predict?hours=4")  # the series exists
     before = answered()
     served.get("/predict?hours=4")
     served.get("/predict?hours=4&via=route")

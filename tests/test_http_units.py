@@ -9,6 +9,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -28,6 +29,7 @@ from service.http.oip.errors import InvalidInferenceRequest, ProtocolErrors
 from service.http.oip.models import FLOATS, HEADER_LENGTH, INTEGERS
 from service.http.problems import PROBLEM_JSON, problem_response
 from service.http.reading import NotAccepted, NotJson, NotValid, Unreadable
+from service.http.scoring import Floats
 from tests.conftest import settings_for_tests
 
 MODEL = "sgd"
@@ -73,7 +75,7 @@ def binary_of(values: Sequence[float], datatype: str) -> bytes:
 @pytest.mark.parametrize("datatype", DATATYPES)
 def test_each_datatype_decodes_from_json(datatype: str) -> None:
     asked = decode(request(VALUES, [len(VALUES)], datatype))
-    assert asked.hours == [float(v) for v in VALUES]
+    assert asked.hours.tolist() == [float(v) for v in VALUES]
     assert asked.binary_output is False
     assert asked.id is None
 
@@ -82,7 +84,7 @@ def test_each_datatype_decodes_from_json(datatype: str) -> None:
 def test_each_datatype_decodes_from_binary_data(datatype: str) -> None:
     tail = binary_of(VALUES, datatype)
     header = request(None, [len(VALUES)], datatype, {"binary_data_size": len(tail)})
-    assert decode(header, tail).hours == [float(v) for v in VALUES]
+    assert decode(header, tail).hours.tolist() == [float(v) for v in VALUES]
 
 
 def test_fp32_values_are_float32s_whatever_json_wrote() -> None:
@@ -92,7 +94,7 @@ def test_fp32_values_are_float32s_whatever_json_wrote() -> None:
 
 
 def test_nested_data_is_read_row_major() -> None:
-    assert decode(request([[1, 2], [3, [4]]], [4])).hours == [1.0, 2.0, 3.0, 4.0]
+    assert decode(request([[1, 2], [3, [4]]], [4])).hours.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
 @pytest.mark.parametrize("datatype", list(INTEGERS))
@@ -161,9 +163,13 @@ def test_a_crowded_body_is_refused_before_it_is_parsed() -> None:
 # -- the codec: encode, and round trips -------------------------------------------------------
 
 
+def floats(*values: float) -> Floats:
+    return np.array(values, dtype=np.float64)
+
+
 def test_scores_encode_as_json() -> None:
-    asked = Inference(id="r-1", hours=[1.0, 2.0], binary_output=False)
-    body, json_length = codec.encode(MODEL, 7, asked, [2.5, 4.5])
+    asked = Inference(id="r-1", hours=floats(1.0, 2.0), binary_output=False)
+    body, json_length = codec.encode(MODEL, 7, asked, floats(2.5, 4.5))
     assert json_length is None
     assert json.loads(body) == {
         "model_name": MODEL,
@@ -174,9 +180,9 @@ def test_scores_encode_as_json() -> None:
 
 
 def test_scores_encode_as_binary_data_after_the_json_object() -> None:
-    asked = Inference(id=None, hours=[1.0, 2.0, 3.0], binary_output=True)
+    asked = Inference(id=None, hours=floats(1.0, 2.0, 3.0), binary_output=True)
     scores = [0.1, -2.0, 1e300]
-    body, json_length = codec.encode(MODEL, 3, asked, scores)
+    body, json_length = codec.encode(MODEL, 3, asked, floats(*scores))
     assert json_length is not None
     answer = json.loads(body[:json_length])
     assert "id" not in answer
@@ -191,8 +197,8 @@ def test_scores_encode_as_binary_data_after_the_json_object() -> None:
 
 
 def test_an_id_json_cannot_write_as_utf8_is_escaped() -> None:
-    asked = Inference(id="\ud800", hours=[1.0], binary_output=False)
-    body, _ = codec.encode(MODEL, 1, asked, [1.0])
+    asked = Inference(id="\ud800", hours=floats(1.0), binary_output=False)
+    body, _ = codec.encode(MODEL, 1, asked, floats(1.0))
     assert json.loads(body)["id"] == "\ud800"
 
 
@@ -201,7 +207,9 @@ def test_a_round_trip_keeps_every_float(binary: bool) -> None:
     """Scores encoded, read back as a client reads them, then sent again as `hours`: the same
     floats, bit for bit."""
     scores = [0.1, -0.0, 1 / 3, 123456.789, -5e-300, 987654321.0 + 2.0**-23]
-    body, json_length = codec.encode(MODEL, 1, Inference(None, [0.0] * 6, binary), scores)
+    body, json_length = codec.encode(
+        MODEL, 1, Inference(None, floats(*[0.0] * 6), binary), floats(*scores)
+    )
     if json_length is None:
         (output,) = json.loads(body)["outputs"]
         header, tail = request(output["data"], output["shape"]), b""
@@ -209,7 +217,7 @@ def test_a_round_trip_keeps_every_float(binary: bool) -> None:
         (output,) = json.loads(body[:json_length])["outputs"]
         tail = body[json_length:]
         header = request(None, output["shape"], parameters=output["parameters"])
-    assert decode(header, tail).hours == scores
+    assert decode(header, tail).hours.tolist() == scores
 
 
 # -- errors as problem+json, and as the protocol's on /v2 -------------------------------------

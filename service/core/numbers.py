@@ -90,5 +90,9 @@ Computed = Annotated[float, Field(allow_inf_nan=False)]
 def finite_or_raise(value: float, what: str) -> float:
     """Guard for computed numbers: never put NaN or Infinity in a response."""
     if not math.isfinite(value):
-        raise PredictionOutOfRange(f"{what} overflows a float; ask for smaller hours")
+        raise overflowed(what)
     return value
+
+
+def overflowed(what: str) -> PredictionOutOfRange:
+    return PredictionOutOfRange(f"{what} overflows a float; ask for smaller hours")

@@ -7,10 +7,13 @@ Redis, across a network, and the event loop must stay free for /predict.
 import asyncio
 import contextlib
 import itertools
+import math
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -24,7 +27,7 @@ from service.core.errors import (
     NothingServed,
     StoreUnavailable,
 )
-from service.core.numbers import MAX_SEED, NUMBER, WHOLE, finite_or_raise
+from service.core.numbers import MAX_SEED, NUMBER, WHOLE, finite_or_raise, overflowed
 from service.core.schemas import (
     FitRequest,
     Health,
@@ -40,7 +43,8 @@ from service.core.schemas import (
     PredictRequest,
 )
 from service.core.settings import Settings
-from service.http.bodies import FitBody, Handler, PredictRoute, error_of
+from service.http import scoring
+from service.http.bodies import FitBody, predict_body
 from service.http.deps import (
     ADMIN,
     PREDICT,
@@ -51,10 +55,10 @@ from service.http.deps import (
     SettingsDep,
     StoreDep,
 )
+from service.http.direct import DirectRoute, json_answer, query_arguments
 from service.http.intake import FitOptions
 from service.http.openapi import json_body
 from service.http.problems import problems
-from service.http.reading import NotRead, loads
 from service.http.turns import give_way
 from service.state.base import HistoryPage, Store
 
@@ -173,26 +177,48 @@ def _served(store: Store) -> Model:
 
 
 async def _model(store: Store, version: int | None) -> Model:
-    """The served model, or a kept version (a read of the store, off the event loop)."""
+    """The served model, or a kept version (a read of the store, off the event loop, unless
+    this process holds it)."""
     if version is None:
         return _served(store)
-    return await run_in_threadpool(store.version, version)
+    held = store.held(version)
+    return held if held is not None else await run_in_threadpool(store.version, version)
 
 
-def _check_hours(hours: list[float], settings: Settings, indexed: bool) -> None:
-    """Each |hours| within the limit; the problem names the first that is not, as the caller
-    wrote it: `hours` for the query parameter, `hours[2]` for the body's list."""
+def _too_far(name: str, settings: Settings) -> InvalidInput:
+    """The problem of an |hours| over the limit, named as the caller wrote it: `hours` for the
+    query parameter, `hours[2]` for the body's list."""
     limit = settings.max_abs_value
-    over = next((i for i, h in enumerate(hours) if abs(h) > limit), None)
-    if over is not None:
-        name = f"hours[{over}]" if indexed else "hours"
-        raise InvalidInput(
-            f"every |hours| must be at most SGD_MAX_ABS_VALUE={limit:g}",
-            [{"field": name, "message": f"|hours| at most {limit:g}", "code": "limit"}],
-        )
+    return InvalidInput(
+        f"every |hours| must be at most SGD_MAX_ABS_VALUE={limit:g}",
+        [{"field": name, "message": f"|hours| at most {limit:g}", "code": "limit"}],
+    )
 
 
-@router.get("/predict", dependencies=[PREDICT], responses=problems(404, 422, 503))
+# The route's grammars (service.core.numbers: JSON_NUMBER, WHOLE_NUMBER), or less of them. In a
+# query a "+" is a space, so `1e+3` is the route's `1e 3`, which it refuses.
+_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
+_VERSION = re.compile(rb"[1-9][0-9]{0,17}")
+
+
+class _OneHours(DirectRoute):
+    """GET /predict's query as FastAPI reads it; `hours=<number>` (and `version=<number>`),
+    each once, read at once."""
+
+    async def read(self, request: Request, settings: Settings) -> dict[str, Any]:
+        query: bytes = request.scope["query_string"]
+        fields = dict(p.partition(b"=")[::2] for p in query.split(b"&", 2))
+        hours, version = fields.get(b"hours", b""), fields.pop(b"version", None)
+        if (
+            fields.keys() == {b"hours"}
+            and _NUMBER.fullmatch(hours)
+            and (version is None or _VERSION.fullmatch(version))
+            and math.isfinite(number := float(hours))  # 1e999 is refused as FastAPI refuses it
+        ):
+            return {"hours": number, "version": None if version is None else int(version)}
+        return query_arguments(self, request)
+
+
 async def predict(
     hours: Annotated[float, Query(allow_inf_nan=False, examples=[4]), NUMBER],
     store: StoreDep,
@@ -200,15 +226,37 @@ async def predict(
     version: Annotated[
         int | None, Query(ge=1, description="a kept version (GET /models)"), WHOLE
     ] = None,
-) -> Prediction:
+) -> Response:
     """The served model's score for one number of hours (or a kept version's, ?version=)."""
     model = await _model(store, version)
-    _check_hours([hours], settings, indexed=False)
+    if abs(hours) > settings.max_abs_value:
+        raise _too_far("hours", settings)
     score = finite_or_raise(model.predict(hours), "the score")
-    return Prediction(hours=hours, score=score, model_version=model.version)
+    # Prediction, as FastAPI wrote it: Python's repr of each float
+    return json_answer(
+        b'{"hours":%r,"score":%r,"model_version":%d}' % (hours, score, model.version)
+    )
 
 
-async def predict_many(body: PredictRequest, store: StoreDep, settings: SettingsDep) -> Predictions:
+router.add_api_route(
+    "/predict",
+    predict,
+    methods=["GET"],
+    dependencies=[PREDICT],
+    response_model=Prediction,
+    responses=problems(404, 422, 503),
+    route_class_override=_OneHours,
+)
+
+
+class _ManyHours(DirectRoute):
+    """POST /predict's body, counted, parsed and validated (service.http.bodies)."""
+
+    async def read(self, request: Request, settings: Settings) -> dict[str, Any]:
+        return await predict_body(request, self, settings)
+
+
+async def predict_many(body: PredictRequest, store: StoreDep, settings: SettingsDep) -> Response:
     """Scores for many hours, all from one model version (the served one, or `version`)."""
     model = await _model(store, body.version)  # one read: every score from the same version
     if len(body.hours) > settings.max_predict_batch:
@@ -216,42 +264,16 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
             f"at most {settings.max_predict_batch} hours per request; split the request",
             [{"field": "hours", "message": "too many values", "code": "limit"}],
         )
-    _check_hours(body.hours, settings, indexed=True)
-    scores = [finite_or_raise(model.predict(h), "a score") for h in body.hours]
-    return Predictions(scores=scores, model_version=model.version)
-
-
-class _Parsed(Request):
-    """A request whose JSON body has been parsed already."""
-
-    def __init__(self, request: Request, body: bytes, document: Any) -> None:
-        super().__init__(request.scope, request.receive)
-        self._received, self._document = body, document
-
-    async def body(self) -> bytes:
-        return self._received
-
-    async def json(self) -> Any:
-        return self._document
-
-
-class StrictPredictRoute(PredictRoute):
-    """POST /predict's body read as a fit's (service.http.reading.loads), with the same refusals:
-    FastAPI's own json.loads takes UTF-16 and a byte order mark, and answers an integer of
-    5,000 digits as a body that is not UTF-8."""
-
-    async def received(self, request: Request, settings: Settings, handle: Handler) -> Response:
-        async def parsed(counted: Request) -> Response:
-            body = await counted.body()
-            if not body:  # FastAPI's answer: the body is missing
-                return await handle(counted)
-            try:
-                document = loads(body)
-            except NotRead as e:
-                raise error_of(e.refused) from None
-            return await handle(_Parsed(counted, body, document))
-
-        return await super().received(request, settings, parsed)
+    hours = np.array(body.hours, dtype=np.float64)
+    over = scoring.first_over(hours, settings.max_abs_value)
+    if over is not None:
+        raise _too_far(f"hours[{over}]", settings)
+    scores = scoring.scores(model, hours, lambda _: overflowed("a score"))
+    # Predictions, with the scores written by orjson: the same numbers, to the last bit
+    return json_answer(
+        b'{"scores":%b,"model_version":%d}'
+        % (orjson.dumps(scores, option=orjson.OPT_SERIALIZE_NUMPY), model.version)
+    )
 
 
 router.add_api_route(
@@ -259,8 +281,9 @@ router.add_api_route(
     predict_many,
     methods=["POST"],
     dependencies=[PREDICT],
+    response_model=Predictions,
     responses=problems(404, 413, 422, 503),
-    route_class_override=StrictPredictRoute,
+    route_class_override=_ManyHours,
 )
 
 

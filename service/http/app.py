@@ -1,12 +1,11 @@
 """The app factory: create_app(settings) wires routes and handlers; its lifespan owns the state."""
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
-from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import FastAPI, Request, Response
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +15,7 @@ from service.core.settings import Settings
 from service.http import api, oip, views
 from service.http.access import Access
 from service.http.deps import document_access
-from service.http.fastpath import FastPredict
+from service.http.direct import DirectRoute, Shortcut
 from service.http.intake import Intake
 from service.http.middleware import (
     PAGE_CSP,
@@ -64,12 +63,6 @@ def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
 
     shared = RedisStore.from_settings(settings, on_end=metrics.job_ended)
     return shared, QueueRunner(shared, settings)
-
-
-def _route_of(router: APIRouter, endpoint: Callable[..., Any]) -> APIRoute:
-    """The router's route of this endpoint: what routing puts in scope["route"] for it."""
-    (route,) = [r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is endpoint]
-    return route
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -133,9 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (api.router, views.router, oip.router)
     for router in routers:
         app.include_router(router)
-    if access.is_open("predict"):  # else every prediction goes through its route's check
-        predict = _route_of(api.router, api.predict)
-        app.add_middleware(FastPredict, route=predict, max_abs_value=settings.max_abs_value)
+    # The prediction routes, found before the router tries every route in turn; inside
+    # FastAPI's exception middleware, as the router's own middleware (Router(middleware=...))
+    direct = [r for router in routers for r in router.routes if isinstance(r, DirectRoute)]
+    app.router.middleware_stack = Shortcut(app.router.middleware_stack, direct)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

@@ -1,8 +1,8 @@
 """FastAPI dependencies: what a route takes besides its request (the lifespan's objects, auth).
 
 The app's lifespan (service.http.app) yields the long-lived objects; every request gets a copy of
-that dict as request.state, which routes read only through these functions (FastPredict, the
-pure-ASGI fast path of GET /predict, reads the store from the same dict). Route modules declare
+that dict as request.state, which routes read only through these functions (the prediction
+routes of service.http.direct read the same dict). Route modules declare
 `store: StoreDep` and the like, and import them from here, never from each other.
 """
 
@@ -95,6 +95,12 @@ TRAIN: Any = Depends(_Needs("train"))
 ADMIN: Any = Depends(_Needs("admin"))
 
 
+def needed_scope(dependant: Any) -> Scope | None:
+    """The scope a route's dependencies=[...] need, or None for an open route."""
+    needs = [d.call for d in dependant.dependencies if isinstance(d.call, _Needs)]
+    return needs[0].scope if needs else None
+
+
 def document_access(spec: dict[str, Any], routes: list[Any], access: Access) -> dict[str, Any]:
     """State in the OpenAPI document which routes need a token (their scope is not open) and
     the 401 and 403 they answer then; and the cross-site 403 of every write."""
@@ -102,12 +108,9 @@ def document_access(spec: dict[str, Any], routes: list[Any], access: Access) -> 
     secured = False
     for route in routes:
         dependant = getattr(route, "dependant", None)
-        needs = [
-            d.call for d in getattr(dependant, "dependencies", ()) if isinstance(d.call, _Needs)
-        ]
-        if not needs:
+        scope = None if dependant is None else needed_scope(dependant)
+        if scope is None:
             continue
-        scope = needs[0].scope
         for method in route.methods:
             operation = spec["paths"][route.path_format][method.lower()]
             answers = operation.setdefault("responses", {})

@@ -8,6 +8,7 @@ parsed by orjson and its values checked by C loops (array, min, max, sum): a req
 Python does not grow with its values, and a value is formatted only for an error's text.
 """
 
+import contextlib
 import json
 import math
 import struct
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 from pydantic import ValidationError
 
@@ -30,6 +32,8 @@ from service.http.oip.models import (
     InferenceRequest,
     RequestInput,
 )
+from service.http.reading import has_long_integers
+from service.http.scoring import Floats, first_over
 
 # Commas and opening brackets a body may have besides one per value: its names, shape and
 # datatype, three full `parameters`, nested lists, fields the protocol does not define.
@@ -41,7 +45,7 @@ class Inference:
     """A request, checked: what was asked, and how to answer."""
 
     id: str | None
-    hours: list[float]
+    hours: Floats
     binary_output: bool
 
 
@@ -57,7 +61,7 @@ def decode(header: bytes, binary: bytes, name: str, settings: Settings) -> Infer
     try:
         return _checked(document, binary, name, settings)
     except InvalidInferenceRequest:
-        if not _has_long_integers(header):
+        if not has_long_integers(header):
             raise
         # orjson read an integer beyond 64 bits as a float: the error names what was sent
         return _checked(_loads(header), binary, name, settings)
@@ -90,7 +94,7 @@ def refuse_crowded(header: bytes, batch: int) -> None:
     and OTHER_ITEMS commas and opening brackets at most besides.
     """
     most = batch + OTHER_ITEMS
-    if _commas_and_brackets(header, most) > most:
+    if len(header) > most and _commas_and_brackets(header, most) > most:  # a byte each at least
         raise InvalidInferenceRequest(
             f"the body's JSON has more than {most} commas and opening brackets outside its "
             f"strings: a request holds at most SGD_MAX_PREDICT_BATCH={batch} values of "
@@ -117,16 +121,13 @@ def _commas_and_brackets(text: bytes, most: int) -> int:
     return count - _structure(b"".join(parts[1::2]))
 
 
+_COMMA, _BRACKET, _BRACE = b",[{"
+
+
 def _structure(text: bytes) -> int:
-    return len(text) - len(text.translate(None, b",[{"))
-
-
-# Digits, each as a zero: an integer of 19 digits or more is one orjson may read as a float.
-_ZEROS = bytes.maketrans(b"0123456789", b"0" * 10)
-
-
-def _has_long_integers(text: bytes) -> bool:
-    return b"0" * 19 in text.translate(_ZEROS)
+    """The commas, '[' and '{' of the text: a compare per byte in numpy, 10x bytes.count."""
+    codes = np.frombuffer(text, dtype=np.uint8)
+    return sum(int(np.count_nonzero(codes == c)) for c in (_COMMA, _BRACKET, _BRACE))
 
 
 def _loads(header: bytes) -> Any:
@@ -167,7 +168,7 @@ def _describe(exc: ValidationError) -> str:
     return f"the inference request is not valid: {issues}"
 
 
-def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> list[float]:
+def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> Floats:
     """The input's values as floats, each finite and within SGD_MAX_ABS_VALUE."""
     datatype = tensor.datatype
     if datatype not in FLOATS and datatype not in INTEGERS:
@@ -197,7 +198,8 @@ def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> list[floa
             )
         values = _from_json(tensor.data, n, datatype)
     if datatype == "FP32":  # an FP32 tensor holds float32 values, whatever JSON wrote
-        values = array("f", values)
+        with np.errstate(over="ignore"):  # past float32's range: an infinity, refused below
+            values = values.astype(np.float32).astype(np.float64)
     return _within(values, settings.max_abs_value)
 
 
@@ -208,9 +210,7 @@ def _refuse_shared_memory(parameters: dict[str, Any]) -> None:
         )
 
 
-def _from_binary(
-    size: object, data: object, binary: bytes, n: int, datatype: str
-) -> "array[float]":
+def _from_binary(size: object, data: object, binary: bytes, n: int, datatype: str) -> Floats:
     if data is not None:
         raise InvalidInferenceRequest(
             f"input {INPUT!r} has both 'data' and binary_data_size: send one of them"
@@ -227,18 +227,27 @@ def _from_binary(
             f"input {INPUT!r} announces {expected} bytes of binary data, but {len(binary)} bytes "
             f"follow the JSON object ({HEADER_LENGTH} gives its length)"
         )
-    return array("d", struct.unpack(f"<{n}{code}", binary))
+    values: Floats = np.frombuffer(binary, dtype=np.dtype(code).newbyteorder("<"))
+    return values.astype(np.float64)
 
 
-def _from_json(data: list[Any] | None, n: int, datatype: str) -> "array[float]":
+def _from_json(data: list[Any] | None, n: int, datatype: str) -> Floats:
     if data is None:
         raise InvalidInferenceRequest(
             f"input {INPUT!r} has no data: send 'data', or binary data with binary_data_size"
         )
+    if datatype in FLOATS and len(data) == n:
+        # array() takes ints and floats, and true and false as 1.0 and 0.0: only the values
+        # that read as 0 or 1 can be booleans, and only their types are looked at (in C)
+        with contextlib.suppress(TypeError, OverflowError):
+            values: Floats = np.frombuffer(array("d", data))
+            maybe = np.flatnonzero((values == 0) | (values == 1)).tolist()
+            if bool not in set(map(type, map(data.__getitem__, maybe))):
+                return values
     kinds = set(map(type, data))  # one pass in C; bool is a type of its own
     fast = _flat(data, kinds, n, datatype)
     if fast is not None:
-        return fast
+        return np.frombuffer(fast)
     elements = _flatten(data, n) if list in kinds else data
     if len(elements) != n:
         held = "more" if len(elements) > n else str(len(elements))
@@ -246,7 +255,7 @@ def _from_json(data: list[Any] | None, n: int, datatype: str) -> "array[float]":
             f"input {INPUT!r} has shape [{n}] but its data holds {held} values: the shape "
             "counts every value"
         )
-    return array("d", [_number(value, i, datatype) for i, value in enumerate(elements)])
+    return np.array([_number(value, i, datatype) for i, value in enumerate(elements)])
 
 
 def _flat(data: list[Any], kinds: set[type], n: int, datatype: str) -> "array[float] | None":
@@ -304,21 +313,18 @@ def _shown(value: Any) -> str:
     return json.dumps(value)[:40]
 
 
-def _within(values: "array[float]", limit: float) -> list[float]:
-    """The values as floats, each finite and at most `limit` in magnitude. A sum that is
-    finite proves them all finite, and then min and max bound them: one value at a time
-    only to name the first that fails."""
-    if math.isfinite(sum(values)) and (not values or -limit <= min(values) <= max(values) <= limit):
-        return values.tolist()
-    for i, value in enumerate(values):
-        if not math.isfinite(value):
-            raise InvalidInferenceRequest(f"{INPUT}[{i}] is {value}: send finite numbers")
-        if abs(value) > limit:
-            raise InvalidInferenceRequest(
-                f"{INPUT}[{i}] is {value:g}: every |{INPUT}| must be at most "
-                f"SGD_MAX_ABS_VALUE={limit:g}"
-            )
-    return values.tolist()  # finite, within the limit, and a sum that overflowed
+def _within(values: Floats, limit: float) -> Floats:
+    """The values, each finite and at most `limit` in magnitude; the error names the first
+    that is not."""
+    i = first_over(values, limit)
+    if i is None:
+        return values
+    value = float(values[i])
+    if not math.isfinite(value):
+        raise InvalidInferenceRequest(f"{INPUT}[{i}] is {value}: send finite numbers")
+    raise InvalidInferenceRequest(
+        f"{INPUT}[{i}] is {value:g}: every |{INPUT}| must be at most SGD_MAX_ABS_VALUE={limit:g}"
+    )
 
 
 def _binary_output(parsed: InferenceRequest, name: str) -> bool:
@@ -347,9 +353,7 @@ def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def encode(
-    name: str, version: int, asked: Inference, scores: list[float]
-) -> tuple[bytes, int | None]:
+def encode(name: str, version: int, asked: Inference, scores: Floats) -> tuple[bytes, int | None]:
     """The answer's body: the JSON object, followed by the scores as binary data when they
     were asked for so; and the JSON object's length then (None for JSON alone)."""
     n = len(scores)
@@ -363,9 +367,10 @@ def encode(
         answer["id"] = asked.id
     answer["outputs"] = [output]
     try:
-        header = orjson.dumps(answer)
+        header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     except orjson.JSONEncodeError:  # an id with a lone surrogate, which JSON can only escape
+        output["data"] = scores.tolist()
         header = json.dumps(answer, separators=(",", ":")).encode()
     if not asked.binary_output:
         return header, None
-    return header + struct.pack(f"<{n}d", *scores), len(header)
+    return header + scores.astype("<f8").tobytes(), len(header)

@@ -5,7 +5,6 @@ shape [-1]. An inference is /predict's: one read of the served model (or of a ke
 `?version=` reads it), plain Python, never torch, never a wait on training.
 """
 
-import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -16,7 +15,9 @@ from service import __version__
 from service.core.errors import ModelNotReady, StoreUnavailable, VersionNotFound
 from service.core.schemas import Model
 from service.core.settings import Settings
+from service.http import scoring
 from service.http.deps import PREDICT, SettingsDep, StoreDep
+from service.http.direct import DirectRoute
 from service.http.oip import codec
 from service.http.oip.codec import Inference
 from service.http.oip.errors import InvalidInferenceRequest, ModelNotFound, errors
@@ -79,7 +80,8 @@ def _served(store: Store, name: str) -> Model:
 
 async def _kept(store: Store, name: str, version: int) -> Model:
     try:
-        return await run_in_threadpool(store.version, version)
+        held = store.held(version)
+        return held if held is not None else await run_in_threadpool(store.version, version)
     except VersionNotFound:
         raise VersionNotFound(
             f"model {name!r} has no version {version}: GET /v2/models/{name} lists the kept ones"
@@ -162,12 +164,19 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post(
-    "/models/{name}/infer",
-    dependencies=[PREDICT],
-    response_model=None,
-    responses=_INFER_RESPONSES,
-)
+class _Infer(DirectRoute):
+    """An inference route: the model's name (and version) checked, as their dependencies check
+    them; the endpoint reads the body."""
+
+    async def read(self, request: Request, settings: Settings) -> dict[str, Any]:
+        params = request.path_params
+        name = await _model_name(params["name"], settings)
+        if "version" not in params:
+            return {"name": name, "request": request}
+        version = await _version_number(name, params["version"])
+        return {"name": name, "version": version, "request": request}
+
+
 async def infer(
     name: NameDep, request: Request, store: StoreDep, settings: SettingsDep
 ) -> Response:
@@ -176,18 +185,31 @@ async def infer(
     return _answer(name, _served(store, name), asked)
 
 
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    dependencies=[PREDICT],
-    response_model=None,
-    responses=_INFER_RESPONSES,
-)
 async def infer_version(
     name: NameDep, version: VersionDep, request: Request, store: StoreDep, settings: SettingsDep
 ) -> Response:
     """Inference with a kept version (404 for any other)."""
     asked = await _read(request, name, settings)
     return _answer(name, await _kept(store, name, version), asked)
+
+
+for path, endpoint in (
+    ("/models/{name}/infer", infer),
+    ("/models/{name}/versions/{version}/infer", infer_version),
+):
+    router.add_api_route(
+        path,
+        endpoint,
+        methods=["POST"],
+        dependencies=[PREDICT],
+        response_model=None,
+        responses=_INFER_RESPONSES,
+        route_class_override=_Infer,
+    )
+
+# A JSON object this long or longer is read in steps, the loop handed back between them
+# (give_way); below it, parsing, checking and scoring it takes less than a turn of a busy loop.
+SMALL_JSON = 16 * 1024
 
 
 async def _read(request: Request, name: str, settings: Settings) -> Inference:
@@ -198,23 +220,24 @@ async def _read(request: Request, name: str, settings: Settings) -> Inference:
         raise InvalidInferenceRequest("the body ended before its Content-Length") from None
     header, binary = codec.split(body, request.headers)
     codec.refuse_crowded(header, settings.max_predict_batch)
+    if len(header) < SMALL_JSON:
+        return codec.decode(header, binary, name, settings)
     await give_way()  # up to 1.3 MB counted: /predict goes first
     asked = codec.decode(header, binary, name, settings)
-    await give_way()  # and again between checking 10,000 values and scoring them
+    await give_way()  # and again between checking 100,000 values and scoring them
     return asked
 
 
 def _answer(name: str, model: Model, asked: Inference) -> Response:
     """The scores of one model version, as JSON or as binary data after the JSON object."""
-    w, b = model.w, model.b  # Model.predict's w * h + b, without a call per value
-    scores = [w * h + b for h in asked.hours]
-    if not math.isfinite(sum(scores)):  # each is finite when their sum is
-        for i, score in enumerate(scores):
-            if not math.isfinite(score):
-                raise InvalidInferenceRequest(
-                    f"the score of {INPUT}[{i}] = {asked.hours[i]:g} overflows a float: send "
-                    f"smaller {INPUT}"
-                )
+
+    def overflow(i: int) -> InvalidInferenceRequest:
+        return InvalidInferenceRequest(
+            f"the score of {INPUT}[{i}] = {asked.hours[i]:g} overflows a float: send "
+            f"smaller {INPUT}"
+        )
+
+    scores = scoring.scores(model, asked.hours, overflow)
     body, json_length = codec.encode(name, model.version, asked, scores)
     if json_length is None:
         return Response(body, media_type=JSON_TYPE)

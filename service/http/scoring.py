@@ -1,0 +1,33 @@
+"""Scores of many hours at once: w * hours + b over a whole batch, in numpy.
+
+Per value in Python, a batch of 100,000 hours costs ~5 ms to score and as much again to check;
+numpy does both in ~0.1 ms. The arithmetic is Model.predict's, the same two float64 operations
+in the same order (a multiply, then an add: never fused), so every score equals the one
+GET /predict gives.
+"""
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from service.core.schemas import Model
+
+Floats = npt.NDArray[np.float64]
+
+
+def scores(model: Model, hours: Floats, overflow: Callable[[int], Exception]) -> Floats:
+    """The model's score of each of `hours`; raises overflow(i) for the first that is not a
+    finite float."""
+    with np.errstate(all="ignore"):  # an overflow is an infinity, refused below
+        out: Floats = hours * model.w + model.b
+    finite = np.isfinite(out)
+    if not finite.all():
+        raise overflow(int(np.argmin(finite)))
+    return out
+
+
+def first_over(hours: Floats, limit: float) -> int | None:
+    """The index of the first value that is not finite or is over `limit` in magnitude."""
+    within = np.abs(hours) <= limit  # False for NaN, and for an infinity past any limit
+    return None if within.all() else int(np.argmin(within))
