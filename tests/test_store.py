@@ -265,3 +265,20 @@ def test_versions_are_kept_and_any_can_be_served_again(make_store: MakeStore) ->
     with pytest.raises(VersionNotFound):
         store.serve(9)
     assert store.model.version == 4
+
+
+def test_a_held_version_is_the_kept_one_or_none(make_store: MakeStore) -> None:
+    """held() answers without waiting, and only with what version() would answer: every kept
+    version in memory, the served one on Redis (the others may be evicted by any replica)."""
+    store = make_store(10)
+    for w in (1.0, 2.0):
+        run(store, w=w)
+    served = store.held(2)
+    assert served is not None
+    assert served == store.version(2) == store.model
+    kept = store.held(1)
+    if isinstance(store, MemoryStore):
+        assert kept == store.version(1)
+    else:
+        assert kept is None
+    assert store.held(9) is None
