@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -352,3 +353,101 @@ def test_fastapi_reads_no_body_for_fit() -> None:
             },
         }
     }
+
+
+# -- the codec: a large request read a slice at a time ----------------------------------------
+
+BIG = 100_000  # over SLICED_BYTES as JSON, and more than two slices
+BIG_SETTINGS = settings_for_tests(max_predict_batch=200_000)
+
+
+def stepwise(header: bytes) -> tuple[Inference | None, str | None, int]:
+    """What `decoding` gives, stepping through it: the request or the error, and its steps."""
+    steps = codec.decoding(header, b"", MODEL, BIG_SETTINGS)
+    taken = 0
+    try:
+        while True:
+            next(steps)
+            taken += 1
+    except StopIteration as done:
+        return done.value, None, taken
+    except InvalidInferenceRequest as e:
+        return None, e.detail, taken
+
+
+def whole(header: bytes) -> tuple[Inference | None, str | None]:
+    try:
+        return codec.decode(header, b"", MODEL, BIG_SETTINGS), None
+    except InvalidInferenceRequest as e:
+        return None, e.detail
+
+
+def big_values() -> list[Any]:
+    return [round(i * 0.37 % 11 - 3, 6) if i % 5 else i % 3 for i in range(BIG)]
+
+
+def spliced(values: list[Any], text: bytes) -> bytes:
+    """A large request whose values' text has `text` in the middle (a value, or stray bytes)."""
+    header = request(values, [len(values)])
+    middle = header.index(b", ", len(header) // 2)
+    return header[:middle] + b"," + text + header[middle:]
+
+
+BIG_CASES = {
+    "valid": request(big_values(), [BIG]),
+    "pretty": json.dumps(
+        {"inputs": [{"name": "hours", "shape": [BIG], "datatype": "FP64", "data": big_values()}]},
+        indent=2,
+    ).encode(),
+    "FP32": request(big_values(), [BIG], "FP32"),
+    "id and outputs": request(big_values(), [BIG], id="r", outputs=[{"name": "score"}]),
+    "a boolean": spliced(big_values(), b"true"),
+    "a string": spliced(big_values(), b'"4"'),
+    "null": spliced(big_values(), b"null"),
+    "NaN": spliced(big_values(), b"NaN"),
+    "a nested list": spliced(big_values(), b"[1, 2]"),
+    "two commas": spliced(big_values(), b""),
+    "too big a value": spliced(big_values(), b"1e400"),
+    "an integer past 64 bits": spliced(big_values(), b"1" + b"0" * 30),
+    "over the limit": spliced(big_values(), b"2e9"),
+    "the shape differs": request(big_values(), [BIG + 1]),
+    "INT32": request([int(v) for v in big_values()], [BIG], "INT32"),
+    "a second data key": request(big_values(), [BIG], parameters={"data": 1}),
+    "data in outputs": request(big_values(), [BIG], outputs=[{"name": "score", "data": [1]}]),
+    "a trailing comma": request(big_values(), [BIG]).replace(b"]}]}", b",]}]}"),
+}
+
+
+@pytest.mark.parametrize("case", BIG_CASES)
+def test_a_large_request_read_a_slice_at_a_time_is_read_as_decode_reads_it(case: str) -> None:
+    header = BIG_CASES[case]
+    assert len(header) >= codec.SLICED_BYTES
+    asked, error, steps = stepwise(header)
+    expected, expected_error = whole(header)
+    assert error == expected_error
+    if expected is None:
+        assert asked is None
+        return
+    assert asked is not None
+    assert asked.hours.tobytes() == expected.hours.tobytes()  # every float, bit for bit
+    assert (asked.id, asked.binary_output) == (expected.id, expected.binary_output)
+    if case in ("valid", "pretty", "FP32", "id and outputs"):
+        assert steps > 2  # it did take steps: the loop had its turns
+
+
+def test_a_large_answer_is_written_a_slice_at_a_time_as_one_piece_would_be() -> None:
+    scores = np.array([v / 7 for v in range(BIG)], dtype=np.float64)
+    asked = Inference(id="x", hours=scores, binary_output=False)
+    parts, json_length = codec.encoding(MODEL, 3, asked, scores)
+    written = list(parts)
+    assert json_length is None
+    assert len(written) > 3
+    assert b"".join(written) == orjson.dumps(
+        {
+            "model_name": MODEL,
+            "model_version": "3",
+            "id": "x",
+            "outputs": [{"name": "score", "datatype": "FP64", "shape": [BIG], "data": scores}],
+        },
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )

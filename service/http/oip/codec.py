@@ -11,9 +11,10 @@ Python does not grow with its values, and a value is formatted only for an error
 import contextlib
 import json
 import math
+import re
 import struct
 from array import array
-from collections.abc import Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,106 @@ def decode(header: bytes, binary: bytes, name: str, settings: Settings) -> Infer
             raise
         # orjson read an integer beyond 64 bits as a float: the error names what was sent
         return _checked(_loads(header), binary, name, settings)
+
+
+# A JSON object this long or longer is read a slice of its values at a time (`decoding`), and an
+# answer of more values than a slice written a slice at a time (`encoding`): ~1 ms a step.
+SLICED_BYTES = 256 * 1024
+SLICE = 16_384
+_DATA = re.compile(rb'"data"\s*:\s*\[')
+_LIST_END, _OPEN_LIST, _OPEN_OBJECT, _QUOTE = b'][{"'
+
+
+def decoding(
+    header: bytes, binary: bytes, name: str, settings: Settings
+) -> Generator[None, None, Inference]:
+    """`decode`, a step at a time: yields between steps, each ~1 ms or less.
+
+    A large request's one flat list of numbers (`inputs[0].data`) is parsed a slice at a time,
+    the rest of the object on its own; any other request, or one that this reading would not
+    take exactly as `decode` does (another key "data", a value that is not a number, a shape
+    that differs), is read by `decode` in one step, which gives the error.
+    """
+    taken = _values_taken_out(header) if len(header) >= SLICED_BYTES else None
+    if taken is not None:
+        rest, text = taken
+        parts = []
+        start = 0
+        while start < len(text):
+            end = text.find(b",", start + SLICE * 16)  # ~16 bytes a value
+            end = len(text) if end < 0 else end
+            part = _numbers(text[start:end])
+            if part is None:
+                break
+            parts.append(part)
+            start = end + 1
+            yield
+        else:
+            read = np.concatenate(parts) if parts else np.empty(0)
+            asked = _checked_with(rest, read, binary, name, settings)
+            if asked is not None:
+                return asked
+        yield
+    return decode(header, binary, name, settings)
+
+
+def _values_taken_out(header: bytes) -> tuple[bytes, bytes] | None:
+    """The object with its one list after a key "data" emptied, and that list's text; None
+    unless there is one such key, and its list holds no list, object or string."""
+    at = header.find(b'"data"')
+    found = _DATA.match(header, at) if at >= 0 else None
+    if found is None:
+        return None
+    start = found.end()
+    codes = np.frombuffer(header, dtype=np.uint8, offset=start)
+    special = (codes == _LIST_END) | (codes == _OPEN_LIST) | (codes == _OPEN_OBJECT)
+    special |= codes == _QUOTE
+    if not special.any():
+        return None
+    end = start + int(np.argmax(special))
+    if header[end] != _LIST_END:
+        return None
+    rest = header[:start] + header[end:]
+    if rest.count(b'"data"') != 1:
+        return None
+    return rest, header[start:end]
+
+
+def _numbers(text: bytes) -> Floats | None:
+    """The numbers of a slice of the list (`1.5,2,3e4`) as floats; None for anything else,
+    booleans included, which `decode` reads and refuses."""
+    try:
+        data = orjson.loads(b"[" + text + b"]")
+        values: Floats = np.frombuffer(array("d", data))
+    except (orjson.JSONDecodeError, TypeError, OverflowError):
+        return None
+    if not data:  # a comma too many: `1,,2` or `1,]`
+        return None
+    maybe = np.flatnonzero((values == 0) | (values == 1)).tolist()
+    return None if bool in set(map(type, map(data.__getitem__, maybe))) else values
+
+
+def _checked_with(
+    rest: bytes, read: Floats, binary: bytes, name: str, settings: Settings
+) -> Inference | None:
+    """The request whose values were read apart, checked as `decode` checks it; None where
+    `decode` may answer otherwise (it reads the request again, and says what is wrong)."""
+    try:
+        document = orjson.loads(rest)
+        (tensor,) = document["inputs"]
+        fits = (
+            tensor["data"] == []
+            and tensor.get("datatype") in FLOATS
+            and tensor.get("shape") == [len(read)]
+        )
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
+        return None
+    if not fits:
+        return None
+    try:
+        return _checked(document, binary, name, settings, read)
+    except InvalidInferenceRequest:
+        return None
 
 
 def split(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, bytes]:
@@ -138,7 +239,9 @@ def _loads(header: bytes) -> Any:
         raise InvalidInferenceRequest(f"the body is not a JSON inference request: {exc}") from None
 
 
-def _checked(document: Any, binary: bytes, name: str, settings: Settings) -> Inference:
+def _checked(
+    document: Any, binary: bytes, name: str, settings: Settings, read: Floats | None = None
+) -> Inference:
     """A parsed request, checked: the protocol's objects, then the model's input and output."""
     try:
         parsed = InferenceRequest.model_validate(document)
@@ -151,7 +254,7 @@ def _checked(document: Any, binary: bytes, name: str, settings: Settings) -> Inf
         )
     return Inference(
         id=parsed.id,
-        hours=_hours(tensor, binary, settings),
+        hours=_hours(tensor, binary, settings, read),
         binary_output=_binary_output(parsed, name),
     )
 
@@ -168,8 +271,11 @@ def _describe(exc: ValidationError) -> str:
     return f"the inference request is not valid: {issues}"
 
 
-def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> Floats:
-    """The input's values as floats, each finite and within SGD_MAX_ABS_VALUE."""
+def _hours(
+    tensor: RequestInput, binary: bytes, settings: Settings, read: Floats | None = None
+) -> Floats:
+    """The input's values as floats, each finite and within SGD_MAX_ABS_VALUE (`read`: its
+    values, read apart by `decoding`)."""
     datatype = tensor.datatype
     if datatype not in FLOATS and datatype not in INTEGERS:
         raise InvalidInferenceRequest(
@@ -196,7 +302,7 @@ def _hours(tensor: RequestInput, binary: bytes, settings: Settings) -> Floats:
             raise InvalidInferenceRequest(
                 f"{len(binary)} bytes follow the JSON object but no input says binary_data_size"
             )
-        values = _from_json(tensor.data, n, datatype)
+        values = _from_json(tensor.data, n, datatype) if read is None else read
     if datatype == "FP32":  # an FP32 tensor holds float32 values, whatever JSON wrote
         with np.errstate(over="ignore"):  # past float32's range: an infinity, refused below
             values = values.astype(np.float32).astype(np.float64)
@@ -356,21 +462,45 @@ def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
 def encode(name: str, version: int, asked: Inference, scores: Floats) -> tuple[bytes, int | None]:
     """The answer's body: the JSON object, followed by the scores as binary data when they
     were asked for so; and the JSON object's length then (None for JSON alone)."""
+    parts, json_length = encoding(name, version, asked, scores)
+    return b"".join(parts), json_length
+
+
+def encoding(
+    name: str, version: int, asked: Inference, scores: Floats
+) -> tuple[Iterator[bytes], int | None]:
+    """`encode`'s body in parts: JSON scores SLICE at a time, each slice as orjson writes it."""
     n = len(scores)
     output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP64", "shape": [n]}
-    if asked.binary_output:
-        output["parameters"] = {"binary_data_size": 8 * n}
-    else:
-        output["data"] = scores
     answer: dict[str, Any] = {"model_name": name, "model_version": str(version)}
     if asked.id is not None:
         answer["id"] = asked.id
     answer["outputs"] = [output]
+    if asked.binary_output:
+        output["parameters"] = {"binary_data_size": 8 * n}
+        header = _dumps(answer)
+        return iter([header, scores.astype("<f8").tobytes()]), len(header)
+    if n <= SLICE:
+        output["data"] = scores
+        return iter([_dumps(answer)]), None
+    output["data"] = []  # the last key of the last object: the text ends with []}]}
+    closing = b"]}]}"
+    return _slices(_dumps(answer).removesuffix(closing), scores, closing), None
+
+
+def _slices(opening: bytes, scores: Floats, closing: bytes) -> Iterator[bytes]:
+    yield opening
+    for i in range(0, len(scores), SLICE):
+        text = orjson.dumps(scores[i : i + SLICE], option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+        yield text if i == 0 else b"," + text
+    yield closing
+
+
+def _dumps(answer: dict[str, Any]) -> bytes:
     try:
-        header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     except orjson.JSONEncodeError:  # an id with a lone surrogate, which JSON can only escape
-        output["data"] = scores.tolist()
-        header = json.dumps(answer, separators=(",", ":")).encode()
-    if not asked.binary_output:
-        return header, None
-    return header + scores.astype("<f8").tobytes(), len(header)
+        for output in answer["outputs"]:
+            if isinstance(output.get("data"), np.ndarray):
+                output["data"] = output["data"].tolist()
+        return json.dumps(answer, separators=(",", ":")).encode()

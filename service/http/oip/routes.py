@@ -182,7 +182,7 @@ async def infer(
 ) -> Response:
     """Inference with the served model: `hours` in, `score` out."""
     asked = await _read(request, name, settings)
-    return _answer(name, _served(store, name), asked)
+    return await _answer(name, _served(store, name), asked)
 
 
 async def infer_version(
@@ -190,7 +190,7 @@ async def infer_version(
 ) -> Response:
     """Inference with a kept version (404 for any other)."""
     asked = await _read(request, name, settings)
-    return _answer(name, await _kept(store, name, version), asked)
+    return await _answer(name, await _kept(store, name, version), asked)
 
 
 for path, endpoint in (
@@ -222,13 +222,17 @@ async def _read(request: Request, name: str, settings: Settings) -> Inference:
     codec.refuse_crowded(header, settings.max_predict_batch)
     if len(header) < SMALL_JSON:
         return codec.decode(header, binary, name, settings)
-    await give_way()  # up to 1.3 MB counted: /predict goes first
-    asked = codec.decode(header, binary, name, settings)
-    await give_way()  # and again between checking 100,000 values and scoring them
-    return asked
+    steps = codec.decoding(header, binary, name, settings)
+    while True:
+        await give_way()  # before each step of ~1 ms: /predict goes first
+        try:
+            next(steps)
+        except StopIteration as done:
+            asked: Inference = done.value
+            return asked
 
 
-def _answer(name: str, model: Model, asked: Inference) -> Response:
+async def _answer(name: str, model: Model, asked: Inference) -> Response:
     """The scores of one model version, as JSON or as binary data after the JSON object."""
 
     def overflow(i: int) -> InvalidInferenceRequest:
@@ -238,7 +242,12 @@ def _answer(name: str, model: Model, asked: Inference) -> Response:
         )
 
     scores = scoring.scores(model, asked.hours, overflow)
-    body, json_length = codec.encode(name, model.version, asked, scores)
+    parts, json_length = codec.encoding(name, model.version, asked, scores)
+    written = [next(parts)]
+    for part in parts:  # 16,384 scores at a time
+        await give_way()
+        written.append(part)
+    body = b"".join(written)
     if json_length is None:
         return Response(body, media_type=JSON_TYPE)
     return Response(body, media_type=BINARY_TYPE, headers={HEADER_LENGTH: str(json_length)})
