@@ -126,10 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (api.router, views.router, oip.router)
     for router in routers:
         app.include_router(router)
-    # The prediction routes, found before the router tries every route in turn; inside
-    # FastAPI's exception middleware, as the router's own middleware (Router(middleware=...))
+    # the prediction routes, found before FastAPI's layers and its router's scan of every route
     direct = [r for router in routers for r in router.routes if isinstance(r, DirectRoute)]
-    app.router.middleware_stack = Shortcut(app.router.middleware_stack, direct)
+    app.add_middleware(Shortcut, routes=direct)
     app.add_middleware(
         BodyLimit,
         max_bytes=settings.max_body_bytes,

@@ -14,12 +14,14 @@ One handler each: a request that reaches them through the router (another model'
 is served by the same code.
 """
 
+import functools
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -56,6 +58,39 @@ class DirectRoute(APIRoute):
 
         return handle
 
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The route as an ASGI app: its handler, its errors rendered by the app's handlers
+        as FastAPI's exception middleware renders them, so that `Shortcut` can call it from
+        outside that middleware."""
+        request = Request(scope, receive)
+        try:
+            response = await self.handle_request(request)
+        except Exception as exc:
+            response = await _rendered(request, exc)
+        await response(scope, receive, send)
+
+    @functools.cached_property
+    def handle_request(self) -> Handler:
+        return self.get_route_handler()
+
+
+async def _rendered(request: Request, exc: Exception) -> Response:
+    """The answer the app's exception handlers give to this error (as Starlette looks them
+    up: a status code's handler for an HTTPException, then by the error's classes); raises
+    it again when none does, for the outermost layer's 500."""
+    handlers = request.app.exception_handlers
+    handler = None
+    if isinstance(exc, HTTPException) and exc.status_code != 500:  # 500: the outermost layer's
+        handler = handlers.get(exc.status_code)
+    for cls in type(exc).__mro__:
+        if handler is not None:
+            break
+        handler = handlers.get(cls) if cls is not Exception else None
+    if handler is None:
+        raise exc
+    response: Response = await handler(request, exc)
+    return response
+
 
 def json_answer(body: bytes) -> Response:
     """A 200 with this JSON body, written by the endpoint."""
@@ -72,14 +107,11 @@ def query_arguments(route: APIRoute, request: Request) -> dict[str, Any]:
 
 
 class Shortcut:
-    """Routing for the prediction routes, before the router tries every route in turn.
+    """Routing for the prediction routes, in front of FastAPI's own layers: a request for one
+    of them goes straight to its route (`DirectRoute.serve`); any other goes on to FastAPI,
+    whose router finds it, or finds the same route (another model's name, say)."""
 
-    Sits inside FastAPI's exception middleware (as the router's own middleware), so a
-    route's errors are rendered as if routing had found it. A request whose path or method
-    is not one of theirs goes on to the router.
-    """
-
-    def __init__(self, app: ASGIApp, routes: Sequence[APIRoute]) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[DirectRoute]) -> None:
         self.app = app
         self.exact = {
             (method, route.path): route
@@ -96,11 +128,11 @@ class Shortcut:
                 scope["route"] = route  # as routing would have: RequestObserver labels by it
                 scope["endpoint"] = route.endpoint
                 scope["path_params"] = params
-                await route.handle(scope, receive, send)
+                await route.serve(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def _match(self, method: str, path: str) -> tuple[APIRoute | None, dict[str, str]]:
+    def _match(self, method: str, path: str) -> tuple[DirectRoute | None, dict[str, str]]:
         route = self.exact.get((method, path))
         if route is not None:
             return route, {}
