@@ -73,7 +73,6 @@ def decode(header: bytes, binary: bytes, name: str, settings: Settings) -> Infer
 SLICED_BYTES = 256 * 1024
 SLICE = 16_384
 _DATA = re.compile(rb'"data"\s*:\s*\[')
-_LIST_END, _OPEN_LIST, _OPEN_OBJECT, _QUOTE = b'][{"'
 
 
 def decoding(
@@ -88,13 +87,12 @@ def decoding(
     """
     taken = _values_taken_out(header) if len(header) >= SLICED_BYTES else None
     if taken is not None:
-        rest, text = taken
+        rest, (start, stop) = taken
         parts = []
-        start = 0
-        while start < len(text):
-            end = text.find(b",", start + SLICE * 16)  # ~16 bytes a value
-            end = len(text) if end < 0 else end
-            part = _numbers(text[start:end])
+        while start < stop:
+            end = header.find(b",", min(start + SLICE * 16, stop), stop)  # ~16 bytes a value
+            end = stop if end < 0 else end
+            part = _numbers(memoryview(header)[start:end])
             if part is None:
                 break
             parts.append(part)
@@ -109,33 +107,30 @@ def decoding(
     return decode(header, binary, name, settings)
 
 
-def _values_taken_out(header: bytes) -> tuple[bytes, bytes] | None:
-    """The object with its one list after a key "data" emptied, and that list's text; None
-    unless there is one such key, and its list holds no list, object or string."""
+def _values_taken_out(header: bytes) -> tuple[bytes, tuple[int, int]] | None:
+    """The object with its one list after a key "data" emptied, and where that list's text
+    is; None unless there is one such key, and its list holds no list, object or string."""
     at = header.find(b'"data"')
     found = _DATA.match(header, at) if at >= 0 else None
     if found is None:
         return None
     start = found.end()
-    codes = np.frombuffer(header, dtype=np.uint8, offset=start)
-    special = (codes == _LIST_END) | (codes == _OPEN_LIST) | (codes == _OPEN_OBJECT)
-    special |= codes == _QUOTE
-    if not special.any():
+    end = header.find(b"]", start)
+    if end < 0:
         return None
-    end = start + int(np.argmax(special))
-    if header[end] != _LIST_END:
+    if any(header.find(c, start, end) >= 0 for c in (b"[", b"{", b'"')):  # memchr: 0.1 ms/MB
         return None
     rest = header[:start] + header[end:]
     if rest.count(b'"data"') != 1:
         return None
-    return rest, header[start:end]
+    return rest, (start, end)
 
 
-def _numbers(text: bytes) -> Floats | None:
+def _numbers(text: memoryview) -> Floats | None:
     """The numbers of a slice of the list (`1.5,2,3e4`) as floats; None for anything else,
     booleans included, which `decode` reads and refuses."""
     try:
-        data = orjson.loads(b"[" + text + b"]")
+        data = orjson.loads(b"".join((b"[", text, b"]")))
         values: Floats = np.frombuffer(array("d", data))
     except (orjson.JSONDecodeError, TypeError, OverflowError):
         return None
