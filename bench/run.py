@@ -9,9 +9,12 @@ heavy-request rows (`--only heavy`, bench/heavy.py) about 3.5 more; the hostile 
 (`--only hostile`, bench/hostile.py) about 5 more; the wire-format rows (`--only wire`,
 bench/wire.py) about 10 more with the three peer servers (about 7 without them; installing the
 peers, bench/peers.py, takes minutes more the first time). The wire section's 100,000-value rows
-run in every other round only (4 of the default 7).
+run in every other round only (4 of the default 7). The memory soak (`--only soak`,
+bench/soak.py: 10 minutes of mixed load on every prediction route, SGD_BENCH_SOAK_SECONDS to
+change it) runs only when asked for.
 
-    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile|wire] [--seconds 6]
+    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile|wire|soak]
+        [--seconds 6]
         [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
         [--no-peers]                 # wire: leave out the peer servers
@@ -37,6 +40,7 @@ import hostile  # noqa: E402
 import load  # noqa: E402
 import scaleout  # noqa: E402
 import serving  # noqa: E402
+import soak  # noqa: E402
 import wire  # noqa: E402
 
 Row = tuple[str, str, str, str, str, bool | None]
@@ -186,6 +190,8 @@ def serving_rows(s: dict[str, Any]) -> list[Row]:
     idle = [r["p99_ms"] for r in p["runs"]["service"]]
     fitting = [r["p99_ms"] for r in p["runs"]["service_fitting"]]
     fitting_of_best = p["p99_fitting_ratio_of_best"]
+    floor = [r["p99_ms"] for r in p["runs"]["service_floor"]]
+    floor_p99 = statistics_median(floor)
     rows: list[Row] = [
         (
             "GET /predict requests/s",
@@ -210,6 +216,17 @@ def serving_rows(s: dict[str, Any]) -> list[Row]:
             f"{spread_best_worst(p['p99_fitting_ratios'])}; best runs {fitting_of_best:.2f}x",
             "<= 1.5x",
             p["p99_fitting_ratio"] <= 1.5 and fitting_of_best <= 1.5,
+        ),
+        (
+            "GET /predict p99 while 2M-epoch fits run, against the floor",
+            f"{fmt(fitting_p99, ' ms')} (best {fmt(min(fitting), ' ms')})",
+            "beside a busy loop at the worker's priority (nice 19, SCHED_IDLE): "
+            f"{fmt(floor_p99, ' ms')} (best {fmt(min(floor), ' ms')}), "
+            f"{spread(p['p99_floor_idle_ratios'])} idle",
+            f"{spread_best_worst(p['p99_floor_ratios'])}; best runs "
+            f"{p['p99_floor_ratio_of_best']:.2f}x",
+            "<= 1.2x",
+            p["p99_floor_ratio"] <= 1.2 and p["p99_floor_ratio_of_best"] <= 1.2,
         ),
         (
             "  failed requests (all runs)",
@@ -847,12 +864,27 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def soak_rows(k: dict[str, Any]) -> list[Row]:
+    routes = ", ".join(f"{name} {fmt(r['rps'])}/s" for name, r in k["routes"].items())
+    return [
+        (
+            f"server RSS growth after {k['seconds'] / 60:.0f} minutes of mixed predict load",
+            f"{k['rss_growth_mb']:+.2f} MB (at most {k['rss_max_growth_mb']:+.2f} MB)",
+            f"after {k['warmup_seconds']:.0f} s of warm-up: {k['rss_after_warmup_mb']:.1f} MB; "
+            f"{k['requests']:,} requests, {k['failed_requests']} failed ({routes})",
+            "",
+            f"<= {k['goal_mb']:g} MB",
+            bool(k["met"]) and k["failed_requests"] == 0,
+        )
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--only", choices=["engine", "serving", "redis", "heavy", "hostile", "wire"]
+        "--only", choices=["engine", "serving", "redis", "heavy", "hostile", "wire", "soak"]
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
@@ -932,6 +964,14 @@ def main() -> int:
         results["wire"]["load_generator"] = wrk or "python-asyncio"
         results["wire"]["elapsed_seconds"] = time.monotonic() - section_started
         rows += wire_rows(results["wire"])
+    if args.only == "soak":  # 10 minutes: only when asked for
+        wrk = load.ensure_wrk(log)
+        env = dict(item.split("=", 1) for item in args.service_env)
+        if args.service_pythonpath:
+            env["PYTHONPATH"] = args.service_pythonpath
+        with tempfile.TemporaryDirectory(prefix="sgd-bench-soak-") as tmp:
+            results["soak"] = soak.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
+        rows += soak_rows(results["soak"])
     results["elapsed_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
