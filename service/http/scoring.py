@@ -29,5 +29,7 @@ def scores(model: Model, hours: Floats, overflow: Callable[[int], Exception]) ->
 
 def first_over(hours: Floats, limit: float) -> int | None:
     """The index of the first value that is not finite or is over `limit` in magnitude."""
+    if not len(hours) or (-limit <= hours.min() and hours.max() <= limit):  # False with a NaN
+        return None
     within = np.abs(hours) <= limit  # False for NaN, and for an infinity past any limit
-    return None if within.all() else int(np.argmin(within))
+    return int(np.argmin(within))

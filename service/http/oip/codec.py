@@ -36,6 +36,8 @@ from service.http.oip.models import (
 from service.http.reading import has_long_integers
 from service.http.scoring import Floats, first_over
 
+Binary = bytes | memoryview  # the binary data after the JSON object, as the body holds it
+
 # Commas and opening brackets a body may have besides one per value: its names, shape and
 # datatype, three full `parameters`, nested lists, fields the protocol does not define.
 OTHER_ITEMS = 1024
@@ -50,7 +52,7 @@ class Inference:
     binary_output: bool
 
 
-def decode(header: bytes, binary: bytes, name: str, settings: Settings) -> Inference:
+def decode(header: bytes, binary: Binary, name: str, settings: Settings) -> Inference:
     """An inference request's JSON object (and binary data), checked, with work that does not
     grow with the values in Python: orjson parses, C loops check the values, and nothing is
     formatted per value. The standard library reads the object again for what orjson refuses
@@ -76,7 +78,7 @@ _DATA = re.compile(rb'"data"\s*:\s*\[')
 
 
 def decoding(
-    header: bytes, binary: bytes, name: str, settings: Settings
+    header: bytes, binary: Binary, name: str, settings: Settings
 ) -> Generator[None, None, Inference]:
     """`decode`, a step at a time: yields between steps, each ~1 ms or less.
 
@@ -141,7 +143,7 @@ def _numbers(text: memoryview) -> Floats | None:
 
 
 def _checked_with(
-    rest: bytes, read: Floats, binary: bytes, name: str, settings: Settings
+    rest: bytes, read: Floats, binary: Binary, name: str, settings: Settings
 ) -> Inference | None:
     """The request whose values were read apart, checked as `decode` checks it; None where
     `decode` may answer otherwise (it reads the request again, and says what is wrong)."""
@@ -163,7 +165,7 @@ def _checked_with(
         return None
 
 
-def split(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, bytes]:
+def split(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, Binary]:
     """The JSON object and the binary data after it (the binary tensor data extension)."""
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
@@ -179,7 +181,8 @@ def split(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, bytes]:
             f"{HEADER_LENGTH} must be the length in bytes of the JSON object that starts the "
             f"body (at most {len(body)}), not {length[:40]!r}"
         )
-    return body[: int(length)], body[int(length) :]
+    at = int(length)
+    return body[:at], memoryview(body)[at:]  # the binary data, not copied
 
 
 def refuse_crowded(header: bytes, batch: int) -> None:
@@ -235,7 +238,7 @@ def _loads(header: bytes) -> Any:
 
 
 def _checked(
-    document: Any, binary: bytes, name: str, settings: Settings, read: Floats | None = None
+    document: Any, binary: Binary, name: str, settings: Settings, read: Floats | None = None
 ) -> Inference:
     """A parsed request, checked: the protocol's objects, then the model's input and output."""
     try:
@@ -267,7 +270,7 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _hours(
-    tensor: RequestInput, binary: bytes, settings: Settings, read: Floats | None = None
+    tensor: RequestInput, binary: Binary, settings: Settings, read: Floats | None = None
 ) -> Floats:
     """The input's values as floats, each finite and within SGD_MAX_ABS_VALUE (`read`: its
     values, read apart by `decoding`)."""
@@ -311,7 +314,7 @@ def _refuse_shared_memory(parameters: dict[str, Any]) -> None:
         )
 
 
-def _from_binary(size: object, data: object, binary: bytes, n: int, datatype: str) -> Floats:
+def _from_binary(size: object, data: object, binary: Binary, n: int, datatype: str) -> Floats:
     if data is not None:
         raise InvalidInferenceRequest(
             f"input {INPUT!r} has both 'data' and binary_data_size: send one of them"
@@ -329,7 +332,7 @@ def _from_binary(size: object, data: object, binary: bytes, n: int, datatype: st
             f"follow the JSON object ({HEADER_LENGTH} gives its length)"
         )
     values: Floats = np.frombuffer(binary, dtype=np.dtype(code).newbyteorder("<"))
-    return values.astype(np.float64)
+    return values.astype(np.float64, copy=False)  # FP64: the body's own bytes, read only
 
 
 def _from_json(data: list[Any] | None, n: int, datatype: str) -> Floats:
@@ -463,7 +466,7 @@ def encode(name: str, version: int, asked: Inference, scores: Floats) -> tuple[b
 
 def encoding(
     name: str, version: int, asked: Inference, scores: Floats
-) -> tuple[Iterator[bytes], int | None]:
+) -> tuple[Iterator[bytes | memoryview], int | None]:
     """`encode`'s body in parts: JSON scores SLICE at a time, each slice as orjson writes it."""
     n = len(scores)
     output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP64", "shape": [n]}
@@ -474,7 +477,10 @@ def encoding(
     if asked.binary_output:
         output["parameters"] = {"binary_data_size": 8 * n}
         header = _dumps(answer)
-        return iter([header, scores.astype("<f8").tobytes()]), len(header)
+        body = bytearray(len(header) + 8 * n)  # written once: the JSON object, then the scores
+        body[: len(header)] = header
+        np.frombuffer(body, dtype="<f8", offset=len(header))[:] = scores
+        return iter([memoryview(body)]), len(header)
     if n <= SLICE:
         output["data"] = scores
         return iter([_dumps(answer)]), None

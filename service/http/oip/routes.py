@@ -247,7 +247,7 @@ async def _answer(name: str, model: Model, asked: Inference) -> Response:
     for part in parts:  # 16,384 scores at a time
         await give_way()
         written.append(part)
-    body = b"".join(written)
+    body = written[0] if len(written) == 1 else b"".join(written)
     if json_length is None:
         return Response(body, media_type=JSON_TYPE)
     return Response(body, media_type=BINARY_TYPE, headers={HEADER_LENGTH: str(json_length)})
