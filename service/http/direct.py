@@ -4,11 +4,11 @@ the /v2 inference routes.
 A prediction is a multiply; FastAPI's routing (35 to 90 us for these paths: the routes are
 tried one by one, included routers inside), dependency injection and response validation cost
 many times that. These routes are still FastAPI routes: FastAPI documents them from their
-endpoints' signatures, and renders their errors with the app's handlers. But their requests
+endpoints' signatures, and their errors are rendered by the app's handlers. But their requests
 are read by the route class's own `read`, which gives the endpoint its arguments (validated
 with the same pydantic models and FastAPI's own parameter checks), and the endpoints answer
-with a Response they render themselves. `Shortcut`, in front of the router, hands a request
-for one of these paths straight to its route.
+with a Response they render themselves. `Shortcut`, in front of FastAPI's own layers, hands a
+request for one of these paths straight to its route.
 
 One handler each: a request that reaches them through the router (another model's name, say)
 is served by the same code.
