@@ -8,10 +8,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from service.core.schemas import Prediction
 from service.http.direct import Shortcut
 from tests.conftest import TUTORIAL, wait_job
 
-HOURS = ["4", "0", "-3", "2.5", "1e3", "-7.25E-2", "123456789", "0.1"]
+HOURS = ["4", "0", "-3", "2.5", "1e3", "-7.25E-2", "123456789", "0.1", "1e-5", "0.0000001"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def test_the_quick_reading_of_hours_equals_fastapis(served: TestClient, hours: s
     assert quick.headers["content-type"] == read.headers["content-type"] == "application/json"
     model = served.get("/model").json()
     assert quick.json()["score"] == model["w"] * float(hours) + model["b"]
+    # as FastAPI's route wrote a Prediction: pydantic's JSON (1e-05 is written 0.00001)
+    assert quick.content == Prediction.model_validate_json(quick.content).model_dump_json().encode()
 
 
 V2 = "/v2/models/sgd"

@@ -451,3 +451,19 @@ def test_a_large_answer_is_written_a_slice_at_a_time_as_one_piece_would_be() -> 
         },
         option=orjson.OPT_SERIALIZE_NUMPY,
     )
+
+
+def test_an_escaped_data_key_is_read_by_decode() -> None:
+    """A tensor's key written `d\\u0061ta` is its data too: the slices are not read from a list
+    elsewhere in the body, whatever its key."""
+    values = ", ".join(["1.2345678901234567"] * 20_000)
+    header = (
+        '{"data": [' + values + '], "inputs": [{"name": "hours", "datatype": "FP64", '
+        '"shape": [20000], "d\\u0061ta": []}]}'
+    ).encode()
+    assert len(header) >= codec.SLICED_BYTES
+    asked, error, _ = stepwise(header)
+    assert asked is None
+    assert error == whole(header)[1]
+    assert error is not None
+    assert "its data holds 0 values" in error

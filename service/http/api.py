@@ -232,9 +232,9 @@ async def predict(
     if abs(hours) > settings.max_abs_value:
         raise _too_far("hours", settings)
     score = finite_or_raise(model.predict(hours), "the score")
-    # Prediction, as FastAPI wrote it: Python's repr of each float
+    # Prediction, as FastAPI's route wrote it (pydantic's JSON: the floats as orjson writes them)
     return json_answer(
-        b'{"hours":%r,"score":%r,"model_version":%d}' % (hours, score, model.version)
+        orjson.dumps({"hours": hours, "score": score, "model_version": model.version})
     )
 
 

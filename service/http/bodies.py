@@ -44,6 +44,7 @@ from service.http.reading import (
     NotValid,
     Refused,
     Unreadable,
+    loads,
     loads_quickly,
 )
 from service.http.turns import give_way
@@ -196,6 +197,14 @@ async def predict_body(request: Request, route: APIRoute, settings: Settings) ->
             raise error_of(e.refused) from None
     # one body model, not embedded: the body is the model
     values, errors = await request_body_to_args(route.dependant.body_params, received, False)
+    if errors and isinstance(received, dict | list):
+        # orjson read it: the standard library's reading, and its refusals (lists nested
+        # deeper than it goes), as the route always answered
+        try:
+            received = loads(body)
+        except NotRead as e:
+            raise error_of(e.refused) from None
+        values, errors = await request_body_to_args(route.dependant.body_params, received, False)
     if errors:
         raise RequestValidationError(errors)
     return values

@@ -74,7 +74,9 @@ def loads_quickly(body: bytes) -> Any:
     orjson reads exactly RFC 8259 JSON, in UTF-8, and reads it as the standard library does:
     the same values, the same floats to the last bit. What it refuses (NaN, a byte order mark,
     a lone surrogate, no JSON at all) and integers of 19 digits or more, which it may read as
-    floats, go to `loads`, for its reading and its error texts.
+    floats, go to `loads`, for its reading and its error texts. orjson also reads lists nested
+    deeper than the standard library goes: a caller that refuses what it read reads the body
+    again with `loads`, whose refusal is the answer.
     """
     if not has_long_integers(body):
         try:
