@@ -21,6 +21,7 @@ change it) runs only when asked for.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -879,6 +881,24 @@ def soak_rows(k: dict[str, Any]) -> list[Row]:
     ]
 
 
+Section = Callable[..., dict[str, Any]]
+
+
+def run_section(name: str, run: Section, args: argparse.Namespace) -> dict[str, Any]:
+    """One load section, on wrk, with the service's settings from the command line."""
+    wrk = load.ensure_wrk(log)
+    log(f"{name}: load generator {wrk or 'python asyncio (wrk unavailable)'}")
+    env = dict(item.split("=", 1) for item in args.service_env)
+    if args.service_pythonpath:
+        env["PYTHONPATH"] = args.service_pythonpath
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"sgd-bench-{name}-") as tmp:
+        result = run(log, wrk, Path(tmp), args.seconds, args.rounds, env)
+    result["load_generator"] = wrk or "python-asyncio"
+    result["elapsed_seconds"] = time.monotonic() - started
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -906,72 +926,19 @@ def main() -> int:
     if args.only in (None, "engine"):
         results["engine"] = engine.run_all(log)
         rows += engine_rows(results["engine"])
-    if args.only in (None, "serving"):
-        wrk = load.ensure_wrk(log)
-        log(f"load generator: {wrk or 'python asyncio (wrk unavailable)'}")
-        env = dict(item.split("=", 1) for item in args.service_env)
-        if args.service_pythonpath:
-            env["PYTHONPATH"] = args.service_pythonpath
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-") as tmp:
-            results["serving"] = serving.run_all(
-                log, wrk, Path(tmp), args.seconds, args.rounds, env
-            )
-        results["serving"]["load_generator"] = wrk or "python-asyncio"
-        rows += serving_rows(results["serving"])
-    if args.only in (None, "redis"):
-        wrk = load.ensure_wrk(log)
-        env = dict(item.split("=", 1) for item in args.service_env)
-        if args.service_pythonpath:
-            env["PYTHONPATH"] = args.service_pythonpath
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-redis-") as tmp:
-            results["redis"] = scaleout.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
-        results["redis"]["load_generator"] = wrk or "python-asyncio"
-        rows += redis_rows(results["redis"])
-    if args.only in (None, "heavy"):
-        wrk = load.ensure_wrk(log)
-        env = dict(item.split("=", 1) for item in args.service_env)
-        if args.service_pythonpath:
-            env["PYTHONPATH"] = args.service_pythonpath
-        section_started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-heavy-") as tmp:
-            results["heavy"] = heavy.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
-        results["heavy"]["load_generator"] = wrk or "python-asyncio"
-        results["heavy"]["elapsed_seconds"] = time.monotonic() - section_started
-        rows += heavy_rows(results["heavy"])
-    if args.only in (None, "hostile"):
-        wrk = load.ensure_wrk(log)
-        env = dict(item.split("=", 1) for item in args.service_env)
-        if args.service_pythonpath:
-            env["PYTHONPATH"] = args.service_pythonpath
-        section_started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-hostile-") as tmp:
-            results["hostile"] = hostile.run_all(
-                log, wrk, Path(tmp), args.seconds, args.rounds, env
-            )
-        results["hostile"]["load_generator"] = wrk or "python-asyncio"
-        results["hostile"]["elapsed_seconds"] = time.monotonic() - section_started
-        rows += hostile_rows(results["hostile"])
-    if args.only in (None, "wire"):
-        wrk = load.ensure_wrk(log)
-        env = dict(item.split("=", 1) for item in args.service_env)
-        if args.service_pythonpath:
-            env["PYTHONPATH"] = args.service_pythonpath
-        section_started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-wire-") as tmp:
-            results["wire"] = wire.run_all(
-                log, wrk, Path(tmp), args.seconds, args.rounds, env, not args.no_peers
-            )
-        results["wire"]["load_generator"] = wrk or "python-asyncio"
-        results["wire"]["elapsed_seconds"] = time.monotonic() - section_started
-        rows += wire_rows(results["wire"])
-    if args.only == "soak":  # 10 minutes: only when asked for
-        wrk = load.ensure_wrk(log)
-        env = dict(item.split("=", 1) for item in args.service_env)
-        if args.service_pythonpath:
-            env["PYTHONPATH"] = args.service_pythonpath
-        with tempfile.TemporaryDirectory(prefix="sgd-bench-soak-") as tmp:
-            results["soak"] = soak.run_all(log, wrk, Path(tmp), args.seconds, args.rounds, env)
-        rows += soak_rows(results["soak"])
+    # the load sections: each starts its own servers, with the same settings
+    sections: list[tuple[str, Section, Callable[[dict[str, Any]], list[Row]], bool]] = [
+        ("serving", serving.run_all, serving_rows, True),
+        ("redis", scaleout.run_all, redis_rows, True),
+        ("heavy", heavy.run_all, heavy_rows, True),
+        ("hostile", hostile.run_all, hostile_rows, True),
+        ("wire", functools.partial(wire.run_all, with_peers=not args.no_peers), wire_rows, True),
+        ("soak", soak.run_all, soak_rows, False),  # 10 minutes: only when asked for
+    ]
+    for name, run, section_rows, in_full_run in sections:
+        if args.only == name or (args.only is None and in_full_run):
+            results[name] = run_section(name, run, args)
+            rows += section_rows(results[name])
     results["elapsed_seconds"] = time.monotonic() - started
     results["machine"]["load_average_at_end"] = os.getloadavg()
     out_dir = BENCH / "results"
