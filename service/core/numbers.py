@@ -25,6 +25,7 @@ MAX_SEED = 2**63 - 1
 # and float() do, which take " 1", "1_0", "+1", full-width digits and "infinity" too.
 WHOLE_NUMBER = r"[0-9]+"
 JSON_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+VERSION_NUMBER = r"[1-9][0-9]{0,17}"  # a model version as GET /models shows it
 
 
 @dataclass(frozen=True)

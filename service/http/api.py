@@ -27,7 +27,14 @@ from service.core.errors import (
     NothingServed,
     StoreUnavailable,
 )
-from service.core.numbers import MAX_SEED, NUMBER, WHOLE, finite_or_raise, overflowed
+from service.core.numbers import (
+    MAX_SEED,
+    NUMBER,
+    VERSION_NUMBER,
+    WHOLE,
+    finite_or_raise,
+    overflowed,
+)
 from service.core.schemas import (
     FitRequest,
     Health,
@@ -198,7 +205,7 @@ def _too_far(name: str, settings: Settings) -> InvalidInput:
 # The route's grammars (service.core.numbers: JSON_NUMBER, WHOLE_NUMBER), or less of them. In a
 # query a "+" is a space, so `1e+3` is the route's `1e 3`, which it refuses.
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
-_VERSION = re.compile(rb"[1-9][0-9]{0,17}")
+_VERSION = re.compile(VERSION_NUMBER.encode())
 
 
 class _OneHours(DirectRoute):

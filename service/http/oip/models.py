@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema
 
+from service.core.numbers import VERSION_NUMBER
+
 SERVER_NAME = "sgd-service"
 # The protocol's "framework/backend" of the model: this service's own linear model, y = w*x + b.
 PLATFORM = "sgd-service"
@@ -31,7 +33,7 @@ INTEGERS = {
     )
 }
 DATATYPES: list[JsonValue] = ["FP64", "FP32", *INTEGERS]
-VERSION = re.compile(r"[1-9][0-9]{0,17}")  # a version number as GET /models shows it
+VERSION = re.compile(VERSION_NUMBER)
 
 # What a request may hold besides its values. The protocol's parameters are a handful
 # (binary_data_output, priority, timeout, sequence ids), and each one costs a check.
