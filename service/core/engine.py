@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from service.core import intervals
 from service.core.errors import Diverged, InvalidInput
 from service.core.schemas import FitReport, Quadratic
 
@@ -421,6 +422,9 @@ class Session:
         val_mse = None if val_x is None or val_y is None else mse(val_x, val_y, w, b)
         if not all(v is None or math.isfinite(v) for v in (train_mse, val_mse)):
             raise Diverged(self.epochs_run, self.params.learning_rate)
+        train = self.train_x.numpy(), self.train_y.numpy()
+        held_out = None if val_x is None or val_y is None else (val_x.numpy(), val_y.numpy())
+        summary, residuals = intervals.summarise(train, held_out, w, b, self.params.fit_intercept)
         return FitReport(
             w=w,
             b=b,
@@ -433,6 +437,8 @@ class Session:
             epochs_run=self.epochs_run,
             stopped_early=self.stopped_early,
             val=self.val,
+            intervals=summary,
+            residuals=None if residuals is None else residuals.tobytes(),
         )
 
 

@@ -127,6 +127,14 @@ class NothingServed(ServiceError):
     status = 409
 
 
+class IntervalUnavailable(ServiceError):
+    """The model version cannot answer the interval asked for (a method it has no data for)."""
+
+    type = "interval-unavailable"
+    title = "This model version has no such interval"
+    status = 409
+
+
 class PredictionOutOfRange(ServiceError):
     type = "prediction-out-of-range"
     title = "The prediction is not a finite number"

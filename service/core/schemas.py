@@ -7,9 +7,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
+import numpy as np
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    WithJsonSchema,
+)
 
 from service.core.errors import InvalidInput
+from service.core.intervals import MAX_COVERAGE, MIN_COVERAGE, Floats, Intervals, Method
 from service.core.numbers import MAX_SEED, Computed, Finite, integral
 from service.core.settings import Settings
 
@@ -161,12 +171,34 @@ class FitRequest(_Input):
             raise InvalidInput(f"fix these fields and retry: {fields}", errors)
 
 
+Coverage = Annotated[
+    Finite,
+    Field(
+        ge=MIN_COVERAGE,
+        le=MAX_COVERAGE,
+        description="ask for an interval that holds the true score with this probability",
+        examples=[0.9],
+    ),
+]
+METHOD_DESCRIPTION = (
+    "how the interval is computed (with coverage): conformal (needs a fit with "
+    "validation_fraction) or gaussian; default: the first the version has (GET /models/{v})"
+)
+
+
 class PredictRequest(_Input):
     hours: list[Finite] = Field(min_length=1, examples=[[1, 2, 4]])
     version: VersionNumber | None = Field(
         default=None,
         description="a kept model version (GET /models); default: the served one",
     )
+    coverage: Coverage | None = None
+    method: Method | None = Field(default=None, description=METHOD_DESCRIPTION)
+
+    def check_combinations(self) -> None:
+        if self.method is not None and self.coverage is None:
+            issue = {"field": "method", "message": "set coverage too", "code": "combination"}
+            raise InvalidInput("method only applies with coverage: set coverage too", [issue])
 
 
 class JobStatus(StrEnum):
@@ -277,9 +309,33 @@ class Model(_Output):
     trained_at: datetime
     params: JobParams
     metrics: ModelMetrics | None = None
+    intervals: Intervals | None = Field(
+        default=None, description="the intervals this version answers (?coverage=), and why"
+    )
+    # the kept sorted residuals of its held-out rows (Intervals.conformal): beside the JSON
+    _residuals: Floats | None = PrivateAttr(default=None)
 
     def predict(self, hours: float) -> float:
         return self.w * hours + self.b
+
+    def holding(self, residuals: bytes | Floats | None) -> "Model":
+        """This version, holding its conformal residuals (float64 values, or their bytes)."""
+        if isinstance(residuals, bytes | bytearray):
+            residuals = np.frombuffer(residuals, dtype=np.float64)
+        self._residuals = residuals
+        return self
+
+    @property
+    def residuals(self) -> Floats | None:
+        return self._residuals
+
+    def half_width(
+        self, hours: "float | Floats", coverage: float, method: Method | None
+    ) -> "tuple[Method, float | Floats]":
+        """The interval's method and half width at `hours` (inf: unbounded); raises
+        IntervalUnavailable for a method this version cannot answer."""
+        intervals = self.intervals or Intervals(methods=[])
+        return intervals.half_width(self._residuals, self.version, hours, coverage, method)
 
 
 class ModelVersion(Model):
@@ -298,15 +354,31 @@ class ModelList(_Output):
     versions: list[ModelVersion] = Field(description="newest first")
 
 
+class Interval(_Output):
+    lower: float | None = Field(description="null: unbounded (too few held-out rows)")
+    upper: float | None = Field(description="null: unbounded (too few held-out rows)")
+    coverage: float
+    method: Method
+
+
 class Prediction(_Output):
     hours: float
     score: float
     model_version: int
+    interval: Interval | None = Field(default=None, description="only with ?coverage=")
 
 
 class Predictions(_Output):
     scores: list[float]
     model_version: int
+    lower: list[float] | None = Field(
+        default=None, description="with coverage; null: unbounded (too few held-out rows)"
+    )
+    upper: list[float] | None = Field(
+        default=None, description="with coverage; null: unbounded (too few held-out rows)"
+    )
+    coverage: float | None = Field(default=None, description="as asked")
+    method: Method | None = Field(default=None, description="the interval's method")
 
 
 class History(_Output):
@@ -380,6 +452,10 @@ class FitReport(_Output):
     epochs_run: int | None = None
     stopped_early: bool = False
     val: Quadratic | None = Field(default=None, description="the held-out rows' loss")
+    intervals: Intervals | None = None
+    residuals: bytes | None = Field(
+        default=None, description="the held-out rows' kept sorted residuals, float64"
+    )
 
     @classmethod
     def plain(cls, w: float, b: float, final_loss: float, mse: float) -> "FitReport":
