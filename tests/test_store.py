@@ -7,8 +7,10 @@ store is one more entry in STORES. None of them looks inside MemoryStore.
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import pytest
 
+from service.core import intervals
 from service.core.errors import (
     HistoryNotFound,
     IdempotencyKeyReused,
@@ -282,3 +284,63 @@ def test_a_held_version_is_the_kept_one_or_none(make_store: MakeStore) -> None:
     else:
         assert kept is None
     assert store.held(9) is None
+
+
+def test_a_version_keeps_its_interval_data(make_store: MakeStore) -> None:
+    """The summary travels in the version's JSON; the conformal residuals beside it, held by
+    the served model, by version() and by a version served again; an evicted version's go."""
+    x = np.arange(1.0, 21.0)
+    y = 2 * x + np.sin(x)
+    summary, residuals = intervals.summarise((x, y), (x, y + 0.5), 2.0, 0.0, False)
+    assert residuals is not None
+    store = make_store(10)
+    job, _ = store.create_job(PARAMS, 20)
+    assert store.start_job(job.id) is not None
+    store.append_history(job.id, [1.0], None, [0.5])
+    report = FitReport.plain(2.0, 0.0, 0.5, 0.25).model_copy(
+        update={"intervals": summary, "residuals": residuals.tobytes()}
+    )
+    store.succeed_job(job.id, report)
+    assert store.model is not None
+    for model in (store.model, store.version(1), store.held(1)):
+        assert model is not None
+        assert model.intervals == summary
+        assert model.residuals is not None
+        assert model.residuals.tobytes() == residuals.tobytes()
+        method, half = model.half_width(4.0, 0.9, None)
+        assert method == "conformal"
+        assert summary.conformal is not None
+        assert half == residuals[intervals.rank(0.9, 20) - summary.conformal.first_rank]
+    run(store, w=3.0)  # a version without intervals: only their absence is kept
+    assert store.model is not None
+    assert (store.model.intervals, store.model.residuals) == (None, None)
+    again = store.serve(1)
+    assert store.model is again
+    assert again.residuals is not None
+    assert again.residuals.tobytes() == residuals.tobytes()
+
+
+def test_a_replica_reads_the_residuals_and_eviction_drops_them(redis_server: RedisServer) -> None:
+    x = np.arange(1.0, 21.0)
+    summary, residuals = intervals.summarise((x, 2 * x), (x, 2 * x + x % 3), 2.0, 0.0, False)
+    assert residuals is not None
+    report = FitReport.plain(2.0, 0.0, 0.5, 0.25).model_copy(
+        update={"intervals": summary, "residuals": residuals.tobytes()}
+    )
+    prefix = redis_server.prefix()
+    one = RedisStore(redis_server.url, prefix, 10, keep_versions=2, watch=False)
+    other = RedisStore(redis_server.url, prefix, 10, keep_versions=2, watch=False)
+    try:
+        for _ in range(3):
+            job, _ = one.create_job(PARAMS, 20)
+            assert one.start_job(job.id) is not None
+            one.succeed_job(job.id, report)
+            other.refresh()
+            assert other.model is not None
+            assert other.model.residuals is not None
+            assert other.model.residuals.tobytes() == residuals.tobytes()
+        # two versions kept, and the residuals of those two alone
+        assert sorted(one.redis.hkeys(prefix + "residuals")) == [b"2", b"3"]
+    finally:
+        one.close()
+        other.close()

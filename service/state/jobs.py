@@ -158,7 +158,8 @@ def model_of(job: Job, version: int, report: FitReport, at: datetime) -> Model:
         trained_at=at,
         params=job.params,
         metrics=metrics,
-    )
+        intervals=report.intervals,
+    ).holding(report.residuals)
 
 
 def publication(job: Job, report: FitReport, served: Model | None) -> tuple[bool, str | None]:
@@ -185,7 +186,7 @@ def publication(job: Job, report: FitReport, served: Model | None) -> tuple[bool
 def result_of(model: Model, report: FitReport, served: bool, why_not: str | None) -> JobResult:
     return JobResult(
         model_version=model.version,
-        **report.model_dump(exclude={"val"}),
+        **report.model_dump(exclude={"val", "intervals", "residuals"}),
         published=served,
         not_published_because=why_not,
     )

@@ -357,9 +357,12 @@ class RedisStore(WorkerAPI, Repairs):
                     job = self._finish(pipe, jobs.succeeded(job, result, ended))
                     pipe.set(counter_key, model.version)
                     pipe.hset(self._key("models"), str(model.version), model_doc)
+                    if report.residuals is not None:
+                        pipe.hset(self._key("residuals"), str(model.version), report.residuals)
                     pipe.zadd(versions_key, {str(model.version): model.version})
                     if old:
                         pipe.hdel(self._key("models"), *map(str, old))
+                        pipe.hdel(self._key("residuals"), *map(str, old))
                         pipe.zrem(versions_key, *map(str, old))
                     if serve:
                         pipe.set(served_key, model_doc)
@@ -369,7 +372,7 @@ class RedisStore(WorkerAPI, Repairs):
                 except redis.WatchError:
                     pipe.reset()
         if serve:
-            self._watcher.adopt(model_doc.encode())
+            self._watcher.adopt(model_doc.encode(), report.residuals)
         self._evict()
         return job
 
@@ -385,10 +388,13 @@ class RedisStore(WorkerAPI, Repairs):
 
     @available
     def version(self, version: int) -> Model:
-        doc = self.redis.hget(self._key("models"), str(version))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self._key("models"), str(version))
+        pipe.hget(self._key("residuals"), str(version))
+        doc, residuals = pipe.execute()
         if doc is None:
             raise jobs.version_not_found(version)
-        return Model.model_validate_json(doc)
+        return Model.model_validate_json(doc).holding(residuals)
 
     @available
     def serve(self, version: int) -> Model:
@@ -410,7 +416,10 @@ class RedisStore(WorkerAPI, Repairs):
                 except redis.WatchError:
                     pipe.reset()
         self._watcher.adopt(doc)
-        return Model.model_validate_json(doc)
+        served = self._watcher.model
+        if served is not None and served.version == version:
+            return served
+        return self.version(version)
 
     # -- histories -------------------------------------------------------------------------
 

@@ -64,12 +64,16 @@ class Watcher:
         if self._thread is not None:
             self._thread.join(5)
 
-    def adopt(self, raw: bytes | None) -> None:
-        """Serve this Model JSON here, unless it is the version served already."""
+    def adopt(self, raw: bytes | None, residuals: bytes | None = None) -> None:
+        """Serve this Model JSON here, unless it is the version served already; with its
+        conformal residuals (read from Redis unless given)."""
         model = None if raw is None else Model.model_validate_json(raw)
         current = self.model
         if model is not None and (current is None or current.version != model.version):
-            self.model = model  # the one assignment that serves it here
+            conformal = model.intervals is not None and model.intervals.conformal is not None
+            if conformal and residuals is None:
+                residuals = self.redis.hget(self._prefix + "residuals", str(model.version))
+            self.model = model.holding(residuals)  # the one assignment that serves it here
             log.info("serving model version %d", model.version)
 
     def refresh(self) -> None:
