@@ -48,7 +48,37 @@ def test_the_quick_reading_of_hours_equals_fastapis(served: TestClient, hours: s
     model = served.get("/model").json()
     assert quick.json()["score"] == model["w"] * float(hours) + model["b"]
     # as FastAPI's route wrote a Prediction: pydantic's JSON (1e-05 is written 0.00001)
-    assert quick.content == Prediction.model_validate_json(quick.content).model_dump_json().encode()
+    written = Prediction.model_validate_json(quick.content).model_dump_json(exclude_none=True)
+    assert quick.content == written.encode()
+
+
+# With ?coverage= (and method, version): read at once when each is as the route takes it, else
+# by FastAPI; the same answers, errors included.
+QUERIES = [
+    "hours=4&coverage=0.9",
+    "hours=4&coverage=0.9&method=gaussian",
+    "coverage=0.95&hours=-2.5&version=1",
+    "hours=4&method=gaussian&coverage=0.5&version=1",
+    "hours=4&coverage=0.999",
+    "hours=4&coverage=1",
+    "hours=4&coverage=0.49",
+    "hours=4&coverage=1e-1",
+    "hours=4&method=gaussian",
+    "hours=4&coverage=0.9&method=conformal",
+    "hours=4&coverage=0.9&method=other",
+    "hours=4&coverage=nan",
+]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_the_quick_reading_of_coverage_equals_fastapis(served: TestClient, query: str) -> None:
+    quick = served.get(f"/predict?{query}")
+    read = served.get(f"/predict?{query}&via=route")
+    assert quick.status_code == read.status_code
+    assert quick.content == read.content
+    if quick.status_code == 200:
+        interval = quick.json()["interval"]
+        assert interval["lower"] < quick.json()["score"] < interval["upper"]
 
 
 V2 = "/v2/models/sgd"

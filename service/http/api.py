@@ -27,6 +27,7 @@ from service.core.errors import (
     NothingServed,
     StoreUnavailable,
 )
+from service.core.intervals import MAX_COVERAGE, METHODS, MIN_COVERAGE, Method
 from service.core.numbers import (
     MAX_SEED,
     NUMBER,
@@ -36,6 +37,7 @@ from service.core.numbers import (
     overflowed,
 )
 from service.core.schemas import (
+    METHOD_DESCRIPTION,
     FitRequest,
     Health,
     History,
@@ -208,22 +210,37 @@ _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
 _VERSION = re.compile(VERSION_NUMBER.encode())
 
 
+_METHODS = {m.encode(): m for m in METHODS}
+
+
 class _OneHours(DirectRoute):
-    """GET /predict's query as FastAPI reads it; `hours=<number>` (and `version=<number>`),
-    each once, read at once."""
+    """GET /predict's query as FastAPI reads it; `hours=<number>` (and `version=<number>`,
+    `coverage=<number>` within its range, `method=<method>`), each once, read at once."""
 
     async def read(self, request: Request, settings: Settings) -> dict[str, Any]:
         query: bytes = request.scope["query_string"]
-        fields = dict(p.partition(b"=")[::2] for p in query.split(b"&", 2))
+        fields = dict(p.partition(b"=")[::2] for p in query.split(b"&", 4))
         hours, version = fields.get(b"hours", b""), fields.pop(b"version", None)
+        coverage, method = fields.pop(b"coverage", None), fields.pop(b"method", b"")
         if (
             fields.keys() == {b"hours"}
             and _NUMBER.fullmatch(hours)
             and (version is None or _VERSION.fullmatch(version))
             and math.isfinite(number := float(hours))  # 1e999 is refused as FastAPI refuses it
+            and (coverage is None or _within_range(coverage))
+            and (not method or method in _METHODS)
         ):
-            return {"hours": number, "version": None if version is None else int(version)}
+            return {
+                "hours": number,
+                "version": None if version is None else int(version),
+                "coverage": None if coverage is None else float(coverage),
+                "method": _METHODS.get(method),
+            }
         return query_arguments(self, request)
+
+
+def _within_range(coverage: bytes) -> bool:
+    return bool(_NUMBER.fullmatch(coverage)) and MIN_COVERAGE <= float(coverage) <= MAX_COVERAGE
 
 
 async def predict(
@@ -233,16 +250,49 @@ async def predict(
     version: Annotated[
         int | None, Query(ge=1, description="a kept version (GET /models)"), WHOLE
     ] = None,
+    coverage: Annotated[
+        float | None,
+        Query(
+            ge=MIN_COVERAGE,
+            le=MAX_COVERAGE,
+            allow_inf_nan=False,
+            description="answer an interval that holds the true score with this probability",
+            examples=[0.9],
+        ),
+        NUMBER,
+    ] = None,
+    method: Annotated[Method | None, Query(description=METHOD_DESCRIPTION)] = None,
 ) -> Response:
-    """The served model's score for one number of hours (or a kept version's, ?version=)."""
+    """The served model's score for one number of hours (or a kept version's, ?version=);
+    with ?coverage=, the interval around it."""
     model = await _model(store, version)
     if abs(hours) > settings.max_abs_value:
         raise _too_far("hours", settings)
     score = finite_or_raise(model.predict(hours), "the score")
+    answer: dict[str, Any] = {"hours": hours, "score": score, "model_version": model.version}
+    if coverage is not None:
+        used, half = model.half_width(hours, coverage, method)
+        lower, upper = _bounds(score, float(half), used)
+        answer["interval"] = {"lower": lower, "upper": upper, "coverage": coverage, "method": used}
+    elif method is not None:
+        raise _method_alone()
     # Prediction, as FastAPI's route wrote it (pydantic's JSON: the floats as orjson writes them)
-    return json_answer(
-        orjson.dumps({"hours": hours, "score": score, "model_version": model.version})
-    )
+    return json_answer(orjson.dumps(answer))
+
+
+def _bounds(score: float, half: float, method: Method) -> tuple[float | None, float | None]:
+    """score -+ half; None for both when a conformal interval is unbounded."""
+    if half == math.inf and method == "conformal":
+        return None, None
+    lower, upper = score - half, score + half
+    if not (math.isfinite(lower) and math.isfinite(upper)):
+        raise overflowed("the interval")
+    return lower, upper
+
+
+def _method_alone() -> InvalidInput:
+    issue = {"field": "method", "message": "set coverage too", "code": "combination"}
+    return InvalidInput("method only applies with coverage: set coverage too", [issue])
 
 
 router.add_api_route(
@@ -277,10 +327,20 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
         raise _too_far(f"hours[{over}]", settings)
     scores = scoring.scores(model, hours, lambda _: overflowed("a score"))
     # Predictions, with the scores written by orjson: the same numbers, to the last bit
-    return json_answer(
-        b'{"scores":%b,"model_version":%d}'
-        % (orjson.dumps(scores, option=orjson.OPT_SERIALIZE_NUMPY), model.version)
-    )
+    answer = b'{"scores":%b,"model_version":%d' % (_floats(scores), model.version)
+    if body.coverage is None:
+        if body.method is not None:
+            raise _method_alone()
+        return json_answer(answer + b"}")
+    used, half = model.half_width(hours, body.coverage, body.method)
+    bounds = scoring.bounds(scores, half, lambda: overflowed("an interval bound"))
+    lower, upper = (b"null", b"null") if bounds is None else map(_floats, bounds)
+    tail = orjson.dumps({"coverage": body.coverage, "method": used})[1:]
+    return json_answer(b'%b,"lower":%b,"upper":%b,%b' % (answer, lower, upper, tail))
+
+
+def _floats(values: scoring.Floats) -> bytes:
+    return orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 router.add_api_route(

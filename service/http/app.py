@@ -10,6 +10,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
+from service.core import intervals
 from service.core.errors import ServiceError
 from service.core.settings import Settings
 from service.http import api, oip, views
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store, runner = _state(settings, metrics)
         metrics.watch(store, runner)
         runner.start()
+        intervals.warm_up()  # the t quantile's code, imported now rather than on a request
         intake = Intake(settings)
         plotter = Plotter(settings.worker_nice, settings.worker_sched_idle)
         try:

@@ -27,6 +27,21 @@ def scores(model: Model, hours: Floats, overflow: Callable[[int], Exception]) ->
     return out
 
 
+def bounds(
+    scores: Floats, half: float | Floats, overflow: Callable[[], Exception]
+) -> tuple[Floats, Floats] | None:
+    """scores -+ half (an interval's half width, one or one per score); None when it is
+    unbounded (an infinite half width of a conformal interval); raises overflow() when a
+    bound is not a finite float."""
+    if np.isscalar(half) and half == np.inf:
+        return None
+    with np.errstate(all="ignore"):
+        lower, upper = scores - half, scores + half
+    if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+        raise overflow()
+    return lower, upper
+
+
 def first_over(hours: Floats, limit: float) -> int | None:
     """The index of the first value that is not finite or is over `limit` in magnitude."""
     if not len(hours) or (-limit <= hours.min() and hours.max() <= limit):  # False with a NaN
