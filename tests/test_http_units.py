@@ -77,7 +77,7 @@ def binary_of(values: Sequence[float], datatype: str) -> bytes:
 def test_each_datatype_decodes_from_json(datatype: str) -> None:
     asked = decode(request(VALUES, [len(VALUES)], datatype))
     assert asked.hours.tolist() == [float(v) for v in VALUES]
-    assert asked.binary_output is False
+    assert asked.outputs == (("score", False),)
     assert asked.id is None
 
 
@@ -169,8 +169,8 @@ def floats(*values: float) -> Floats:
 
 
 def test_scores_encode_as_json() -> None:
-    asked = Inference(id="r-1", hours=floats(1.0, 2.0), binary_output=False)
-    body, json_length = codec.encode(MODEL, 7, asked, floats(2.5, 4.5))
+    asked = Inference(id="r-1", hours=floats(1.0, 2.0))
+    body, json_length = codec.encode(MODEL, 7, asked, {"score": floats(2.5, 4.5)})
     assert json_length is None
     assert json.loads(body) == {
         "model_name": MODEL,
@@ -181,9 +181,9 @@ def test_scores_encode_as_json() -> None:
 
 
 def test_scores_encode_as_binary_data_after_the_json_object() -> None:
-    asked = Inference(id=None, hours=floats(1.0, 2.0, 3.0), binary_output=True)
+    asked = Inference(id=None, hours=floats(1.0, 2.0, 3.0), outputs=(("score", True),))
     scores = [0.1, -2.0, 1e300]
-    body, json_length = codec.encode(MODEL, 3, asked, floats(*scores))
+    body, json_length = codec.encode(MODEL, 3, asked, {"score": floats(*scores)})
     assert json_length is not None
     answer = json.loads(body[:json_length])
     assert "id" not in answer
@@ -198,8 +198,8 @@ def test_scores_encode_as_binary_data_after_the_json_object() -> None:
 
 
 def test_an_id_json_cannot_write_as_utf8_is_escaped() -> None:
-    asked = Inference(id="\ud800", hours=floats(1.0), binary_output=False)
-    body, _ = codec.encode(MODEL, 1, asked, floats(1.0))
+    asked = Inference(id="\ud800", hours=floats(1.0))
+    body, _ = codec.encode(MODEL, 1, asked, {"score": floats(1.0)})
     assert json.loads(body)["id"] == "\ud800"
 
 
@@ -208,9 +208,8 @@ def test_a_round_trip_keeps_every_float(binary: bool) -> None:
     """Scores encoded, read back as a client reads them, then sent again as `hours`: the same
     floats, bit for bit."""
     scores = [0.1, -0.0, 1 / 3, 123456.789, -5e-300, 987654321.0 + 2.0**-23]
-    body, json_length = codec.encode(
-        MODEL, 1, Inference(None, floats(*[0.0] * 6), binary), floats(*scores)
-    )
+    asked = Inference(None, floats(*[0.0] * 6), (("score", binary),))
+    body, json_length = codec.encode(MODEL, 1, asked, {"score": floats(*scores)})
     if json_length is None:
         (output,) = json.loads(body)["outputs"]
         header, tail = request(output["data"], output["shape"]), b""
@@ -430,15 +429,15 @@ def test_a_large_request_read_a_slice_at_a_time_is_read_as_decode_reads_it(case:
         return
     assert asked is not None
     assert asked.hours.tobytes() == expected.hours.tobytes()  # every float, bit for bit
-    assert (asked.id, asked.binary_output) == (expected.id, expected.binary_output)
+    assert (asked.id, asked.outputs) == (expected.id, expected.outputs)
     if case in ("valid", "pretty", "FP32", "id and outputs"):
         assert steps > 2  # it did take steps: the loop had its turns
 
 
 def test_a_large_answer_is_written_a_slice_at_a_time_as_one_piece_would_be() -> None:
     scores = np.array([v / 7 for v in range(BIG)], dtype=np.float64)
-    asked = Inference(id="x", hours=scores, binary_output=False)
-    parts, json_length = codec.encoding(MODEL, 3, asked, scores)
+    asked = Inference(id="x", hours=scores)
+    parts, json_length = codec.encoding(MODEL, 3, asked, {"score": scores})
     written = list(parts)
     assert json_length is None
     assert len(written) > 3

@@ -162,7 +162,8 @@ def test_health_and_metadata(fitted: Fitted) -> None:
             "versions": ["2", "1"],
             "platform": "sgd-service",
             "inputs": [{"name": "hours", **tensor}],
-            "outputs": [{"name": "score", **tensor}],
+            # the interval's bounds: answered with the request parameter `coverage`
+            "outputs": [{"name": n, **tensor} for n in ("score", "score_lower", "score_upper")],
         }
         assert client.get_model_metadata(MODEL) == expected
         assert client.get_model_metadata(MODEL, "1") == expected
@@ -364,7 +365,8 @@ TRITON_ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str, str]] = [
         "output name",
         lambda: {"outputs": [triton.InferRequestedOutput("nope")]},
         "400",
-        "model 'sgd' has no output 'nope': its output is 'score'",
+        "model 'sgd' has no output 'nope': its outputs are 'score', 'score_lower', "
+        "'score_upper'",
     ),
     (
         "classification",
@@ -464,11 +466,25 @@ RAW_ERRORS: list[tuple[str, bytes, dict[str, str], int, str]] = [
         "inputs: List should have at most 1 item after validation, not 2",
     ),
     (
-        "two outputs",
+        "an output twice",
         json.dumps(infer_body([1], [1], outputs=[{"name": "score"}] * 2)).encode(),
         {},
         400,
-        "outputs: List should have at most 1 item after validation, not 2",
+        "output 'score' is asked for twice",
+    ),
+    (
+        "four outputs",
+        json.dumps(infer_body([1], [1], outputs=[{"name": "score"}] * 4)).encode(),
+        {},
+        400,
+        "outputs: List should have at most 3 items after validation, not 4",
+    ),
+    (
+        "a bound without coverage",
+        json.dumps(infer_body([1], [1], outputs=[{"name": "score_lower"}])).encode(),
+        {},
+        400,
+        "output 'score_lower' is an interval's bound: set the parameter 'coverage'",
     ),
     (
         "65 parameters",

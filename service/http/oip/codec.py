@@ -9,6 +9,7 @@ Python does not grow with its values, and a value is formatted only for an error
 """
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -16,12 +17,13 @@ import struct
 from array import array
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from service.core.intervals import MAX_COVERAGE, METHODS, MIN_COVERAGE, Method
 from service.core.settings import Settings
 from service.http.oip.errors import InvalidInferenceRequest
 from service.http.oip.models import (
@@ -30,6 +32,7 @@ from service.http.oip.models import (
     INPUT,
     INTEGERS,
     OUTPUT,
+    OUTPUTS,
     InferenceRequest,
     RequestInput,
 )
@@ -45,11 +48,14 @@ OTHER_ITEMS = 1024
 
 @dataclass(frozen=True)
 class Inference:
-    """A request, checked: what was asked, and how to answer."""
+    """A request, checked: what was asked, and how to answer: the outputs, in order, each with
+    whether it goes as binary data; with `coverage`, the interval's outputs too."""
 
     id: str | None
     hours: Floats
-    binary_output: bool
+    outputs: tuple[tuple[str, bool], ...] = ((OUTPUT, False),)
+    coverage: float | None = None
+    method: Method | None = None
 
 
 def decode(header: bytes, binary: Binary, name: str, settings: Settings) -> Inference:
@@ -251,11 +257,40 @@ def _checked(
         raise InvalidInferenceRequest(
             f"model {name!r} has no input {tensor.name!r}: its input is {INPUT!r}"
         )
+    parameters = parsed.parameters or {}
+    coverage, method = _coverage(parameters), _method(parameters)
     return Inference(
         id=parsed.id,
         hours=_hours(tensor, binary, settings, read),
-        binary_output=_binary_output(parsed, name),
+        outputs=_outputs(parsed, name, coverage is not None),
+        coverage=coverage,
+        method=method,
     )
+
+
+def _coverage(parameters: dict[str, Any]) -> float | None:
+    value = parameters.get("coverage")
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not MIN_COVERAGE <= value <= MAX_COVERAGE:
+        raise InvalidInferenceRequest(
+            f"parameter 'coverage' must be a number from {MIN_COVERAGE} to {MAX_COVERAGE}, "
+            f"not {value!r}"
+        )
+    return float(value)
+
+
+def _method(parameters: dict[str, Any]) -> Method | None:
+    value = parameters.get("method")
+    if value is None:
+        return None
+    if value not in METHODS:
+        raise InvalidInferenceRequest(
+            f"parameter 'method' must be one of {', '.join(METHODS)}, not {value!r}"
+        )
+    if "coverage" not in parameters:
+        raise InvalidInferenceRequest("parameter 'method' only applies with 'coverage': set it")
+    return cast(Method, value)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -432,23 +467,34 @@ def _within(values: Floats, limit: float) -> Floats:
     )
 
 
-def _binary_output(parsed: InferenceRequest, name: str) -> bool:
-    """Whether `score` goes back as binary data: the request's binary_data_output, unless the
-    requested output says otherwise."""
+def _outputs(parsed: InferenceRequest, name: str, interval: bool) -> tuple[tuple[str, bool], ...]:
+    """The outputs to answer, in order, and whether each goes back as binary data: those the
+    request names (each once), else all (the interval's with `coverage`); binary as the
+    request's binary_data_output says, unless the output's binary_data says otherwise."""
     binary = _flag(parsed.parameters or {}, "binary_data_output", False)
-    for output in parsed.outputs or []:
-        if output.name != OUTPUT:
+    if not parsed.outputs:
+        return tuple((o, binary) for o in (OUTPUTS if interval else (OUTPUT,)))
+    asked: dict[str, bool] = {}
+    for output in parsed.outputs:
+        if output.name not in OUTPUTS:
             raise InvalidInferenceRequest(
-                f"model {name!r} has no output {output.name!r}: its output is {OUTPUT!r}"
+                f"model {name!r} has no output {output.name!r}: its outputs are "
+                f"{', '.join(map(repr, OUTPUTS))}"
+            )
+        if output.name in asked:
+            raise InvalidInferenceRequest(f"output {output.name!r} is asked for twice")
+        if output.name != OUTPUT and not interval:
+            raise InvalidInferenceRequest(
+                f"output {output.name!r} is an interval's bound: set the parameter 'coverage'"
             )
         parameters = output.parameters or {}
         if "classification" in parameters:
             raise InvalidInferenceRequest(
-                f"the classification extension is not supported: {OUTPUT!r} is a number"
+                f"the classification extension is not supported: {output.name!r} is a number"
             )
         _refuse_shared_memory(parameters)
-        binary = _flag(parameters, "binary_data", binary)
-    return binary
+        asked[output.name] = _flag(parameters, "binary_data", binary)
+    return tuple(asked.items())
 
 
 def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
@@ -458,40 +504,65 @@ def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def encode(name: str, version: int, asked: Inference, scores: Floats) -> tuple[bytes, int | None]:
-    """The answer's body: the JSON object, followed by the scores as binary data when they
-    were asked for so; and the JSON object's length then (None for JSON alone)."""
-    parts, json_length = encoding(name, version, asked, scores)
+def encode(
+    name: str, version: int, asked: Inference, values: Mapping[str, Floats]
+) -> tuple[bytes, int | None]:
+    """The answer's body: the JSON object, followed by the outputs asked for as binary data;
+    and the JSON object's length then (None for JSON alone). `values`: each output's."""
+    parts, json_length = encoding(name, version, asked, values)
     return b"".join(parts), json_length
 
 
 def encoding(
-    name: str, version: int, asked: Inference, scores: Floats
+    name: str, version: int, asked: Inference, values: Mapping[str, Floats]
 ) -> tuple[Iterator[bytes | memoryview], int | None]:
-    """`encode`'s body in parts: JSON scores SLICE at a time, each slice as orjson writes it."""
-    n = len(scores)
-    output: dict[str, Any] = {"name": OUTPUT, "datatype": "FP64", "shape": [n]}
+    """`encode`'s body in parts: JSON values SLICE at a time, each slice as orjson writes it."""
     answer: dict[str, Any] = {"model_name": name, "model_version": str(version)}
     if asked.id is not None:
         answer["id"] = asked.id
-    answer["outputs"] = [output]
-    if asked.binary_output:
-        output["parameters"] = {"binary_data_size": 8 * n}
-        header = _dumps(answer)
-        body = bytearray(len(header) + 8 * n)  # written once: the JSON object, then the scores
-        body[: len(header)] = header
-        np.frombuffer(body, dtype="<f8", offset=len(header))[:] = scores
-        return iter([memoryview(body)]), len(header)
-    if n <= SLICE:
-        output["data"] = scores
-        return iter([_dumps(answer)]), None
-    output["data"] = []  # the last key of the last object: the text ends with []}]}
-    closing = b"]}]}"
-    return _slices(_dumps(answer).removesuffix(closing), scores, closing), None
+    if asked.coverage is not None:
+        answer["parameters"] = {"coverage": asked.coverage, "method": asked.method}
+    outputs = []
+    for output, binary in asked.outputs:
+        n = len(values[output])
+        tensor: dict[str, Any] = {"name": output, "datatype": "FP64", "shape": [n]}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": 8 * n}
+        else:
+            tensor["data"] = values[output] if n <= SLICE else []
+        outputs.append(tensor)
+    answer["outputs"] = outputs
+    if all(len(values[o]) <= SLICE and not b for o, b in asked.outputs):
+        return iter([_dumps(answer)]), None  # the common case: one object, one call
+    # The JSON object, each large JSON output's data written a slice at a time (`data` is the
+    # last key of each output, `outputs` the last of the object: each ends with `[]}`)...
+    answer["outputs"] = []
+    head = _dumps(answer).removesuffix(b"[]}") + b"["
+    parts: list[Iterator[bytes]] = [iter([head])]
+    for i, (tensor, (output, binary)) in enumerate(zip(outputs, asked.outputs, strict=True)):
+        text = (b"," if i else b"") + _dumps(tensor)
+        if binary or len(values[output]) <= SLICE:
+            parts.append(iter([text]))
+        else:
+            parts.append(_slices(text.removesuffix(b"[]}"), values[output], b"]}"))
+    parts.append(iter([b"]}"]))
+    json_parts = itertools.chain.from_iterable(parts)
+    binary_outputs = [values[o] for o, b in asked.outputs if b]
+    if not binary_outputs:
+        return json_parts, None
+    # ...then the binary outputs, written once into one buffer after it
+    header = b"".join(json_parts)
+    body = bytearray(len(header) + sum(8 * len(v) for v in binary_outputs))
+    body[: len(header)] = header
+    at = len(header)
+    for data in binary_outputs:
+        np.frombuffer(body, dtype="<f8", count=len(data), offset=at)[:] = data
+        at += 8 * len(data)
+    return iter([memoryview(body)]), len(header)
 
 
 def _slices(opening: bytes, scores: Floats, closing: bytes) -> Iterator[bytes]:
-    yield opening
+    yield opening + b"["
     for i in range(0, len(scores), SLICE):
         text = orjson.dumps(scores[i : i + SLICE], option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
         yield text if i == 0 else b"," + text

@@ -18,6 +18,9 @@ SERVER_NAME = "sgd-service"
 PLATFORM = "sgd-service"
 EXTENSIONS = ["binary_tensor_data"]
 INPUT, OUTPUT = "hours", "score"
+# With the request parameter `coverage`: the interval around each score (service.core.intervals)
+LOWER, UPPER = "score_lower", "score_upper"
+OUTPUTS = (OUTPUT, LOWER, UPPER)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE, BINARY_TYPE = "application/json", "application/octet-stream"
 
@@ -77,7 +80,7 @@ class RequestInput(_Wire):
 
 
 class RequestOutput(_Wire):
-    name: str = Field(json_schema_extra={"enum": [OUTPUT]})
+    name: str = Field(json_schema_extra={"enum": list(OUTPUTS)})
     parameters: Parameters | None = Field(
         default=None, description="binary_data: true for the output as binary data"
     )
@@ -87,11 +90,21 @@ class InferenceRequest(_Wire):
     id: str | None = Field(default=None, description="echoed in the response")
     parameters: Parameters | None = Field(
         default=None,
-        description="binary_data_output: true for every output as binary data; others ignored",
+        description="binary_data_output: true for every output as binary data; coverage "
+        f"(0.5 to 0.999): {LOWER} and {UPPER} too, an interval holding the true score with "
+        "this probability; method: conformal or gaussian (default: the version's first, "
+        "GET /models/{version}); others ignored",
     )
-    # One input and one output: the model has no other, and pydantic counts before it checks.
+    # One input, three outputs at most: the model has no more, and pydantic counts before it
+    # checks.
     inputs: list[RequestInput] = Field(min_length=1, max_length=1)
-    outputs: Annotated[list[RequestOutput], Field(max_length=1)] | None = None
+    outputs: (
+        Annotated[
+            list[RequestOutput],
+            Field(max_length=len(OUTPUTS), json_schema_extra={"uniqueItems": True}),
+        ]
+        | None
+    ) = None
 
 
 class _Out(BaseModel):

@@ -5,6 +5,7 @@ shape [-1]. An inference is /predict's: one read of the served model (or of a ke
 `?version=` reads it), plain Python, never torch, never a wait on training.
 """
 
+import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -12,7 +13,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from service import __version__
-from service.core.errors import ModelNotReady, StoreUnavailable, VersionNotFound
+from service.core.errors import (
+    IntervalUnavailable,
+    ModelNotReady,
+    StoreUnavailable,
+    VersionNotFound,
+)
 from service.core.schemas import Model
 from service.core.settings import Settings
 from service.http import scoring
@@ -27,9 +33,12 @@ from service.http.oip.models import (
     HEADER_LENGTH,
     INPUT,
     JSON_TYPE,
+    LOWER,
     OUTPUT,
+    OUTPUTS,
     PLATFORM,
     SERVER_NAME,
+    UPPER,
     VERSION,
     InferenceResponse,
     MetadataTensor,
@@ -39,6 +48,7 @@ from service.http.oip.models import (
     ServerMetadata,
     ServerReady,
 )
+from service.http.scoring import Floats
 from service.http.turns import give_way
 from service.state.base import Store
 
@@ -114,7 +124,7 @@ async def _metadata(store: Store, settings: Settings) -> ModelMetadata:
         versions=[str(m.version) for m in kept],
         platform=PLATFORM,
         inputs=[MetadataTensor(name=INPUT, datatype="FP64", shape=[-1])],
-        outputs=[MetadataTensor(name=OUTPUT, datatype="FP64", shape=[-1])],
+        outputs=[MetadataTensor(name=o, datatype="FP64", shape=[-1]) for o in OUTPUTS],
     )
 
 
@@ -232,6 +242,29 @@ async def _read(request: Request, name: str, settings: Settings) -> Inference:
             return asked
 
 
+def _interval(model: Model, asked: Inference, scores: Floats) -> tuple[Inference, Floats, Floats]:
+    """The request with the interval's method, and the interval's bounds around the scores;
+    an unbounded interval is refused: JSON has no infinity."""
+    assert asked.coverage is not None
+    method, half = model.half_width(asked.hours, asked.coverage, asked.method)
+    bounds = scoring.bounds(
+        scores,
+        half,
+        lambda: InvalidInferenceRequest(
+            f"a bound of the interval overflows a float: send smaller {INPUT}"
+        ),
+    )
+    if bounds is None:
+        conformal = model.intervals.conformal if model.intervals else None
+        n = conformal.n if conformal else 0
+        raise IntervalUnavailable(
+            f"the conformal interval of version {model.version} at coverage "
+            f"{asked.coverage:g} is unbounded: it stands on {n} held-out rows, which bound "
+            f"coverages up to {n}/{n + 1}; ask for less, or method gaussian"
+        )
+    return dataclasses.replace(asked, method=method), *bounds
+
+
 async def _answer(name: str, model: Model, asked: Inference) -> Response:
     """The scores of one model version, as JSON or as binary data after the JSON object."""
 
@@ -242,7 +275,10 @@ async def _answer(name: str, model: Model, asked: Inference) -> Response:
         )
 
     scores = scoring.scores(model, asked.hours, overflow)
-    parts, json_length = codec.encoding(name, model.version, asked, scores)
+    values = {OUTPUT: scores}
+    if asked.coverage is not None:
+        asked, values[LOWER], values[UPPER] = _interval(model, asked, scores)
+    parts, json_length = codec.encoding(name, model.version, asked, values)
     written = [next(parts)]
     for part in parts:  # 16,384 scores at a time
         await give_way()
