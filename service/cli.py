@@ -22,6 +22,7 @@ from service.client import (
     Publish,
     SGDClient,
 )
+from service.core.intervals import MAX_COVERAGE, METHODS, MIN_COVERAGE
 from service.core.settings import Scope, Settings, SettingsError, load_settings
 from service.http.access import SCOPES, NamedToken, TokensFileError, digest, read_tokens
 
@@ -146,6 +147,18 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
     predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
     predict.add_argument("hours", type=_finite, nargs="+")
     predict.add_argument("--version", type=_version, help="a kept model version (default: served)")
+    predict.add_argument(
+        "--coverage",
+        type=_coverage,
+        help=f"also print an interval holding the true score with this probability "
+        f"({MIN_COVERAGE:g}..{MAX_COVERAGE:g}, e.g. 0.9): score [lower, upper] (90%% method)",
+    )
+    predict.add_argument(
+        "--method",
+        choices=METHODS,
+        help="with --coverage: how the interval is computed (default: the version's first, "
+        "conformal when its fit held rows out)",
+    )
     models = sub.add_parser(
         "models", parents=[common], help="print the kept model versions as JSON, or --serve one"
     )
@@ -193,6 +206,10 @@ def run_client_command(args: argparse.Namespace) -> int:
             raise UsageError("--max-points thins the JSON history; a --plot is always thinned")
         if args.command == "history" and args.plot is None and args.log:
             raise UsageError("--log draws a --plot's loss on a log scale; add --plot FILE")
+        if args.command == "predict" and args.coverage is None and args.method is not None:
+            raise UsageError(
+                "--method chooses how a --coverage interval is computed; add --coverage"
+            )
         headers = _headers()
     except UsageError as exc:
         print(f"sgd-service {args.command}: error: {exc}", file=sys.stderr)
@@ -291,14 +308,49 @@ def _init_from(text: str) -> Literal["served"] | int:
         ) from None
 
 
+def _coverage(text: str) -> float:
+    value = _finite(text)
+    if not MIN_COVERAGE <= value <= MAX_COVERAGE:
+        raise argparse.ArgumentTypeError(
+            f"a probability from {MIN_COVERAGE:g} to {MAX_COVERAGE:g} (0.9 for 90%), not {text!r}"
+        )
+    return value
+
+
 def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
     hours: list[float] = args.hours
+    if args.coverage is not None:
+        return _predict_intervals(sgd, args)
     if len(hours) == 1:
         scores = [sgd.predict(hours[0], args.version)]
     else:
         scores = sgd.predict_many(hours, args.version)
     for score in scores:
         print(score)
+    return 0
+
+
+def _predict_intervals(sgd: SGDClient, args: argparse.Namespace) -> int:
+    """One line per hours value: `8.01 [7.5, 8.5] (90% conformal)`, the score first as without
+    --coverage; `[unbounded]` when the version's held-out rows are too few for that coverage."""
+    hours: list[float] = args.hours
+    options = {"method": args.method, "version": args.version}
+    rows: list[tuple[float, float | None, float | None]]
+    if len(hours) == 1:
+        one = sgd.predict_interval(hours[0], args.coverage, **options)
+        assert one.interval is not None  # the client refuses an answer without it
+        rows = [(one.score, one.interval.lower, one.interval.upper)]
+        method = one.interval.method
+    else:
+        many = sgd.predict_many_intervals(hours, args.coverage, **options)
+        assert many.method is not None  # the client refuses an answer without it
+        unbounded: list[float | None] = [None] * len(many.scores)
+        lower, upper = many.lower or unbounded, many.upper or unbounded
+        rows = list(zip(many.scores, lower, upper, strict=True))
+        method = many.method
+    for score, low, high in rows:
+        bounds = "unbounded" if low is None or high is None else f"{low}, {high}"
+        print(f"{score} [{bounds}] ({args.coverage * 100:g}% {method})")
     return 0
 
 

@@ -7,6 +7,7 @@ has SGD_API_TOKEN set. Every error answer is raised as a `ProblemError` carrying
         sgd = SGDClient(http)
         job = sgd.wait(sgd.fit([1, 2, 3], [2, 4, 6]).id, timeout=60)
         print(sgd.predict(4))
+        print(sgd.predict_interval(4, 0.9).interval)  # lower, upper, coverage, method
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from service.core.intervals import Method  # how an interval is computed (predict_interval)
 from service.core.schemas import (
     History,
     Job,
@@ -239,6 +241,46 @@ def _predict_call(hours: float, version: int | None) -> _Call[Prediction]:
 def _predict_many_call(hours: Sequence[float], version: int | None) -> _Call[Predictions]:
     body = {"hours": list(hours)} | ({} if version is None else {"version": version})
     return _Call("POST", "/predict", _model(Predictions), body=body)
+
+
+def _interval_options(
+    coverage: float, method: Method | None, version: int | None
+) -> dict[str, Any]:
+    """What an interval request adds: coverage always, method and version only when given (the
+    service's defaults: the version's first method, the served version)."""
+    given = {"method": method, "version": version}
+    return {"coverage": coverage} | {k: v for k, v in given.items() if v is not None}
+
+
+def _with_interval(
+    parse: Callable[[httpx.Response], T], has: Callable[[T], bool]
+) -> Callable[[httpx.Response], T]:
+    """`parse`, refusing an answer without the interval asked for: a service that predates
+    intervals ignores ?coverage= and would answer a bare score."""
+
+    def parse_interval(response: httpx.Response) -> T:
+        value = parse(response)
+        if not has(value):
+            raise UnexpectedResponse(response.status_code, response.text)
+        return value
+
+    return parse_interval
+
+
+def _predict_interval_call(
+    hours: float, coverage: float, method: Method | None, version: int | None
+) -> _Call[Prediction]:
+    params = {"hours": hours} | _interval_options(coverage, method, version)
+    parse = _with_interval(_model(Prediction), lambda p: p.interval is not None)
+    return _Call("GET", "/predict", parse, params=params)
+
+
+def _predict_many_intervals_call(
+    hours: Sequence[float], coverage: float, method: Method | None, version: int | None
+) -> _Call[Predictions]:
+    body = {"hours": list(hours)} | _interval_options(coverage, method, version)
+    parse = _with_interval(_model(Predictions), lambda p: p.method is not None)
+    return _Call("POST", "/predict", parse, body=body)
 
 
 def _model_call() -> _Call[Model]:
@@ -489,6 +531,33 @@ class SGDClient:
         """Scores for many hours, all from one model version (the served one by default)."""
         return self._send(_predict_many_call(hours, version)).scores
 
+    def predict_interval(
+        self,
+        hours: float,
+        coverage: float,
+        *,
+        method: Method | None = None,
+        version: int | None = None,
+    ) -> Prediction:
+        """The score for `hours` and an interval that holds the true score with probability
+        `coverage` (0.5..0.999): `.score`, `.interval.lower` and `.upper` (None: unbounded),
+        `.interval.method`. `method` defaults to the version's first (`intervals.methods` of
+        GET /models/{v}); one the version cannot answer raises ConflictError
+        (interval-unavailable), a coverage out of range InvalidRequestError."""
+        return self._send(_predict_interval_call(hours, coverage, method, version))
+
+    def predict_many_intervals(
+        self,
+        hours: Sequence[float],
+        coverage: float,
+        *,
+        method: Method | None = None,
+        version: int | None = None,
+    ) -> Predictions:
+        """predict_interval for many hours from one model version: `.scores`, `.lower` and
+        `.upper` (None: unbounded), `.coverage`, `.method`."""
+        return self._send(_predict_many_intervals_call(hours, coverage, method, version))
+
     def model(self) -> Model:
         """The model being served."""
         return self._send(_model_call())
@@ -618,6 +687,28 @@ class AsyncSGDClient:
     async def predict_many(self, hours: Sequence[float], version: int | None = None) -> list[float]:
         """Scores for many hours, all from one model version (the served one by default)."""
         return (await self._send(_predict_many_call(hours, version))).scores
+
+    async def predict_interval(
+        self,
+        hours: float,
+        coverage: float,
+        *,
+        method: Method | None = None,
+        version: int | None = None,
+    ) -> Prediction:
+        """The score for `hours` and its interval at `coverage` (SGDClient.predict_interval)."""
+        return await self._send(_predict_interval_call(hours, coverage, method, version))
+
+    async def predict_many_intervals(
+        self,
+        hours: Sequence[float],
+        coverage: float,
+        *,
+        method: Method | None = None,
+        version: int | None = None,
+    ) -> Predictions:
+        """Scores and intervals for many hours (SGDClient.predict_many_intervals)."""
+        return await self._send(_predict_many_intervals_call(hours, coverage, method, version))
 
     async def model(self) -> Model:
         """The model being served."""

@@ -542,3 +542,123 @@ def test_a_fit_with_a_split_from_the_page(browser: Browser, server: Server) -> N
     expect(job).to_contain_text("held out 0.25 · publish never · from v1")
     expect(job).to_contain_text("(not served)")
     page.close()
+
+
+# -- prediction intervals ------------------------------------------------------------------
+
+# x = 1..20, y = 2x + a little noise, half the rows held out: both methods; 10 held-out rows
+# bound a conformal interval up to coverage 10/11 (90% is bounded, 95% is not)
+SPLIT_FIT = {
+    "x": [float(i) for i in range(1, 21)],
+    "y": [2 * i + 0.3 * ((i * 7) % 5 - 2) for i in range(1, 21)],
+    "validation_fraction": 0.5,
+    "seed": 4,
+    "learning_rate": 0.001,
+    "batch_size": None,
+    "epochs": 300,
+}
+
+
+def interval_shown(page: Page) -> dict[str, str | None]:
+    shown = page.locator("#interval")
+    names = ("lower", "upper", "coverage", "method", "unbounded")
+    return {"text": shown.inner_text(), **{n: shown.get_attribute(f"data-{n}") for n in names}}
+
+
+def test_the_page_shows_a_prediction_interval(browser: Browser, server: Server) -> None:
+    api_fit(server, SPLIT_FIT)  # version 1, served
+    with server.client() as http:
+        plain = http.get("/predict", params={"hours": 4}).json()
+        conformal = http.get("/predict", params={"hours": 4, "coverage": 0.9}).json()
+        gaussian = http.get(
+            "/predict", params={"hours": 4, "coverage": 0.8, "method": "gaussian"}
+        ).json()
+    assert conformal["interval"]["method"] == "conformal"
+    page = open_page(browser, server)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    queries: list[str] = []
+    page.on("request", lambda r: queries.append(r.url) if "/predict" in r.url else None)
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    expect(page.locator("#method")).to_be_disabled()  # no interval asked for: no method
+
+    # none: the score alone, as before
+    page.fill("#hours", "4")
+    page.click("#predict-button")
+    expect(page.locator("#score")).not_to_have_text(NO_SCORE)
+    assert float(text(page, "#score")) == pytest.approx(plain["score"], rel=1e-5)
+    assert interval_shown(page)["text"] == ""
+    assert interval_shown(page)["method"] == ""
+
+    # 90%: the version's first method, conformal, beside the score
+    page.select_option("#coverage", "0.9")
+    expect(page.locator("#method")).to_be_enabled()
+    page.click("#predict-button")
+    expect(page.locator("#interval")).to_have_attribute("data-method", "conformal")
+    shown = interval_shown(page)
+    lower, upper = conformal["interval"]["lower"], conformal["interval"]["upper"]
+    assert (shown["lower"], shown["upper"]) == (str(lower), str(upper))
+    assert (shown["coverage"], shown["unbounded"]) == ("0.9", "false")
+    match = re.fullmatch(r"90% interval: \[(\S+), (\S+)\] \(conformal\)", shown["text"] or "")
+    assert match is not None, shown
+    assert float(match[1]) == pytest.approx(lower, rel=1e-5)
+    assert float(match[2]) == pytest.approx(upper, rel=1e-5)
+    assert float(match[1]) < float(text(page, "#score")) < float(match[2])
+    assert text(page, "#score-version") == "(model version 1)"
+
+    # 95%: more than 10 held-out rows can bound
+    page.select_option("#coverage", "0.95")
+    page.click("#predict-button")
+    expect(page.locator("#interval")).to_have_attribute("data-unbounded", "true")
+    shown = interval_shown(page)
+    assert (shown["lower"], shown["upper"], shown["method"]) == ("", "", "conformal")
+    assert "95% interval: unbounded" in (shown["text"] or "")
+
+    # 80%, gaussian
+    page.select_option("#coverage", "0.8")
+    page.select_option("#method", "gaussian")
+    page.click("#predict-button")
+    expect(page.locator("#interval")).to_have_attribute("data-method", "gaussian")
+    shown = interval_shown(page)
+    assert (shown["lower"], shown["upper"]) == (
+        str(gaussian["interval"]["lower"]),
+        str(gaussian["interval"]["upper"]),
+    )
+    assert (shown["text"] or "").startswith("80% interval: [")
+
+    # back to none: the interval goes, and no coverage or method is sent
+    page.select_option("#coverage", "")
+    expect(page.locator("#method")).to_be_disabled()
+    page.click("#predict-button")
+    expect(page.locator("#interval")).to_have_text("")
+    assert [q.split("?", 1)[1] for q in queries] == [
+        "hours=4",
+        "hours=4&coverage=0.9",
+        "hours=4&coverage=0.95",
+        "hours=4&coverage=0.8&method=gaussian",
+        "hours=4",
+    ]
+    assert errors == []
+    page.close()
+
+
+def test_an_interval_the_version_lacks_shows_the_problem(browser: Browser, server: Server) -> None:
+    api_fit(server, {**TUTORIAL, "seed": 1})  # no split: no conformal interval
+    page = open_page(browser, server)
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    page.select_option("#coverage", "0.9")
+    page.select_option("#method", "gaussian")
+    page.click("#predict-button")
+    expect(page.locator("#interval")).to_have_attribute("data-method", "gaussian")
+    expect(page.locator("#score")).not_to_have_text(NO_SCORE)
+
+    page.select_option("#method", "conformal")
+    page.click("#predict-button")
+    expect(page.locator("#score")).to_have_text(NO_SCORE)
+    says = text(page, "#score-version")
+    assert says.startswith("This model version has no such interval — model version 1 has no ")
+    assert "validation_fraction > 0" in says
+    assert "method: " in says  # the field it names
+    assert interval_shown(page)["text"] == ""
+    assert interval_shown(page)["method"] == ""
+    page.close()

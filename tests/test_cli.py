@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -422,3 +423,121 @@ def test_models_lists_and_serves_versions(
     assert code == 1
     assert "No such model version" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# -- prediction intervals: --coverage and --method -------------------------------------------
+
+# x = 1..20, y = 2x + a little noise, half the rows held out (10): both methods, and a
+# conformal interval bounded up to coverage 10/11 (0.9 is, 0.95 is not)
+SPLIT_X = [str(i) for i in range(1, 21)]
+SPLIT_Y = [str(round(2 * i + 0.3 * ((i * 7) % 5 - 2), 2)) for i in range(1, 21)]
+SPLIT_ARGS = ["--x", *SPLIT_X, "--y", *SPLIT_Y, "--validation-fraction", "0.5", "--seed", "4"]
+SPLIT_ARGS += ["--learning-rate", "0.001", "--batch-size", "all", "--epochs", "300"]
+
+
+def cli_fit(url: str, args: list[str], capsys: pytest.CaptureFixture[str]) -> int:
+    """A fit through the command line, waited for; its model version."""
+    code, out, err = run(["fit", "--url", url, *args, "--wait"], capsys)
+    assert code == 0, err
+    version: int = json.loads(out)["result"]["model_version"]
+    return version
+
+
+def test_predict_with_coverage_prints_the_interval(
+    live_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ["--url", live_server.url]
+    version = cli_fit(live_server.url, SPLIT_ARGS, capsys)
+    at = ["--version", str(version)]
+    with httpx.Client(base_url=live_server.url, timeout=TIMEOUT) as http:
+
+        def answer(**params: Any) -> dict[str, Any]:
+            got = http.get("/predict", params={**params, "version": version})
+            assert got.status_code == 200, got.text
+            data: dict[str, Any] = got.json()
+            return data
+
+        plain = answer(hours=4)
+        conformal = answer(hours=4, coverage=0.9)["interval"]
+        gaussian = answer(hours=4, coverage=0.9, method="gaussian")["interval"]
+        scores = http.post("/predict", json={"hours": [1, 2, 4], "version": version}).json()
+
+    # without --coverage: exactly as before, one score a line
+    code, out, err = run(["predict", *url, *at, "4"], capsys)
+    assert (code, out, err) == (0, f"{plain['score']}\n", "")
+    code, out, _ = run(["predict", *url, *at, "1", "2", "4"], capsys)
+    assert (code, out) == (0, "".join(f"{s}\n" for s in scores["scores"]))
+
+    # the score first, then the interval: the version's first method by default
+    code, out, err = run(["predict", *url, *at, "4", "--coverage", "0.9"], capsys)
+    assert conformal["method"] == "conformal"
+    lower, upper = conformal["lower"], conformal["upper"]
+    assert (code, err) == (0, "")
+    assert out == f"{plain['score']} [{lower}, {upper}] (90% conformal)\n"
+    assert lower < plain["score"] < upper
+    code, out, _ = run(
+        ["predict", *url, *at, "4", "--coverage", "0.9", "--method", "gaussian"], capsys
+    )
+    assert code == 0
+    assert out == f"{plain['score']} [{gaussian['lower']}, {gaussian['upper']}] (90% gaussian)\n"
+    assert out.split()[0] == str(plain["score"])  # `awk '{print $1}'` still reads the score
+
+    # many hours: one line each; too few held-out rows for 95%: unbounded
+    code, out, _ = run(["predict", *url, *at, "1", "2", "4", "--coverage", "0.95"], capsys)
+    assert code == 0
+    assert out == "".join(f"{s} [unbounded] (95% conformal)\n" for s in scores["scores"])
+    code, out, _ = run(
+        ["predict", *url, *at, "1", "4", "--coverage", "0.8", "--method", "gaussian"], capsys
+    )
+    lines = out.splitlines()
+    assert code == 0
+    assert len(lines) == 2
+    assert all(line.endswith(" (80% gaussian)") for line in lines)
+    assert lines[1].startswith(f"{plain['score']} [")
+    low, high = (float(v) for v in lines[1].split("[")[1].split("]")[0].split(", "))
+    assert gaussian["lower"] < low < plain["score"] < high < gaussian["upper"]  # 80% < 90%
+
+
+def test_an_interval_the_version_lacks_is_a_problem(
+    live_server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = ["--url", live_server.url]
+    version = cli_fit(live_server.url, [*TUTORIAL_ARGS, "--seed", "1"], capsys)  # no split
+    for hours in (["4"], ["1", "4"]):
+        args = ["predict", *url, "--version", str(version), *hours, "--coverage", "0.9"]
+        code, out, err = run([*args, "--method", "conformal"], capsys)
+        assert (code, out) == (1, "")
+        lines = err.splitlines()
+        assert lines[0].startswith("error: This model version has no such interval: ")
+        assert "validation_fraction" in lines[0]  # why, and how to get one
+        assert lines[1].startswith("  method: ")
+        code, out, err = run(args, capsys)  # its first method: gaussian
+        assert (code, err) == (0, "")
+        assert len(out.splitlines()) == len(hours)
+        assert all(line.endswith(" (90% gaussian)") for line in out.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["--coverage", "90"],
+            "argument --coverage: a probability from 0.5 to 0.999 (0.9 for 90%)",
+        ),
+        (["--coverage", "0.4"], "a probability from 0.5 to 0.999 (0.9 for 90%), not '0.4'"),
+        (["--coverage", "1"], "a probability from 0.5 to 0.999 (0.9 for 90%), not '1'"),
+        (["--coverage", "nan"], "argument --coverage: not a finite number: 'nan'"),
+        (["--coverage", "ninety"], "argument --coverage: not a number: 'ninety'"),
+        (["--coverage", "0.9", "--method", "bayes"], "argument --method: invalid choice: 'bayes'"),
+        (["--method", "gaussian"], "--method chooses how a --coverage interval is computed"),
+    ],
+)
+def test_a_bad_coverage_or_method_is_a_usage_error(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before any request (nothing listens at the URL): one line, exit status 2."""
+    url = f"http://127.0.0.1:{free_port()}"
+    code, out, err = run(["predict", "--url", url, "4", *args], capsys)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1, err
+    assert says in err

@@ -899,3 +899,208 @@ def test_the_client_shares_only_the_schemas_with_the_service() -> None:
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     assert {m for m in imported if m.split(".")[0] == "service"} == {"service.core.schemas"}
+
+
+# -- prediction intervals -------------------------------------------------------------------
+
+# x = 1..20, y = 2x + noise: a split of half the rows (10 held out) gives both methods. A
+# conformal interval of 10 residuals is bounded up to coverage 10/11: 0.9 is, 0.95 is not.
+SPLIT_X = [float(i) for i in range(1, 21)]
+SPLIT_Y = [2 * x + random.Random(5).gauss(0, 0.3) + 0.2 * math.sin(x) for x in SPLIT_X]
+SPLIT: FitOptions = {
+    "validation_fraction": 0.5,
+    "seed": 4,
+    "learning_rate": 0.001,
+    "batch_size": None,
+    "epochs": 300,
+}
+
+
+def fitted_version(sgd: SGDClient, x: list[float], y: list[float], **options: Any) -> int:
+    result = sgd.wait(sgd.fit(x, y, **options).id, timeout=60).result
+    assert result is not None
+    return result.model_version
+
+
+def test_intervals_of_both_methods(live_server: Server) -> None:
+    with live_server.client() as http:
+        sgd = SGDClient(http)
+        version = fitted_version(sgd, SPLIT_X, SPLIT_Y, **SPLIT)
+        kept = sgd.version(version).intervals
+        assert kept is not None
+        assert kept.methods == ["conformal", "gaussian"]
+        assert kept.conformal is not None
+        assert kept.gaussian is not None
+        score = sgd.predict(4, version=version)  # unchanged: a bare float
+        assert isinstance(score, float)
+
+        conformal = sgd.predict_interval(4, 0.9, version=version)  # the version's first
+        assert (conformal.score, conformal.model_version) == (score, version)
+        assert conformal.interval is not None
+        assert (conformal.interval.method, conformal.interval.coverage) == ("conformal", 0.9)
+        q = kept.conformal.half_widths["0.9"]
+        assert q is not None
+        assert q > 0
+        assert conformal.interval.lower == pytest.approx(score - q, rel=1e-12)
+        assert conformal.interval.upper == pytest.approx(score + q, rel=1e-12)
+
+        unbounded = sgd.predict_interval(4, 0.95, method="conformal", version=version)
+        assert unbounded.interval is not None
+        assert (unbounded.interval.lower, unbounded.interval.upper) == (None, None)
+        assert unbounded.score == score
+
+        gaussian = sgd.predict_interval(4, 0.9, method="gaussian", version=version)
+        assert gaussian.interval is not None
+        assert gaussian.interval.method == "gaussian"
+        low, high = gaussian.interval.lower, gaussian.interval.upper
+        assert low is not None
+        assert high is not None
+        assert high - score == pytest.approx(score - low, rel=1e-9)  # around the score
+        wider = sgd.predict_interval(4, 0.95, method="gaussian", version=version).interval
+        assert wider is not None
+        assert wider.lower is not None
+        assert wider.lower < low  # more coverage, a wider interval
+
+        hours = [1.0, 4.0, 20.0]
+        assert sgd.predict_many(hours, version=version) == pytest.approx(
+            [score / 4 * h for h in hours]
+        )
+        many = sgd.predict_many_intervals(hours, 0.9, method="gaussian", version=version)
+        assert (many.model_version, many.coverage, many.method) == (version, 0.9, "gaussian")
+        assert many.lower is not None
+        assert many.upper is not None
+        assert many.lower[1] == pytest.approx(low, rel=1e-12)
+        assert many.upper[1] == pytest.approx(high, rel=1e-12)
+        # the gaussian half width is t s sqrt(1 + h(x)), h the leverage: t s the same for all
+        g = kept.gaussian
+        halves = [(u - lo) / 2 for lo, u in zip(many.lower, many.upper, strict=True)]
+        assert halves[2] > halves[0]  # farther from the centre of the training x: wider
+        lev = [(1 / g.n if g.fit_intercept else 0) + (h - g.center) ** 2 / g.spread for h in hours]
+        ts = [half / math.sqrt(1 + h) for half, h in zip(halves, lev, strict=True)]
+        assert ts == pytest.approx([ts[0]] * 3, rel=1e-9)
+        # t(0.95, df) is above the normal's 1.645 and below 2.0 for df >= 8 training rows
+        assert 1.6449 * g.s < ts[0] < 2.0 * g.s
+
+        spread = sgd.predict_many_intervals(hours, 0.9, version=version)
+        assert spread.method == "conformal"
+        assert spread.lower == pytest.approx([s - q for s in many.scores], rel=1e-12)
+        assert spread.upper == pytest.approx([s + q for s in many.scores], rel=1e-12)
+        none = sgd.predict_many_intervals(hours, 0.95, method="conformal", version=version)
+        assert (none.lower, none.upper, none.scores) == (None, None, many.scores)
+
+
+def test_interval_errors_are_the_clients_problem_errors(live_server: Server) -> None:
+    with live_server.client() as http:
+        sgd = SGDClient(http)
+        plain = fitted_version(sgd, X, Y, seed=1)  # no split: no conformal interval
+        split = fitted_version(sgd, SPLIT_X, SPLIT_Y, **SPLIT)
+        kept = sgd.version(plain).intervals
+        assert kept is not None
+        assert "conformal" not in kept.methods
+        assert "conformal" in kept.missing
+        default = sgd.predict_interval(4, 0.9, version=plain).interval
+        assert default is not None
+        assert default.method == kept.methods[0] == "gaussian"
+
+        with pytest.raises(ConflictError) as one:
+            sgd.predict_interval(4, 0.9, method="conformal", version=plain)
+        with pytest.raises(ConflictError) as many:
+            sgd.predict_many_intervals([1, 2], 0.9, method="conformal", version=plain)
+        for err in (one, many):
+            assert (err.value.status, err.value.type) == (409, "interval-unavailable")
+            assert err.value.problem.errors is not None
+            assert err.value.problem.errors[0].field == "method"
+
+        for coverage in (0.3, 1.0, 0.9991):
+            with pytest.raises(InvalidRequestError) as bad:
+                sgd.predict_interval(4, coverage, version=split)
+            assert "coverage" in {e.field for e in bad.value.problem.errors or []}
+            with pytest.raises(InvalidRequestError) as bad_many:
+                sgd.predict_many_intervals([4], coverage, version=split)
+            assert any("coverage" in e.field for e in bad_many.value.problem.errors or [])
+        with pytest.raises(NotFoundError):
+            sgd.predict_interval(4, 0.9, version=10_000)
+
+
+def test_what_an_interval_request_sends() -> None:
+    """Coverage always; method and version only when given; an answer without the interval
+    asked for (a service that predates intervals ignores ?coverage=) is unexpected."""
+    sent: list[tuple[str, dict[str, str], Any]] = []
+    old_service = False
+
+    def service(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        sent.append((request.method, dict(request.url.params), body))
+        if request.method == "GET":
+            interval = {"lower": 7.0, "upper": 9.0, "coverage": 0.8, "method": "gaussian"}
+            answer: dict[str, Any] = {"hours": 4.0, "score": 8.0, "model_version": 2}
+            return httpx.Response(
+                200, json=answer | ({} if old_service else {"interval": interval})
+            )
+        answer = {"scores": [8.0], "model_version": 2}
+        extra = {"lower": None, "upper": None, "coverage": 0.8, "method": "conformal"}
+        return httpx.Response(200, json=answer | ({} if old_service else extra))
+
+    with httpx.Client(transport=httpx.MockTransport(service), base_url="http://sgd") as http:
+        sgd = SGDClient(http)
+        one = sgd.predict_interval(4, 0.8)
+        assert one.interval is not None
+        assert (one.interval.lower, one.interval.upper, one.interval.method) == (7, 9, "gaussian")
+        sgd.predict_interval(4, 0.8, method="conformal", version=2)
+        many = sgd.predict_many_intervals([4], 0.8)
+        assert (many.lower, many.upper, many.method) == (None, None, "conformal")
+        sgd.predict_many_intervals([4], 0.8, method="gaussian", version=3)
+        assert sgd.predict(4) == 8.0  # the plain calls send no coverage
+        assert sgd.predict_many([4]) == [8.0]
+        old_service = True
+        with pytest.raises(UnexpectedResponse):
+            sgd.predict_interval(4, 0.8)
+        with pytest.raises(UnexpectedResponse):
+            sgd.predict_many_intervals([4], 0.8)
+        assert sgd.predict(4) == 8.0  # which the plain calls never needed
+    assert sent[:6] == [
+        ("GET", {"hours": "4", "coverage": "0.8"}, None),
+        ("GET", {"hours": "4", "coverage": "0.8", "method": "conformal", "version": "2"}, None),
+        ("POST", {}, {"hours": [4], "coverage": 0.8}),
+        ("POST", {}, {"hours": [4], "coverage": 0.8, "method": "gaussian", "version": 3}),
+        ("GET", {"hours": "4"}, None),
+        ("POST", {}, {"hours": [4]}),
+    ]
+
+
+def test_the_async_client_asks_for_intervals(live_server: Server) -> None:
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=live_server.url, timeout=TIMEOUT) as http:
+            sgd = AsyncSGDClient(http)
+            job = await sgd.wait((await sgd.fit(SPLIT_X, SPLIT_Y, **SPLIT)).id, timeout=60)
+            assert job.result is not None
+            version = job.result.model_version
+            score = await sgd.predict(4, version=version)
+            one = await sgd.predict_interval(4, 0.9, method="gaussian", version=version)
+            assert one.score == score
+            assert one.interval is not None
+            assert one.interval.method == "gaussian"
+            assert one.interval.lower is not None
+            assert one.interval.upper is not None
+            assert one.interval.lower < score < one.interval.upper
+            many = await sgd.predict_many_intervals([4, 8], 0.9, version=version)
+            assert many.method == "conformal"
+            assert many.lower is not None
+            assert many.upper is not None
+            assert many.scores[0] == score
+            # conformal: score +- q, the same q at every hours
+            widths = [u - lo for lo, u in zip(many.lower, many.upper, strict=True)]
+            assert widths[0] > 0
+            assert widths[1] == pytest.approx(widths[0], rel=1e-9)
+            assert many.upper[0] - score == pytest.approx(score - many.lower[0], rel=1e-9)
+            with pytest.raises(InvalidRequestError):
+                await sgd.predict_interval(4, 0.2, version=version)
+            plain = await sgd.wait((await sgd.fit(X, Y, seed=2)).id, timeout=60)
+            assert plain.result is not None
+            with pytest.raises(ConflictError) as err:
+                await sgd.predict_many_intervals(
+                    [4], 0.9, method="conformal", version=plain.result.model_version
+                )
+            assert err.value.type == "interval-unavailable"
+
+    asyncio.run(scenario())

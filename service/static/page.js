@@ -419,15 +419,56 @@ async function cancelFit() {
 
 // -- predictions -------------------------------------------------------------------------
 
+// GET /predict's query: the hours, and with a coverage chosen, the coverage and a method only
+// when one is chosen (the service's default is the version's first).
+function predictQuery() {
+  const query = new URLSearchParams({ hours: $("hours").value.trim() });
+  const coverage = $("coverage").value;
+  if (coverage !== "") {
+    query.set("coverage", coverage);
+    if ($("method").value !== "") query.set("method", $("method").value);
+  }
+  return query.toString();
+}
+
+// The interval beside the score: "90% interval: [7.5, 8.5] (conformal)"; null bounds mean the
+// version's held-out rows are too few for that coverage.
+function showInterval(interval) {
+  const out = $("interval");
+  const { lower, upper, coverage, method } = interval || {};
+  const unbounded = Boolean(interval) && (lower === null || upper === null);
+  Object.assign(out.dataset, {
+    lower: interval && !unbounded ? String(lower) : "",
+    upper: interval && !unbounded ? String(upper) : "",
+    coverage: interval ? String(coverage) : "",
+    method: interval ? method : "",
+    unbounded: String(unbounded),
+  });
+  if (!interval) {
+    out.textContent = "";
+    return;
+  }
+  const share = `${fmt(coverage * 100, 4)}%`;
+  out.textContent = unbounded
+    ? `${share} interval: unbounded (${method}: too few held-out rows for ${share})`
+    : `${share} interval: [${fmt(lower)}, ${fmt(upper)}] (${method})`;
+}
+
+// A method is chosen only for an interval.
+function syncMethod() {
+  $("method").disabled = $("coverage").value === "";
+}
+
 async function predict(event) {
   event.preventDefault();
-  const hours = $("hours").value.trim();
   try {
-    const p = await request("GET", `/predict?hours=${encodeURIComponent(hours)}`);
+    const p = await request("GET", `/predict?${predictQuery()}`);
     $("score").textContent = fmt(p.score);
+    showInterval(p.interval || null);
     $("score-version").textContent = `(model version ${p.model_version})`;
   } catch (error) {
     $("score").textContent = "–";
+    showInterval(null);
     $("score-version").textContent = error.message;
   }
 }
@@ -635,6 +676,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("predict-form").addEventListener("submit", predict);
   $("log-scale").addEventListener("change", redraw);
   $("init_from").addEventListener("change", syncInitW);
+  $("coverage").addEventListener("change", syncMethod);
+  syncMethod(); // a reload may keep a chosen coverage
   redraw();
   openPage();
 });
