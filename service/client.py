@@ -20,7 +20,6 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from service.core.intervals import Method  # how an interval is computed (predict_interval)
 from service.core.schemas import (
     History,
     Job,
@@ -38,6 +37,7 @@ R = TypeVar("R")
 Event = ProgressEvent | Job  # what `events` yields: progress, then the ended job
 ImageFormat = Literal["png", "svg"]
 Publish = Literal["always", "never", "if_better"]
+Method = Literal["conformal", "gaussian"]  # how an interval is computed (predict_interval)
 
 # An event stream that drops is resumed (Last-Event-ID): at once if it had delivered an event,
 # else after a back-off that doubles from RECONNECT_DELAY; RECONNECTS drops in a row without an
