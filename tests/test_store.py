@@ -340,7 +340,17 @@ def test_a_replica_reads_the_residuals_and_eviction_drops_them(redis_server: Red
             assert other.model.residuals is not None
             assert other.model.residuals.tobytes() == residuals.tobytes()
         # two versions kept, and the residuals of those two alone
-        assert sorted(one.redis.hkeys(prefix + "residuals")) == [b"2", b"3"]
+        assert sorted(one.redis.keys(prefix + "residuals:*")) == [
+            f"{prefix}residuals:{v}".encode() for v in (2, 3)
+        ]
+        # a kept version read from Redis reads one residual there, 8 bytes, when asked
+        kept = other.version(2)
+        assert kept.intervals_wait
+        assert kept.half_width(4.0, 0.9, None) == other.model.half_width(4.0, 0.9, None)
+        one.redis.delete(f"{prefix}residuals:2")  # as if evicted meanwhile
+        with pytest.raises(VersionNotFound):
+            kept.half_width(4.0, 0.9, None)
+        assert not other.model.intervals_wait  # the served one's are in memory
     finally:
         one.close()
         other.close()

@@ -19,7 +19,14 @@ from pydantic import (
 )
 
 from service.core.errors import InvalidInput
-from service.core.intervals import MAX_COVERAGE, MIN_COVERAGE, Floats, Intervals, Method
+from service.core.intervals import (
+    MAX_COVERAGE,
+    MIN_COVERAGE,
+    Floats,
+    Intervals,
+    Method,
+    Ranked,
+)
 from service.core.numbers import MAX_SEED, Computed, Finite, integral
 from service.core.settings import Settings
 
@@ -313,21 +320,39 @@ class Model(_Output):
         default=None, description="the intervals this version answers (?coverage=), and why"
     )
     # the kept sorted residuals of its held-out rows (Intervals.conformal): beside the JSON
-    _residuals: Floats | None = PrivateAttr(default=None)
+    _residuals: Ranked | None = PrivateAttr(default=None)
 
     def predict(self, hours: float) -> float:
         return self.w * hours + self.b
 
-    def holding(self, residuals: bytes | Floats | None) -> "Model":
-        """This version, holding its conformal residuals (float64 values, or their bytes)."""
+    def __eq__(self, other: object) -> bool:
+        """The same version by its fields: where its residuals are held (in memory, or read
+        from Redis) does not make another version, and arrays have no single truth value."""
+        if not isinstance(other, Model):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = _Output.__hash__
+
+    def holding(self, residuals: bytes | Ranked | None) -> "Model":
+        """This version, holding its conformal residuals: float64 values or their bytes, or a
+        reader of them in a shared store."""
         if isinstance(residuals, bytes | bytearray):
             residuals = np.frombuffer(residuals, dtype=np.float64)
         self._residuals = residuals
         return self
 
     @property
-    def residuals(self) -> Floats | None:
-        return self._residuals
+    def residuals(self) -> Ranked | None:
+        # pydantic's __getattr__ takes ~3 us to find a private attribute: a request asks here
+        residuals: Ranked | None = self.__pydantic_private__["_residuals"]  # type: ignore[index]
+        return residuals
+
+    @property
+    def intervals_wait(self) -> bool:
+        """Whether an interval's half width waits on a shared store (call it off the event
+        loop then): a kept version read from Redis reads its residual there."""
+        return bool(getattr(self.residuals, "remote", False))
 
     def half_width(
         self, hours: "float | Floats", coverage: float, method: Method | None
@@ -335,7 +360,7 @@ class Model(_Output):
         """The interval's method and half width at `hours` (inf: unbounded); raises
         IntervalUnavailable for a method this version cannot answer."""
         intervals = self.intervals or Intervals(methods=[])
-        return intervals.half_width(self._residuals, self.version, hours, coverage, method)
+        return intervals.half_width(self.residuals, self.version, hours, coverage, method)
 
 
 class ModelVersion(Model):

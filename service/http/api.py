@@ -271,7 +271,7 @@ async def predict(
     score = finite_or_raise(model.predict(hours), "the score")
     answer: dict[str, Any] = {"hours": hours, "score": score, "model_version": model.version}
     if coverage is not None:
-        used, half = model.half_width(hours, coverage, method)
+        used, half = await scoring.half_width(model, hours, coverage, method)
         lower, upper = _bounds(score, float(half), used)
         answer["interval"] = {"lower": lower, "upper": upper, "coverage": coverage, "method": used}
     elif method is not None:
@@ -332,7 +332,7 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
         if body.method is not None:
             raise _method_alone()
         return json_answer(answer + b"}")
-    used, half = model.half_width(hours, body.coverage, body.method)
+    used, half = await scoring.half_width(model, hours, body.coverage, body.method)
     bounds = scoring.bounds(scores, half, lambda: overflowed("an interval bound"))
     lower, upper = (b"null", b"null") if bounds is None else map(_floats, bounds)
     tail = orjson.dumps({"coverage": body.coverage, "method": used})[1:]

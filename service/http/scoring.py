@@ -3,14 +3,17 @@
 Per value in Python, a batch of 100,000 hours costs ~5 ms to score and as much again to check;
 numpy does both in ~0.1 ms. The arithmetic is Model.predict's, the same two float64 operations
 in the same order (a multiply, then an add: never fused), so every score equals the one
-GET /predict gives.
+GET /predict gives. An interval's bounds are the scores -+ its half width, in one array.
 """
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+from starlette.concurrency import run_in_threadpool
 
+from service.core.intervals import Method
 from service.core.schemas import Model
 
 Floats = npt.NDArray[np.float64]
@@ -27,19 +30,32 @@ def scores(model: Model, hours: Floats, overflow: Callable[[int], Exception]) ->
     return out
 
 
+async def half_width(
+    model: Model, hours: float | Floats, coverage: float, method: Method | None
+) -> tuple[Method, float | Floats]:
+    """Model.half_width, in the threadpool when it waits on a shared store (a kept version
+    read from Redis), else at once."""
+    if model.intervals_wait:
+        return await run_in_threadpool(model.half_width, hours, coverage, method)
+    return model.half_width(hours, coverage, method)
+
+
 def bounds(
     scores: Floats, half: float | Floats, overflow: Callable[[], Exception]
 ) -> tuple[Floats, Floats] | None:
     """scores -+ half (an interval's half width, one or one per score); None when it is
     unbounded (an infinite half width of a conformal interval); raises overflow() when a
     bound is not a finite float."""
-    if np.isscalar(half) and half == np.inf:
+    if isinstance(half, float) and half == math.inf:
         return None
     with np.errstate(all="ignore"):
-        lower, upper = scores - half, scores + half
-    if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+        both = np.add(scores, _SIGNS * half)  # one array: [lower, upper]
+    if not np.isfinite(both).all():
         raise overflow()
-    return lower, upper
+    return both[0], both[1]
+
+
+_SIGNS = np.array([[-1.0], [1.0]])
 
 
 def first_over(hours: Floats, limit: float) -> int | None:

@@ -72,7 +72,7 @@ class Watcher:
         if model is not None and (current is None or current.version != model.version):
             conformal = model.intervals is not None and model.intervals.conformal is not None
             if conformal and residuals is None:
-                residuals = self.redis.hget(self._prefix + "residuals", str(model.version))
+                residuals = self.redis.get(f"{self._prefix}residuals:{model.version}")
             self.model = model.holding(residuals)  # the one assignment that serves it here
             log.info("serving model version %d", model.version)
 

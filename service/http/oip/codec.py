@@ -505,23 +505,32 @@ def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
 
 
 def encode(
-    name: str, version: int, asked: Inference, values: Mapping[str, Floats]
+    name: str,
+    version: int,
+    asked: Inference,
+    values: Mapping[str, Floats],
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """The answer's body: the JSON object, followed by the outputs asked for as binary data;
-    and the JSON object's length then (None for JSON alone). `values`: each output's."""
-    parts, json_length = encoding(name, version, asked, values)
+    and the JSON object's length then (None for JSON alone). `values`: each output's;
+    `parameters`: the answer's own, if any."""
+    parts, json_length = encoding(name, version, asked, values, parameters)
     return b"".join(parts), json_length
 
 
 def encoding(
-    name: str, version: int, asked: Inference, values: Mapping[str, Floats]
+    name: str,
+    version: int,
+    asked: Inference,
+    values: Mapping[str, Floats],
+    parameters: Mapping[str, Any] | None = None,
 ) -> tuple[Iterator[bytes | memoryview], int | None]:
     """`encode`'s body in parts: JSON values SLICE at a time, each slice as orjson writes it."""
     answer: dict[str, Any] = {"model_name": name, "model_version": str(version)}
     if asked.id is not None:
         answer["id"] = asked.id
-    if asked.coverage is not None:
-        answer["parameters"] = {"coverage": asked.coverage, "method": asked.method}
+    if parameters is not None:
+        answer["parameters"] = parameters
     outputs = []
     for output, binary in asked.outputs:
         n = len(values[output])

@@ -5,7 +5,6 @@ shape [-1]. An inference is /predict's: one read of the served model (or of a ke
 `?version=` reads it), plain Python, never torch, never a wait on training.
 """
 
-import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -242,11 +241,11 @@ async def _read(request: Request, name: str, settings: Settings) -> Inference:
             return asked
 
 
-def _interval(model: Model, asked: Inference, scores: Floats) -> tuple[Inference, Floats, Floats]:
-    """The request with the interval's method, and the interval's bounds around the scores;
-    an unbounded interval is refused: JSON has no infinity."""
+async def _interval(model: Model, asked: Inference, scores: Floats) -> tuple[str, Floats, Floats]:
+    """The interval's method, and its bounds around the scores; an unbounded interval is
+    refused: JSON has no infinity."""
     assert asked.coverage is not None
-    method, half = model.half_width(asked.hours, asked.coverage, asked.method)
+    method, half = await scoring.half_width(model, asked.hours, asked.coverage, asked.method)
     bounds = scoring.bounds(
         scores,
         half,
@@ -262,7 +261,7 @@ def _interval(model: Model, asked: Inference, scores: Floats) -> tuple[Inference
             f"{asked.coverage:g} is unbounded: it stands on {n} held-out rows, which bound "
             f"coverages up to {n}/{n + 1}; ask for less, or method gaussian"
         )
-    return dataclasses.replace(asked, method=method), *bounds
+    return method, *bounds
 
 
 async def _answer(name: str, model: Model, asked: Inference) -> Response:
@@ -275,10 +274,11 @@ async def _answer(name: str, model: Model, asked: Inference) -> Response:
         )
 
     scores = scoring.scores(model, asked.hours, overflow)
-    values = {OUTPUT: scores}
+    values, parameters = {OUTPUT: scores}, None
     if asked.coverage is not None:
-        asked, values[LOWER], values[UPPER] = _interval(model, asked, scores)
-    parts, json_length = codec.encoding(name, model.version, asked, values)
+        method, values[LOWER], values[UPPER] = await _interval(model, asked, scores)
+        parameters = {"coverage": asked.coverage, "method": method}
+    parts, json_length = codec.encoding(name, model.version, asked, values, parameters)
     written = [next(parts)]
     for part in parts:  # 16,384 scores at a time
         await give_way()
