@@ -734,6 +734,30 @@ def wire_rows(w: dict[str, Any]) -> list[Row]:
             "unversioned",
             goals["version_rps_ratio"],
         ),
+        rps_row(
+            "GET /predict?hours=4&coverage=0.9 (conformal) requests/s",
+            "get_coverage",
+            "no interval",
+            goals["coverage_rps_ratio"],
+        ),
+        rps_row(
+            "  same, &method=gaussian",
+            "get_gaussian",
+            "no interval",
+            goals["coverage_rps_ratio"],
+        ),
+        rps_row(
+            'POST /predict {"hours":[4],"coverage":0.9} requests/s',
+            "post_coverage",
+            "no interval",
+            goals["coverage_rps_ratio"],
+        ),
+        rps_row(
+            "POST /v2 infer, 1 value, parameter coverage 0.9, requests/s",
+            "v2_coverage",
+            "no interval",
+            goals["coverage_rps_ratio"],
+        ),
         values_row(
             "POST /v2 infer, 1,000 values (JSON), 32 connections",
             "v2_batch",

@@ -1,12 +1,14 @@
 """The prediction routes' wire formats, each against GET /predict?hours=4 in the same round:
-POST /predict and /v2 inference of one value, the same on a kept version, 1,000 values a
+POST /predict and /v2 inference of one value, the same on a kept version, the same with a 90%
+interval (`coverage`: conformal, and gaussian on GET), 1,000 values a
 request (values/s), 100,000 values from one client (JSON, and the binary tensor data extension),
 GET /predict's p99 beside that client, and other inference servers (bench/peers.py) on the
 one-value /v2 request.
 
-The service runs with SGD_MAX_PREDICT_BATCH=100000 and serves version 2 of the tutorial model,
-version 1 kept. The 100,000-value runs (one client each, and GET /predict beside one) take every
-other round only (the first, the third, ...), to keep the section near 10 minutes at the
+The service runs with SGD_MAX_PREDICT_BATCH=100000 and serves version 2, fitted on 1,000 noisy
+rows of y = 2x + 1 with half of them held out (so it has both intervals); version 1, the
+tutorial's, is kept. The 100,000-value runs (one client each, and GET /predict beside one) take
+every other round only (the first, the third, ...), to keep the section near 10 minutes at the
 defaults. The peers are started once, before the rounds, and run through all of them: their
 idle CPU shows in `others_cpu_fraction`.
 """
@@ -36,6 +38,7 @@ JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ONE_V2 = b'{"inputs":[{"name":"hours","datatype":"FP64","shape":[1],"data":[4]}]}'
+ONE_V2_COVERAGE = ONE_V2[:-1] + b',"parameters":{"coverage":0.9}}'
 BATCH = 1_000
 BIG = 100_000
 BIG_TIMEOUT = 60.0  # wrk's per-request timeout for the 100,000-value runs (its default: 2 s)
@@ -49,6 +52,7 @@ GOALS = {
     "rps_ratio": 0.5,
     "p99_ratio": 2.0,
     "version_rps_ratio": 0.9,
+    "coverage_rps_ratio": 0.9,
     "batch_values_per_s": 2e6,
     "big_json_values_per_s": 1e7,
     "big_binary_values_per_s": 1e8,
@@ -116,6 +120,10 @@ def targets() -> dict[str, Target]:
         "get_version": Target("/predict?hours=4&version=1"),
         "v2_version": Target(INFER_V1, ONE_V2),
         "post_version": Target("/predict", b'{"hours":[4],"version":1}'),
+        "get_coverage": Target("/predict?hours=4&coverage=0.9"),
+        "get_gaussian": Target("/predict?hours=4&coverage=0.9&method=gaussian"),
+        "v2_coverage": Target(INFER, ONE_V2_COVERAGE),
+        "post_coverage": Target("/predict", b'{"hours":[4],"coverage":0.9}'),
         "v2_batch": Target(INFER, v2_json(batch), values=BATCH),
         "post_batch": Target("/predict", orjson.dumps({"hours": batch}), values=BATCH),
         "v2_big": Target(INFER, v2_json(big), values=BIG, connections=1, big=True),
@@ -244,6 +252,9 @@ def check(url: str, target: Target) -> dict[str, Any]:
         out.update(ok=False, detail=f"{type(exc).__name__}: {exc}; {response.text[:300]}")
         return out
     out["ok"] = count == target.values
+    if b"coverage" in (target.body or target.path.encode()):  # and the interval asked for
+        bounds = [o["name"] for o in answer.get("outputs", [])][1:]
+        out["ok"] &= "interval" in answer or "lower" in answer or len(bounds) == 2
     out["detail"] = f"{count} scores, model_version {answer.get('model_version')}"
     return out
 
@@ -390,12 +401,17 @@ def run_all(
     peers: dict[str, load.Server] = {}
     try:
         with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client:
-            for seed in (1, 2):  # version 1, kept; version 2, served
-                serving.wait_job(client, serving.submit(client, 100, seed, serving.TUTORIAL))
+            # version 1, kept; version 2, served, with both intervals
+            serving.wait_job(client, serving.submit(client, 100, 1, serving.TUTORIAL))
+            fit = {**serving.NOISY, "validation_fraction": 0.5, "learning_rate": 0.001}
+            serving.wait_job(client, client.post("/fit", json=fit).json()["id"])
+            intervals = client.get("/model").json()["intervals"]
             served = client.get("/model").json()["version"]
             kept = client.get("/v2/models/sgd").json()["versions"]
         if served != 2 or "1" not in kept:
             raise RuntimeError(f"served version {served}, kept {kept}: not 2 and 1")
+        if intervals["methods"] != ["conformal", "gaussian"]:
+            raise RuntimeError(f"version 2 answers intervals by {intervals['methods']}")
         ts = targets()
         results["targets"] = {name: t.describe() for name, t in ts.items()}
         results["checks"] = {name: check(srv.url, t) for name, t in ts.items()}
@@ -426,6 +442,10 @@ def run_all(
             ("get_version", "get"),
             ("v2_version", "v2"),
             ("post_version", "post"),
+            ("get_coverage", "get"),
+            ("get_gaussian", "get"),
+            ("v2_coverage", "v2"),
+            ("post_coverage", "post"),
             ("get_beside_big", "get"),
         )
         if name in names
