@@ -85,6 +85,19 @@ def test_the_tutorial_over_http(server: Server) -> None:
     assert job_id
 
 
+def test_the_interval_examples(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On a server of its own: the example's fit is the first version there."""
+    srv = start_server(str(tmp_path_factory.mktemp("readme-intervals")))
+    try:
+        host = srv.url.removeprefix("http://")
+        examples = commands(block("### Predictions that say how sure they are", "bash"))
+        assert len(examples) == 4
+        for command, expected in examples:
+            run_until(shlex.split(command.replace(DEFAULT, host), comments=True), expected)
+    finally:
+        srv.stop()
+
+
 def test_the_command_line(server: Server) -> None:
     env = {"PATH": str(Path(sys.executable).parent), "SGD_URL": server.url}
     for command, _ in commands(block("## Command line", "bash")):
