@@ -67,6 +67,9 @@ QUERIES = [
     "hours=4&coverage=0.9&method=conformal",
     "hours=4&coverage=0.9&method=other",
     "hours=4&coverage=nan",
+    "hours=4&coverage=0.9&method=",
+    "hours=4&coverage=&method=gaussian",
+    "hours=4&coverage=0.9&coverage=0.95",
 ]
 
 

@@ -365,8 +365,7 @@ TRITON_ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str, str]] = [
         "output name",
         lambda: {"outputs": [triton.InferRequestedOutput("nope")]},
         "400",
-        "model 'sgd' has no output 'nope': its outputs are 'score', 'score_lower', "
-        "'score_upper'",
+        "model 'sgd' has no output 'nope': its outputs are 'score', 'score_lower', 'score_upper'",
     ),
     (
         "classification",

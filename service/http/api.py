@@ -221,20 +221,20 @@ class _OneHours(DirectRoute):
         query: bytes = request.scope["query_string"]
         fields = dict(p.partition(b"=")[::2] for p in query.split(b"&", 4))
         hours, version = fields.get(b"hours", b""), fields.pop(b"version", None)
-        coverage, method = fields.pop(b"coverage", None), fields.pop(b"method", b"")
+        coverage, method = fields.pop(b"coverage", None), fields.pop(b"method", None)
         if (
             fields.keys() == {b"hours"}
             and _NUMBER.fullmatch(hours)
             and (version is None or _VERSION.fullmatch(version))
             and math.isfinite(number := float(hours))  # 1e999 is refused as FastAPI refuses it
             and (coverage is None or _within_range(coverage))
-            and (not method or method in _METHODS)
+            and (method is None or method in _METHODS)
         ):
             return {
                 "hours": number,
                 "version": None if version is None else int(version),
                 "coverage": None if coverage is None else float(coverage),
-                "method": _METHODS.get(method),
+                "method": None if method is None else _METHODS[method],
             }
         return query_arguments(self, request)
 
