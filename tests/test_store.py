@@ -346,6 +346,7 @@ def test_a_replica_reads_the_residuals_and_eviction_drops_them(redis_server: Red
         # a kept version read from Redis reads one residual there, 8 bytes, when asked
         kept = other.version(2)
         assert kept.intervals_wait
+        assert other.model is not None
         assert kept.half_width(4.0, 0.9, None) == other.model.half_width(4.0, 0.9, None)
         one.redis.delete(f"{prefix}residuals:2")  # as if evicted meanwhile
         with pytest.raises(VersionNotFound):

@@ -44,6 +44,8 @@ class Ranked(Protocol):
 
     def item(self, i: int, /) -> float: ...
 
+    def tobytes(self) -> bytes: ...
+
 
 class _Summary(BaseModel):
     model_config = ConfigDict(frozen=True)
