@@ -301,7 +301,7 @@ router.add_api_route(
     methods=["GET"],
     dependencies=[PREDICT],
     response_model=Prediction,
-    responses=problems(404, 422, 503),
+    responses=problems(404, 409, 422, 503),
     route_class_override=_OneHours,
 )
 
@@ -349,7 +349,7 @@ router.add_api_route(
     methods=["POST"],
     dependencies=[PREDICT],
     response_model=Predictions,
-    responses=problems(404, 413, 422, 503),
+    responses=problems(404, 409, 413, 422, 503),
     route_class_override=_ManyHours,
 )
 

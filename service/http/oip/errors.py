@@ -35,6 +35,8 @@ class ModelNotFound(ServiceError):
 CAUSES = {
     400: "The Host header names no host of SGD_ALLOWED_HOSTS",
     404: "Another model name, or a version that is not kept",
+    409: "The version cannot answer the interval asked for (parameter coverage): a conformal "
+    "one of a fit without validation_fraction, or one unbounded for want of held-out rows",
     413: "The body is over SGD_MAX_BODY_BYTES, or over room for SGD_MAX_PREDICT_BATCH numbers "
     "(32 bytes each, and 1 MiB) when that is less",
     503: "No fit has succeeded yet (in Redis mode, also: Redis cannot be reached)",

@@ -169,7 +169,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         f"binary data as {BINARY_TYPE}, the JSON's length in {HEADER_LENGTH}",
         "content": {BINARY_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     },
-    **errors(400, 404, 413, 503),  # 400's description: `document` writes the rules in
+    **errors(400, 404, 409, 413, 503),  # 400's description: `document` writes the rules in
 }
 
 
