@@ -11,10 +11,11 @@ has SGD_API_TOKEN set. Every error answer is raised as a `ProblemError` carrying
 """
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, Literal, TextIO, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from service.core.schemas import (
     History,
     Job,
+    JobStatus,
     Model,
     ModelList,
     ModelVersion,
@@ -45,6 +47,8 @@ Method = Literal["conformal", "gaussian"]  # how an interval is computed (predic
 RECONNECTS = 5
 RECONNECT_DELAY, RECONNECT_DELAY_MAX = 0.1, 2.0
 POLL_MIN, POLL_MAX = 0.05, 0.5  # wait(): polls start fast and back off
+# wait(progress=...) at its deadline: the job's state for WaitTimeout is asked for this long
+LAST_STATE_LIMIT = 1.0
 
 
 class FitOptions(TypedDict, total=False):
@@ -416,6 +420,74 @@ class _Resume:
         return min(RECONNECT_DELAY * 2.0 ** (self.failures - 2), RECONNECT_DELAY_MAX)
 
 
+# -- a progress bar of a job, fed by its event stream -----------------------------------------
+
+# wait(progress=...): False (no bar), True (tqdm.auto: a widget in Jupyter, text on stderr
+# elsewhere), or a text file the bar is written to (a terminal, a log, a StringIO).
+ShowProgress = bool | TextIO
+TICK = 1.0  # seconds: how often a bar without news redraws its elapsed time
+
+
+class _Bar:
+    """One tqdm bar of a job: epochs done of all, percent, epochs a second, elapsed and left,
+    and the last loss, w (b) and val_loss. tqdm is imported here, only when a bar is asked for:
+    `import service.client` stays light."""
+
+    def __init__(self, job: Job, show: ShowProgress) -> None:
+        from tqdm import tqdm
+
+        cls = tqdm
+        if show is True:
+            from tqdm.auto import tqdm as cls  # picks the notebook widget in Jupyter
+        file = None if isinstance(show, bool) else show
+        self._running = job.status is not JobStatus.queued
+        self._ticked = time.monotonic()
+        self._bar = cls(
+            total=job.params.epochs,
+            initial=job.progress.epoch,
+            unit="epoch",
+            desc=job.status.value,
+            dynamic_ncols=True,
+            file=file,
+        )
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+    def show(self, event: Event) -> None:
+        if isinstance(event, Job):
+            self._bar.set_description_str(event.status.value, refresh=False)
+            self._bar.n = event.progress.epoch
+            self._bar.refresh()
+            return
+        if not self._running:  # the first progress: the fit started; its clock starts now
+            self._running = True
+            self._bar.reset()
+            self._bar.set_description_str(JobStatus.running.value, refresh=False)
+            # the epochs it ran before this first news count as done, not as a burst of speed
+            done = event.progress.epoch
+            self._bar.n = self._bar.initial = self._bar.last_print_n = done
+        values = {"loss": event.loss[-1], "w": event.w[-1]}
+        if event.b is not None:
+            values["b"] = event.b[-1]
+        if event.val_loss is not None:
+            values["val_loss"] = event.val_loss[-1]
+        postfix = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
+        self._bar.set_postfix_str(postfix, refresh=False)
+        self._bar.update(event.progress.epoch - self._bar.n)
+
+    def tick(self) -> None:
+        """A line that is no event (a keep-alive), or a dropped connection: the elapsed time is
+        redrawn, at most every TICK seconds (every line of an event ticks too)."""
+        now = time.monotonic()
+        if now - self._ticked >= TICK:
+            self._ticked = now
+            self._bar.refresh()
+
+
 # -- waiting -----------------------------------------------------------------------------
 
 
@@ -462,6 +534,11 @@ class _Deadline:
         return error
 
 
+def _last_state_limits(configured: httpx.Timeout) -> httpx.Timeout:
+    """wait(progress=...) asks for the job once more at its deadline, for at most this long."""
+    return _Deadline(LAST_STATE_LIMIT, 0.0).request_timeout(configured, 0.0)
+
+
 # Answers that say "not now" rather than "never": wait() polls on through them.
 _TRANSIENT = (TransportFailed, UnavailableError)
 
@@ -501,12 +578,16 @@ class SGDClient:
         """Cancel a queued or running job."""
         return self._send(_cancel_call(job_id))
 
-    def wait(self, job_id: str, timeout: float = 60.0) -> Job:
+    def wait(self, job_id: str, timeout: float = 60.0, *, progress: ShowProgress = False) -> Job:
         """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline.
 
         A dropped connection or a 503 does not end the wait: it polls on until the deadline,
-        and no poll's request outlives it.
+        and no poll's request outlives it. progress=True shows a bar (tqdm.auto: a widget in
+        Jupyter, text on stderr elsewhere), a text file gets the bar written to it: it follows
+        the job's event stream instead of polling, with the same deadline.
         """
+        if progress is not False:
+            return self._wait_showing(job_id, timeout, progress)
         clock = _Deadline(timeout, time.monotonic())
         job: Job | None = None
         error: ClientError | None = None
@@ -522,6 +603,54 @@ class SGDClient:
             if clock.left(time.monotonic()) <= 0:
                 raise clock.expired(job, error)
             time.sleep(clock.pause(time.monotonic()))
+
+    def _wait_showing(self, job_id: str, timeout: float, show: ShowProgress) -> Job:
+        clock = _Deadline(timeout, time.monotonic())
+        job = self._first_state(job_id, clock)
+        with _Bar(job, show) as bar:
+            if job.status.ended:
+                bar.show(job)
+                return job
+            last_id: str | None = None
+            while True:
+                resume = _Resume(last_id, RECONNECTS)
+                try:
+                    with contextlib.closing(self._stream(job_id, resume, clock)) as stream:
+                        for event in stream:
+                            if event is None:
+                                bar.tick()
+                            else:
+                                bar.show(event)
+                            if isinstance(event, Job):
+                                return event
+                            if clock.left(time.monotonic()) <= 0:
+                                raise WaitTimeout(self._last_state(job_id, job), timeout)
+                    error: ClientError | None = None  # a 204: the stream has nothing left
+                except _TRANSIENT as exc:
+                    error = exc
+                last_id = resume.last_id
+                if clock.left(time.monotonic()) <= 0:
+                    raise clock.expired(self._last_state(job_id, job), error)
+                time.sleep(clock.pause(time.monotonic()))
+
+    def _first_state(self, job_id: str, clock: _Deadline) -> Job:
+        """The job as it is now, polled through dropped connections and 503s to the deadline."""
+        while True:
+            limit = clock.request_timeout(self.http.timeout, time.monotonic())
+            try:
+                return self._send(_job_call(job_id), limit)
+            except _TRANSIENT as exc:
+                if clock.left(time.monotonic()) <= 0:
+                    raise clock.expired(None, exc) from None
+            time.sleep(clock.pause(time.monotonic()))
+
+    def _last_state(self, job_id: str, known: Job) -> Job:
+        """The job at the deadline, for WaitTimeout: asked once more (LAST_STATE_LIMIT), else
+        the last state known."""
+        try:
+            return self._send(_job_call(job_id), _last_state_limits(self.http.timeout))
+        except _TRANSIENT:
+            return known
 
     def predict(self, hours: float, version: int | None = None) -> float:
         """The served model's score for `hours` (or kept version `version`'s)."""
@@ -599,12 +728,30 @@ class SGDClient:
         No event is lost or repeated across reconnects; `reconnects` drops in a row without a
         complete event end the stream with TransportFailed.
         """
-        resume = _Resume(last_event_id, reconnects)
+        for event in self._stream(job_id, _Resume(last_event_id, reconnects), None):
+            if event is not None:
+                yield event
+
+    def _stream(
+        self, job_id: str, resume: _Resume, clock: _Deadline | None
+    ) -> Generator[Event | None]:
+        """events(), and None for every line that is no event (a keep-alive) and every drop:
+        a caller with a deadline gets to look at its clock. With `clock`, no connection's time
+        limits outlive it, nor does a pause between reconnects."""
         while True:
             decoder = _SSEDecoder(last_id=resume.last_id)  # a fresh one per connection
+            now = time.monotonic()
+            limits = (
+                self.http.timeout
+                if clock is None
+                else clock.request_timeout(self.http.timeout, now)
+            )
             try:
                 with self.http.stream(
-                    "GET", _job_path(job_id, "events"), headers=_events_headers(resume.last_id)
+                    "GET",
+                    _job_path(job_id, "events"),
+                    headers=_events_headers(resume.last_id),
+                    timeout=limits,
                 ) as response:
                     body = b"" if response.is_success else response.read()
                     if not _check_stream(response, body):
@@ -615,14 +762,17 @@ class SGDClient:
                         event = (
                             None if decoded is None else _decode_event(*decoded, response.headers)
                         )
-                        if event is not None:
-                            yield event
+                        yield event
                         if isinstance(event, Job):
                             return
                 error: Exception = _ended_early()
             except httpx.TransportError as exc:
                 error = exc
-            time.sleep(resume.dropped(job_id, error))
+            pause = resume.dropped(job_id, error)
+            yield None
+            if clock is not None:
+                pause = min(pause, max(clock.left(time.monotonic()), 0.0))
+            time.sleep(pause)
 
 
 class AsyncSGDClient:
@@ -657,12 +807,20 @@ class AsyncSGDClient:
         """Cancel a queued or running job."""
         return await self._send(_cancel_call(job_id))
 
-    async def wait(self, job_id: str, timeout: float = 60.0) -> Job:  # noqa: ASYNC109 (as sync)
+    async def wait(
+        self,
+        job_id: str,
+        timeout: float = 60.0,  # noqa: ASYNC109 (as sync)
+        *,
+        progress: ShowProgress = False,
+    ) -> Job:
         """Poll until the job ends (whatever its outcome); WaitTimeout at the deadline.
 
         A dropped connection or a 503 does not end the wait: it polls on until the deadline,
-        and no poll's request outlives it.
+        and no poll's request outlives it. `progress` shows a bar as SGDClient.wait's does.
         """
+        if progress is not False:
+            return await self._wait_showing(job_id, timeout, progress)
         loop = asyncio.get_running_loop()
         clock = _Deadline(timeout, loop.time())
         job: Job | None = None
@@ -679,6 +837,58 @@ class AsyncSGDClient:
             if clock.left(loop.time()) <= 0:
                 raise clock.expired(job, error)
             await asyncio.sleep(clock.pause(loop.time()))
+
+    async def _wait_showing(
+        self,
+        job_id: str,
+        timeout: float,  # noqa: ASYNC109 (as wait's)
+        show: ShowProgress,
+    ) -> Job:
+        loop = asyncio.get_running_loop()
+        clock = _Deadline(timeout, loop.time())
+        job = await self._first_state(job_id, clock)
+        with _Bar(job, show) as bar:
+            if job.status.ended:
+                bar.show(job)
+                return job
+            last_id: str | None = None
+            while True:
+                resume = _Resume(last_id, RECONNECTS)
+                try:
+                    async with contextlib.aclosing(self._stream(job_id, resume, clock)) as stream:
+                        async for event in stream:
+                            if event is None:
+                                bar.tick()
+                            else:
+                                bar.show(event)
+                            if isinstance(event, Job):
+                                return event
+                            if clock.left(loop.time()) <= 0:
+                                raise WaitTimeout(await self._last_state(job_id, job), timeout)
+                    error: ClientError | None = None  # a 204: the stream has nothing left
+                except _TRANSIENT as exc:
+                    error = exc
+                last_id = resume.last_id
+                if clock.left(loop.time()) <= 0:
+                    raise clock.expired(await self._last_state(job_id, job), error)
+                await asyncio.sleep(clock.pause(loop.time()))
+
+    async def _first_state(self, job_id: str, clock: _Deadline) -> Job:
+        loop = asyncio.get_running_loop()
+        while True:
+            limit = clock.request_timeout(self.http.timeout, loop.time())
+            try:
+                return await self._send(_job_call(job_id), limit)
+            except _TRANSIENT as exc:
+                if clock.left(loop.time()) <= 0:
+                    raise clock.expired(None, exc) from None
+            await asyncio.sleep(clock.pause(loop.time()))
+
+    async def _last_state(self, job_id: str, known: Job) -> Job:
+        try:
+            return await self._send(_job_call(job_id), _last_state_limits(self.http.timeout))
+        except _TRANSIENT:
+            return known
 
     async def predict(self, hours: float, version: int | None = None) -> float:
         """The served model's score for `hours` (or kept version `version`'s)."""
@@ -751,12 +961,28 @@ class AsyncSGDClient:
         No event is lost or repeated across reconnects; `reconnects` drops in a row without a
         complete event end the stream with TransportFailed.
         """
-        resume = _Resume(last_event_id, reconnects)
+        async for event in self._stream(job_id, _Resume(last_event_id, reconnects), None):
+            if event is not None:
+                yield event
+
+    async def _stream(
+        self, job_id: str, resume: _Resume, clock: _Deadline | None
+    ) -> AsyncGenerator[Event | None]:
+        """SGDClient._stream over the async transport."""
+        loop = asyncio.get_running_loop()
         while True:
             decoder = _SSEDecoder(last_id=resume.last_id)  # a fresh one per connection
+            limits = (
+                self.http.timeout
+                if clock is None
+                else clock.request_timeout(self.http.timeout, loop.time())
+            )
             try:
                 async with self.http.stream(
-                    "GET", _job_path(job_id, "events"), headers=_events_headers(resume.last_id)
+                    "GET",
+                    _job_path(job_id, "events"),
+                    headers=_events_headers(resume.last_id),
+                    timeout=limits,
                 ) as response:
                     body = b"" if response.is_success else await response.aread()
                     if not _check_stream(response, body):
@@ -767,11 +993,14 @@ class AsyncSGDClient:
                         event = (
                             None if decoded is None else _decode_event(*decoded, response.headers)
                         )
-                        if event is not None:
-                            yield event
+                        yield event
                         if isinstance(event, Job):
                             return
                 error: Exception = _ended_early()
             except httpx.TransportError as exc:
                 error = exc
-            await asyncio.sleep(resume.dropped(job_id, error))
+            pause = resume.dropped(job_id, error)
+            yield None
+            if clock is not None:
+                pause = min(pause, max(clock.left(loop.time()), 0.0))
+            await asyncio.sleep(pause)
