@@ -23,6 +23,7 @@ from service.client import (
     SGDClient,
 )
 from service.core.intervals import MAX_COVERAGE, METHODS, MIN_COVERAGE
+from service.core.schemas import Job, JobStatus
 from service.core.settings import Scope, Settings, SettingsError, load_settings
 from service.http.access import SCOPES, NamedToken, TokensFileError, digest, read_tokens
 
@@ -90,7 +91,7 @@ def _plot_path(text: str) -> Path:
 
 
 def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
-    """The fit, predict and history subcommands."""
+    """The fit, wait, predict, models and history subcommands."""
     common = Parser(add_help=False)
     common.add_argument(
         "--url",
@@ -141,9 +142,18 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
     fit.add_argument(
         "--wait",
         action="store_true",
-        help="wait for the job to end (its id goes to stderr first; Ctrl-C cancels it)",
+        help="wait for the job to end (its id goes to stderr first; Ctrl-C cancels it): on a "
+        "terminal a live progress bar and a last line, else the ended job as JSON",
     )
-    fit.add_argument("--timeout", type=_seconds, default=600.0, help="for --wait (seconds)")
+    add_wait_options(fit, "for --wait: ")
+    wait = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="wait for a job started elsewhere to end, as fit --wait does (Ctrl-C stops "
+        "waiting, and leaves the job alone)",
+    )
+    wait.add_argument("job_id", metavar="JOB_ID")
+    add_wait_options(wait, "")
     predict = sub.add_parser("predict", parents=[common], help="print the score for each hours")
     predict.add_argument("hours", type=_finite, nargs="+")
     predict.add_argument("--version", type=_version, help="a kept model version (default: served)")
@@ -183,6 +193,22 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
     )
 
 
+def add_wait_options(command: Parser, prefix: str) -> None:
+    """--timeout, --json and --progress: how a wait ends and what it shows where."""
+    command.add_argument("--timeout", type=_seconds, default=600.0, help=f"{prefix}seconds")
+    command.add_argument(
+        "--json",
+        action="store_true",
+        help=f"{prefix}print the ended job as JSON on stdout even on a terminal, no bar "
+        "(what a program reading stdout always gets)",
+    )
+    command.add_argument(
+        "--progress",
+        action="store_true",
+        help=f"{prefix}draw the progress bar on stderr even when stdout is not a terminal",
+    )
+
+
 class UsageError(Exception):
     """A command line or environment the client commands cannot use (exit status 2)."""
 
@@ -198,14 +224,16 @@ def _headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
-    """Run fit/predict/history; the exit status is 0 on success, 1 on an error answer or a
-    failed fit, 2 on a usage error, 130 on Ctrl-C. Each error is one line on stderr (a problem's
-    fields follow it, one line each)."""
+    """Run a client command; the exit status is 0 on success, 1 on an error answer or a job that
+    did not succeed (fit --wait, wait), 2 on a usage error, 130 on Ctrl-C. Each error is one
+    line on stderr (a problem's fields follow it, one line each)."""
     try:
         if args.command == "history" and args.plot is not None and args.max_points is not None:
             raise UsageError("--max-points thins the JSON history; a --plot is always thinned")
         if args.command == "history" and args.plot is None and args.log:
             raise UsageError("--log draws a --plot's loss on a log scale; add --plot FILE")
+        if args.command == "fit" and not args.wait and args.progress:
+            raise UsageError("--progress shows how a --wait goes; add --wait")
         if args.command == "predict" and args.coverage is None and args.method is not None:
             raise UsageError(
                 "--method chooses how a --coverage interval is computed; add --coverage"
@@ -254,15 +282,64 @@ def _fit(sgd: SGDClient, args: argparse.Namespace) -> int:
     if hasattr(args, "tol"):
         options["tol"] = args.tol
     job = sgd.fit(args.x, args.y, **options)
-    if args.wait:
-        # The id first: whatever happens to this wait, the caller knows which job is theirs.
-        print(f"job {job.id} {job.status.value}; waiting (Ctrl-C cancels it)", file=sys.stderr)
-        try:
-            job = sgd.wait(job.id, timeout=args.timeout)
-        except KeyboardInterrupt:
-            return _cancel_on_interrupt(sgd, job.id)
-    print(job.model_dump_json(indent=2))
-    return 0 if not args.wait or job.status == "succeeded" else 1
+    if not args.wait:
+        print(job.model_dump_json(indent=2))
+        return 0
+    # The id first: whatever happens to this wait, the caller knows which job is theirs.
+    print(f"job {job.id} {job.status.value}; waiting (Ctrl-C cancels it)", file=sys.stderr)
+    try:
+        ended = _wait_showing(sgd, job.id, args)
+    except KeyboardInterrupt:
+        return _cancel_on_interrupt(sgd, job.id)
+    return _report(ended, args)
+
+
+def _wait(sgd: SGDClient, args: argparse.Namespace) -> int:
+    """A job started elsewhere: Ctrl-C stops this wait, not the job (it may be someone else's)."""
+    try:
+        ended = _wait_showing(sgd, args.job_id, args)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: stopped waiting; job {args.job_id} goes on "
+            f"(POST /jobs/{args.job_id}/cancel cancels it)",
+            file=sys.stderr,
+        )
+        return 130
+    return _report(ended, args)
+
+
+def _for_a_person(args: argparse.Namespace) -> bool:
+    """Whether a wait ends with a line for a person (stdout is a terminal and --json was not
+    given) rather than the job as JSON, exactly as a program has always read it."""
+    return sys.stdout.isatty() and not args.json
+
+
+def _wait_showing(sgd: SGDClient, job_id: str, args: argparse.Namespace) -> Job:
+    """Wait for the job; the bar goes to stderr (where tqdm draws, beside the messages) when a
+    person reads stdout, or with --progress."""
+    shown = args.progress or _for_a_person(args)
+    return sgd.wait(job_id, timeout=args.timeout, progress=sys.stderr if shown else False)
+
+
+def _report(job: Job, args: argparse.Namespace) -> int:
+    """The ended job: its last line for a person, else its JSON; 0 if it succeeded, else 1."""
+    print(outcome(job) if _for_a_person(args) else job.model_dump_json(indent=2))
+    return 0 if job.status == JobStatus.succeeded else 1
+
+
+def outcome(job: Job) -> str:
+    """An ended job in one line: succeeded with its model version, failed with the problem's
+    title and detail, or cancelled."""
+    if job.status == JobStatus.succeeded and job.result is not None:
+        result = job.result
+        line = f"succeeded: model version {result.model_version} (w={result.w:.6g}"
+        line += f", b={result.b:.6g})" if job.params.fit_intercept else ")"
+        if not result.published:
+            line += f", not served: {result.not_published_because}"
+        return line
+    if job.status == JobStatus.failed and job.error is not None:
+        return f"failed: {job.error.title}: {job.error.detail}"
+    return job.status.value
 
 
 def _cancel_on_interrupt(sgd: SGDClient, job_id: str) -> int:
@@ -406,7 +483,13 @@ def new_token(name: str, scopes: tuple[Scope, ...]) -> int:
     return 0
 
 
-COMMANDS = {"fit": _fit, "predict": _predict, "history": _history, "models": _models}
+COMMANDS = {
+    "fit": _fit,
+    "wait": _wait,
+    "predict": _predict,
+    "history": _history,
+    "models": _models,
+}
 
 
 def parser() -> Parser:
