@@ -475,7 +475,7 @@ class _Bar:
             values["b"] = event.b[-1]
         if event.val_loss is not None:
             values["val_loss"] = event.val_loss[-1]
-        postfix = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
+        postfix = ", ".join(f"{name}={value:.4g}" for name, value in values.items())
         self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.update(event.progress.epoch - self._bar.n)
 
