@@ -16,7 +16,7 @@ import pytest
 
 from service.client import AsyncSGDClient, FitOptions, SGDClient, WaitTimeout
 from service.core.schemas import Job, JobStatus
-from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job
+from tests.conftest import TIMEOUT, TUTORIAL, Server, wait_job, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -291,6 +291,8 @@ def test_a_bar_keeps_wait_s_deadline(shared_server: Server, http: httpx.Client) 
     sgd = SGDClient(http)
     job = sgd.fit(X, Y, **LONG)
     try:
+        # started: a WaitTimeout on a busy machine then carries a running job, never a queued one
+        wait_until(lambda: sgd.job(job.id).status is JobStatus.running, 60.0, "the fit's start")
         out = io.StringIO()
         with pytest.raises(WaitTimeout) as timed_out:
             sgd.wait(job.id, timeout=1.0, progress=out)
