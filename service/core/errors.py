@@ -135,6 +135,14 @@ class IntervalUnavailable(ServiceError):
     status = 409
 
 
+class RolloutConflict(ServiceError):
+    """A canary rollout that cannot start or end as asked (another one runs, or none does)."""
+
+    type = "rollout-conflict"
+    title = "This rollout conflicts with the one running"
+    status = 409
+
+
 class PredictionOutOfRange(ServiceError):
     type = "prediction-out-of-range"
     title = "The prediction is not a finite number"

@@ -33,6 +33,8 @@ from service.core.settings import Settings
 # A model version number in a body: strict, but 7.0 is 7, as JSON Schema says.
 VersionNumber = Annotated[int, Field(ge=1), BeforeValidator(integral)]
 Publish = Literal["always", "never", "if_better"]
+# A job's: "canary" rolls the new version out as JobParams.canary says (continuous training).
+JobPublish = Literal["always", "never", "if_better", "canary"]
 
 
 def _served_or_version(value: Any) -> Any:
@@ -220,6 +222,18 @@ class JobStatus(StrEnum):
         return self not in (JobStatus.queued, JobStatus.running)
 
 
+class CanaryRule(_Output):
+    """How a new version is rolled out as a canary (POST /models/{v}/serve's body)."""
+
+    traffic: int = Field(ge=1, le=99, description="percent of predictions sent to the canary")
+    promote_after: int | None = Field(
+        default=None, ge=1, description="outcomes before the automatic decision (null: by hand)"
+    )
+    max_worse: float = Field(
+        default=0.05, ge=0, le=100, description="promote if MAE <= stable MAE x (1 + max_worse)"
+    )
+
+
 class JobParams(_Output):
     """Hyper-parameters as resolved: the seed is always the one actually used."""
 
@@ -232,11 +246,14 @@ class JobParams(_Output):
     validation_fraction: float = 0.0
     tol: float | None = None
     n_iter_no_change: int = 5
-    publish: Publish = "always"
+    publish: JobPublish = "always"
     init_from: int | None = Field(
         default=None, description="the model version the fit started from (a warm start)"
     )
     init_b: float = Field(default=0.0, description="b before the first update")
+    canary: CanaryRule | None = Field(
+        default=None, description='with publish "canary": how the new version is rolled out'
+    )
 
 
 class Progress(_Output):
@@ -363,20 +380,153 @@ class Model(_Output):
         return intervals.half_width(self.residuals, self.version, hours, coverage, method)
 
 
+RolloutState = Literal["running", "promoted", "rolled_back"]
+PREDICTION_ID = r"^v[1-9][0-9]{0,17}-[0-9a-f]{16}$"
+
+
+class Quality(_Output):
+    """How a version did on the outcomes recorded while it was live (served, or a canary):
+    its own prediction for each outcome's hours against the score that really happened."""
+
+    outcomes: int = Field(description="outcomes in the window (at most `window`)")
+    window: int = Field(description="the last this many outcomes count (SGD_QUALITY_WINDOW)")
+    mae: Computed = Field(description="mean absolute error over the window")
+    rmse: Computed = Field(description="root mean squared error over the window")
+    coverage: Computed | None = Field(
+        default=None,
+        description="share of the window inside the version's 90% interval (null: it has none)",
+    )
+
+
+class Rollout(_Output):
+    """A canary rollout: `traffic` percent of predictions go to `version`, the rest to
+    `stable_version`; with `promote_after`, it is promoted or rolled back by itself once it has
+    that many outcomes, comparing the two versions' MAE on the same outcomes."""
+
+    version: int
+    stable_version: int
+    traffic: int = Field(ge=1, le=99, description="percent of predictions sent to `version`")
+    promote_after: int | None = Field(
+        default=None, description="outcomes before the automatic decision (null: by hand)"
+    )
+    max_worse: float = Field(
+        default=0.0, description="promote if MAE <= stable MAE x (1 + max_worse)"
+    )
+    started_at: datetime
+    outcomes: int = Field(default=0, description="outcomes recorded since it started")
+    mae: Computed | None = Field(default=None, description="the canary's MAE on them")
+    stable_mae: Computed | None = Field(default=None, description="the stable version's MAE")
+    state: RolloutState = "running"
+    ended_at: datetime | None = None
+    reason: str | None = Field(default=None, description="why it ended as it did")
+
+
 class ModelVersion(Model):
-    """A kept model version, and whether it is the one served."""
+    """A kept model version, whether it is the one served, its live quality and rollout."""
 
     served: bool
+    quality: Quality | None = Field(default=None, description="null: no outcome scored yet")
+    rollout: Rollout | None = Field(default=None, description="its latest canary rollout")
 
     @classmethod
-    def of(cls, model: Model, served: Model | None) -> "ModelVersion":
+    def of(
+        cls,
+        model: Model,
+        served: Model | None,
+        quality: Quality | None = None,
+        rollout: Rollout | None = None,
+    ) -> "ModelVersion":
         is_served = served is not None and served.version == model.version
-        return cls(**dict(model), served=is_served)
+        return cls(**dict(model), served=is_served, quality=quality, rollout=rollout)
 
 
 class ModelList(_Output):
     served_version: int | None
+    canary: Rollout | None = Field(default=None, description="the canary rollout running")
     versions: list[ModelVersion] = Field(description="newest first")
+
+
+class ServeRequest(_Input):
+    """POST /models/{v}/serve's optional body: serve to everyone, or roll out as a canary."""
+
+    traffic: int = Field(
+        default=100,
+        ge=0,
+        le=100,
+        description="percent of predictions for this version: 100 serves it to everyone (and "
+        "promotes its canary), 1 to 99 start a canary, 0 rolls its canary back",
+    )
+    promote_after: int | None = Field(
+        default=None, ge=1, description="a canary's outcomes before the automatic decision"
+    )
+    max_worse: Finite = Field(
+        default=0.05, ge=0, le=100, description="promote if MAE <= stable MAE x (1 + max_worse)"
+    )
+
+    def check_combinations(self) -> None:
+        if self.promote_after is not None and self.traffic in (0, 100):
+            issue = {
+                "field": "promote_after, traffic",
+                "message": "promote_after applies to a canary (traffic 1 to 99)",
+                "code": "combination",
+            }
+            raise InvalidInput("promote_after needs a canary: traffic 1 to 99", [issue])
+
+    def rule(self) -> CanaryRule:
+        return CanaryRule(
+            traffic=self.traffic, promote_after=self.promote_after, max_worse=self.max_worse
+        )
+
+
+class OutcomesRequest(_Input):
+    """What really happened: the scores observed for these hours."""
+
+    hours: list[Finite] = Field(min_length=1, examples=[[4, 5]])
+    score: list[Finite] = Field(min_length=1, description="one per hours", examples=[[8.1, 9.7]])
+    prediction_id: str | None = Field(
+        default=None,
+        pattern=PREDICTION_ID,
+        description="the X-Prediction-Id of the answer these outcomes follow",
+    )
+    model_version: VersionNumber | None = Field(
+        default=None, description="the version that predicted them (or prediction_id)"
+    )
+
+    def check_combinations(self) -> None:
+        if len(self.hours) != len(self.score):
+            issue = {
+                "field": "hours, score",
+                "message": f"{len(self.hours)} hours but {len(self.score)} scores",
+                "code": "combination",
+            }
+            raise InvalidInput("hours and score must have the same length", [issue])
+        if self.prediction_id is not None and self.model_version is not None:
+            issue = {
+                "field": "prediction_id, model_version",
+                "message": "give one of them",
+                "code": "combination",
+            }
+            raise InvalidInput("prediction_id names the version already: drop one", [issue])
+
+    @property
+    def named_version(self) -> int | None:
+        """The version the caller says predicted these outcomes, if any."""
+        if self.prediction_id is not None:
+            return int(self.prediction_id[1:].partition("-")[0])
+        return self.model_version
+
+
+class OutcomesReceipt(_Output):
+    recorded: int = Field(description="outcomes recorded by this request")
+    kept: int = Field(description="outcomes kept now (at most SGD_KEEP_OUTCOMES)")
+    total: int = Field(description="outcomes recorded since the store began")
+    versions: list[int] = Field(description="the versions these outcomes were scored against")
+    decision: Rollout | None = Field(
+        default=None, description="the canary these outcomes promoted or rolled back"
+    )
+    retrain_job: str | None = Field(
+        default=None, description="the fit continuous training started (SGD_RETRAIN_AFTER)"
+    )
 
 
 class Interval(_Output):

@@ -40,6 +40,19 @@ class Settings(BaseSettings):
     keep_jobs: int = Field(default=20, ge=1)
     # Model versions kept (GET /models, rollback); the oldest go first, never the served one.
     keep_versions: int = Field(default=100, ge=1)
+    # Outcomes (POST /outcomes) kept for continuous training; the oldest go first.
+    keep_outcomes: int = Field(default=100_000, ge=1, le=10_000_000)
+    # A version's live quality (MAE, RMSE, coverage) is over its last this many outcomes.
+    quality_window: int = Field(default=1000, ge=1, le=1_000_000)
+    # Continuous training (off: 0): every this many new outcomes, a warm-started fit on the
+    # last retrain_rows outcomes, rolled out as a canary of retrain_traffic percent that the
+    # rule (retrain_promote_after outcomes, retrain_max_worse) promotes or rolls back.
+    retrain_after: int = Field(default=0, ge=0)
+    retrain_rows: int = Field(default=1000, ge=2)
+    retrain_epochs: int = Field(default=1000, ge=1)
+    retrain_traffic: int = Field(default=10, ge=1, le=99)
+    retrain_promote_after: int = Field(default=100, ge=1)
+    retrain_max_worse: float = Field(default=0.05, ge=0, le=100)
     # A job whose training worker died (OOM killer, kill -9) runs again on a new worker, up to
     # this many runs in all: at-least-once.
     job_attempts: int = Field(default=2, ge=1, le=10)
