@@ -13,13 +13,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
+from service.core.outcomes import Canary
 from service.core.schemas import (
+    CanaryRule,
     FitReport,
     History,
     Job,
     JobParams,
     JobStatus,
     Model,
+    OutcomesReceipt,
+    Quality,
+    Rollout,
 )
 from service.state.changes import Changes
 
@@ -125,7 +132,37 @@ class Store(Protocol):
 
     def serve(self, version: int) -> Model:
         """Serve a kept version from now on, atomically, like a publication (a rollback, or the
-        promotion of an older version); raises VersionNotFound."""
+        promotion of an older version); raises VersionNotFound. Serving the running canary's
+        version promotes it; RolloutConflict while a canary of another version runs."""
+
+    @property
+    def canary(self) -> Canary | None:
+        """The canary being rolled out (its model and rollout), None when none runs; a plain
+        read that never waits, as `model` is."""
+
+    def start_canary(self, version: int, rule: CanaryRule) -> Rollout:
+        """Send rule.traffic percent of predictions to a kept version; raises VersionNotFound,
+        or RolloutConflict when another canary runs, nothing is served or it is served."""
+
+    def rollback(self, version: int) -> Rollout:
+        """End the canary of `version` as rolled back; RolloutConflict if it is not the canary."""
+
+    def rollout(self, version: int) -> Rollout | None:
+        """The latest rollout of a kept version (running or ended), None if it had none."""
+
+    def quality(self, version: int) -> Quality | None:
+        """A version's live quality over its last quality_window outcomes, None before any."""
+
+    def record_outcomes(
+        self, hours: np.ndarray, scores: np.ndarray, named: Model | None = None
+    ) -> OutcomesReceipt:
+        """Keep these outcomes (the newest keep_outcomes), score them against the versions
+        live now (served, canary) and `named`, and apply the canary's rule: promote or roll
+        back once it has its outcomes. Atomically: replicas that record at once count each
+        outcome once and decide once."""
+
+    def recent_outcomes(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last `limit` kept outcomes as float64 arrays (hours, scores), oldest first."""
 
 
 class WorkerStore(Protocol):

@@ -170,6 +170,8 @@ def publication(job: Job, report: FitReport, served: Model | None) -> tuple[bool
     evaluated on the same rows in O(1) (schemas.Quadratic).
     """
     publish = job.params.publish
+    if publish == "canary":
+        return False, None  # the store rolls it out (or says why not)
     if publish == "never":
         return False, 'publish is "never": serve it with POST /models/{version}/serve'
     if publish == "always" or served is None or report.val is None or report.val_mse is None:
@@ -206,10 +208,12 @@ def evicted_jobs(ended: Sequence[str], served: str | None, keep_jobs: int) -> li
     return others[: max(0, len(others) - keep_jobs)]
 
 
-def evicted_versions(kept: Sequence[int], served: int | None, keep_versions: int) -> list[int]:
+def evicted_versions(
+    kept: Sequence[int], served: int | None, keep_versions: int, canary: int | None = None
+) -> list[int]:
     """Which versions go: the oldest (`kept` is oldest first) beyond keep_versions, the served
-    one counted but never evicted."""
-    return [v for v in kept if v != served][: max(0, len(kept) - keep_versions)]
+    one and the canary counted but never evicted."""
+    return [v for v in kept if v not in (served, canary)][: max(0, len(kept) - keep_versions)]
 
 
 # -- the errors both stores raise ------------------------------------------------------------

@@ -5,20 +5,28 @@ and each history as float64 chunks."""
 import bisect
 import threading
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from service.core import outcomes
+from service.core.outcomes import Canary
 from service.core.schemas import (
+    CanaryRule,
     FitReport,
     History,
     Job,
     JobParams,
     JobStatus,
     Model,
+    OutcomesReceipt,
+    Quality,
+    Rollout,
 )
-from service.state import jobs
+from service.state import jobs, rollouts
 from service.state.base import Column, HistoryPage, Page, floats
 from service.state.changes import Changes
 
@@ -83,12 +91,46 @@ class _History:
         )
 
 
+class _Window:
+    """A version's last `size` outcome errors and whether each was inside its interval."""
+
+    def __init__(self, size: int) -> None:
+        self.errors: deque[float] = deque(maxlen=size)
+        self.hits: deque[bool] = deque(maxlen=size)
+
+    def add(self, scored: outcomes.Scored) -> None:
+        self.errors.extend(scored.errors.tolist())
+        if scored.hits is None:
+            self.hits.clear()
+        else:
+            self.hits.extend(scored.hits.tolist())
+
+    def quality(self) -> Quality | None:
+        errors = np.fromiter(self.errors, dtype=np.float64, count=len(self.errors))
+        hits = np.fromiter(self.hits, dtype=bool, count=len(self.hits)) if self.hits else None
+        return outcomes.quality(errors, hits, self.errors.maxlen or 0)
+
+
 class MemoryStore:
     """In-process state guarded by one lock; the default store."""
 
-    def __init__(self, keep_jobs: int, keep_versions: int = 100) -> None:
+    def __init__(
+        self,
+        keep_jobs: int,
+        keep_versions: int = 100,
+        keep_outcomes: int = 100_000,
+        quality_window: int = 1000,
+    ) -> None:
         self._keep_jobs = keep_jobs
         self._keep_versions = keep_versions
+        self._quality_window = quality_window
+        self._canary: Canary | None = None
+        self._sums = (0, 0.0, 0.0)  # the running canary's outcomes, its and the stable's |e| sums
+        self._rollouts: dict[int, Rollout] = {}  # each version's latest rollout
+        self._windows: dict[int, _Window] = {}
+        self._outcome_hours: deque[float] = deque(maxlen=keep_outcomes)
+        self._outcome_scores: deque[float] = deque(maxlen=keep_outcomes)
+        self._outcomes_total = 0
         self._versions: dict[int, Model] = {}  # kept versions, oldest first
         self._last_version = 0
         self._lock = threading.Lock()
@@ -104,6 +146,11 @@ class MemoryStore:
     def model(self) -> Model | None:
         """The served model: one attribute read, never a lock."""
         return self._model
+
+    @property
+    def canary(self) -> Canary | None:
+        """The canary being rolled out: one attribute read, never a lock."""
+        return self._canary
 
     unreachable = None  # in this process: always known
 
@@ -195,11 +242,16 @@ class MemoryStore:
             ended = jobs.now()
             model = jobs.model_of(job, self._last_version, report, ended)
             served, why_not = jobs.publication(job, report, self._model)
+            self._versions[model.version] = model
+            if job.params.publish == "canary":
+                rollout, why_not = rollouts.as_fit_says(model, self._model, self._rolling, ended)
+                if rollout is not None:
+                    self._begin(model, rollout)
             result = jobs.result_of(model, report, served, why_not)
             job = self._put(jobs.succeeded(job, result, ended))
             if served:
+                self._end_canary("rolled_back", rollouts.superseded(model.version), ended)
                 self._model = model  # the one assignment that publishes the new version
-            self._versions[model.version] = model
             self._ended[job_id] = None
             self._evict()
             return job
@@ -220,8 +272,111 @@ class MemoryStore:
     def serve(self, version: int) -> Model:
         with self._lock:
             model = self.version(version)
+            if rollouts.check_serve(version, self._rolling):
+                self._end_canary("promoted", rollouts.PROMOTED_BY_HAND, jobs.now())
             self._model = model  # the one assignment, as a publication
             return model
+
+    # -- canaries, outcomes and live quality ---------------------------------------------------
+
+    def start_canary(self, version: int, rule: CanaryRule) -> Rollout:
+        """Roll `version` out to rule.traffic percent of predictions; RolloutConflict when
+        another canary runs, nothing is served or it is served already."""
+        with self._lock:
+            model = self.version(version)
+            rollout = rollouts.started(model, self._model, self._rolling, rule, jobs.now())
+            self._begin(model, rollout)
+            return rollout
+
+    def rollback(self, version: int) -> Rollout:
+        """End the canary of `version`: every prediction goes to the stable version again."""
+        with self._lock:
+            rollouts.check_rollback(version, self._rolling)
+            ended = self._end_canary("rolled_back", rollouts.ROLLED_BACK_BY_HAND, jobs.now())
+            assert ended is not None
+            return ended
+
+    def rollout(self, version: int) -> Rollout | None:
+        """The latest rollout of `version` (running or ended), None if it had none."""
+        return self._rollouts.get(version)
+
+    def quality(self, version: int) -> Quality | None:
+        """`version`'s live quality over its window, None before its first outcome."""
+        with self._lock:
+            window = self._windows.get(version)
+            return None if window is None else window.quality()
+
+    def record_outcomes(
+        self, hours: np.ndarray, scores: np.ndarray, named: Model | None = None
+    ) -> OutcomesReceipt:
+        """Keep these outcomes, score them against the live versions (the served one, the
+        canary) and `named`, and let the canary's rule decide, atomically."""
+        with self._lock:
+            live = {m.version: m for m in (self._model, named) if m is not None}
+            canary = self._canary
+            if canary is not None:
+                live[canary.model.version] = canary.model
+            scored = {v: outcomes.score(m, hours, scores) for v, m in live.items()}
+            for v, s in scored.items():
+                self._windows.setdefault(v, _Window(self._quality_window)).add(s)
+            self._outcome_hours.extend(hours.tolist())
+            self._outcome_scores.extend(scores.tolist())
+            self._outcomes_total += len(hours)
+            decision = None
+            if canary is not None:
+                decision = self._judge(canary, scored)
+            return OutcomesReceipt(
+                recorded=len(hours),
+                kept=len(self._outcome_hours),
+                total=self._outcomes_total,
+                versions=sorted(scored),
+                decision=decision,
+            )
+
+    def recent_outcomes(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last `limit` kept outcomes, hours and scores, oldest first."""
+        with self._lock:
+            n = min(limit, len(self._outcome_hours))
+            hours = list(self._outcome_hours)[len(self._outcome_hours) - n :]
+            scores = list(self._outcome_scores)[len(self._outcome_scores) - n :]
+        return np.array(hours, dtype=np.float64), np.array(scores, dtype=np.float64)
+
+    def _judge(self, canary: Canary, scored: dict[int, outcomes.Scored]) -> Rollout | None:
+        """Add a batch's errors to the canary's sums; end it if its rule decides now."""
+        rollout = canary.rollout
+        n, mine, theirs = self._sums
+        n += len(scored[rollout.version].errors)
+        mine += float(np.sum(scored[rollout.version].errors))
+        theirs += float(np.sum(scored[rollout.stable_version].errors))
+        self._sums = (n, mine, theirs)
+        rollout = outcomes.with_figures(rollout, n, mine, theirs)
+        self._canary = Canary(canary.model, rollout)
+        self._rollouts[rollout.version] = rollout
+        decided = outcomes.verdict(rollout)
+        if decided is None:
+            return None
+        state, reason = decided
+        if state == "promoted":
+            self._model = canary.model
+        return self._end_canary(state, reason, jobs.now())
+
+    @property
+    def _rolling(self) -> Rollout | None:
+        return None if self._canary is None else self._canary.rollout
+
+    def _begin(self, model: Model, rollout: Rollout) -> None:
+        self._sums = (0, 0.0, 0.0)
+        self._rollouts[model.version] = rollout
+        self._canary = Canary(model, rollout)  # the one assignment that splits predictions
+
+    def _end_canary(self, state: str, reason: str, at: Any) -> Rollout | None:
+        canary = self._canary
+        if canary is None:
+            return None
+        ended = outcomes.ended(self._rollouts[canary.model.version], state, reason, at)
+        self._rollouts[ended.version] = ended
+        self._canary = None
+        return ended
 
     def end_job(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> Job:
         """End a job as failed or cancelled; nothing it produced is served."""
@@ -285,10 +440,13 @@ class MemoryStore:
             self.changes.changed(job_id)
         live = set(self._jobs)
         self._idempotency = {k: v for k, v in self._idempotency.items() if v[1] in live}
+        canary = self._canary.model.version if self._canary else None
         for v in jobs.evicted_versions(
-            list(self._versions), served.version if served else None, self._keep_versions
+            list(self._versions), served.version if served else None, self._keep_versions, canary
         ):
             del self._versions[v]
+            self._rollouts.pop(v, None)
+            self._windows.pop(v, None)
 
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ import redis
 from service.core.errors import Fenced, JobNotFound
 from service.core.schemas import FitReport, History, Job, JobParams, JobStatus, Model
 from service.core.settings import Settings
-from service.state import jobs
+from service.state import jobs, rollouts
 from service.state.base import Column, HistoryPage, Page, floats
 from service.state.reconcile import Repairs
 from service.state.redis_jobs import (
@@ -37,6 +37,7 @@ from service.state.redis_jobs import (
     check_config,
     columns,
 )
+from service.state.redis_outcomes import Outcomes
 from service.state.redis_worker import WorkerAPI
 from service.state.watch import Watcher
 
@@ -45,9 +46,10 @@ from service.state.watch import Watcher
 PICK_READ_STRIDE = 64
 
 
-class RedisStore(WorkerAPI, Repairs):
+class RedisStore(WorkerAPI, Repairs, Outcomes):
     """The Store protocol on Redis, plus what training workers need (WorkerStore: claim, beats,
-    fenced writes, hand-backs) and the reconciler's two repairs."""
+    fenced writes, hand-backs) and the reconciler's two repairs; outcomes, live quality and
+    canaries are service.state.redis_outcomes'."""
 
     def __init__(
         self,
@@ -58,8 +60,12 @@ class RedisStore(WorkerAPI, Repairs):
         lease_seconds: float = 10.0,
         watch: bool = True,
         on_end: Callable[[Job], None] | None = None,
+        keep_outcomes: int = 100_000,
+        quality_window: int = 1000,
     ) -> None:
         super().__init__(url, prefix, keep_jobs, keep_versions, lease_seconds)
+        self._keep_outcomes = keep_outcomes
+        self._quality_window = quality_window
         retention = (keep_jobs, keep_versions)
         self._watcher = Watcher(self.redis, prefix, self._channels, retention, on_end)
         self.changes = self._watcher.changes
@@ -80,6 +86,8 @@ class RedisStore(WorkerAPI, Repairs):
             lease_seconds=settings.lease_seconds,
             watch=watch,
             on_end=on_end,
+            keep_outcomes=settings.keep_outcomes,
+            quality_window=settings.quality_window,
         )
 
     def close(self) -> None:
@@ -332,10 +340,11 @@ class RedisStore(WorkerAPI, Repairs):
         kept versions, the oldest of which it evicts: nobody sees more than keep_versions."""
         job_key, served_key = self._key("job", job_id), self._key("served")
         counter_key, versions_key = self._key("version"), self._key("versions")
+        canary_key = self._key("canary")
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(job_key, counter_key, served_key, versions_key)
+                    pipe.watch(job_key, counter_key, served_key, versions_key, canary_key)
                     doc = pipe.hget(job_key, "doc")
                     if doc is None:
                         raise jobs.job_not_found(job_id)
@@ -349,11 +358,21 @@ class RedisStore(WorkerAPI, Repairs):
                     ended = jobs.now()
                     model = jobs.model_of(job, last + 1, report, ended)
                     serve, why_not = jobs.publication(job, report, current)
+                    running = self._running(pipe)
+                    started = superseded = None
+                    if job.params.publish == "canary":
+                        started, why_not = rollouts.as_fit_says(model, current, running, ended)
+                    elif serve and running is not None:
+                        why = rollouts.superseded(model.version)
+                        superseded = self._ended_now(pipe, running, "rolled_back", why)
                     result = jobs.result_of(model, report, serve, why_not)
                     model_doc = model.model_dump_json()
                     kept = [int(v) for v in pipe.zrange(versions_key, 0, -1)] + [model.version]
                     served = model.version if serve else current.version if current else None
-                    old = jobs.evicted_versions(kept, served, self._retention()[1])
+                    canary = started or (running if superseded is None else None)
+                    old = jobs.evicted_versions(
+                        kept, served, self._retention()[1], canary.version if canary else None
+                    )
                     pipe.multi()
                     job = self._finish(pipe, jobs.succeeded(job, result, ended))
                     pipe.set(counter_key, model.version)
@@ -362,9 +381,11 @@ class RedisStore(WorkerAPI, Repairs):
                         pipe.set(self._residuals_key(model.version), report.residuals)
                     pipe.zadd(versions_key, {str(model.version): model.version})
                     if old:
-                        pipe.hdel(self._key("models"), *map(str, old))
-                        pipe.delete(*map(self._residuals_key, old))
-                        pipe.zrem(versions_key, *map(str, old))
+                        self._forget(pipe, old)
+                    if started is not None:
+                        self._begin(pipe, started)
+                    if superseded is not None:
+                        self._end(pipe, superseded, promote=None)
                     if serve:
                         pipe.set(served_key, model_doc)
                         pipe.publish(self._channels + "served", str(model.version))
@@ -374,8 +395,18 @@ class RedisStore(WorkerAPI, Repairs):
                     pipe.reset()
         if serve:
             self._watcher.adopt(model_doc.encode(), report.residuals)
+        if started is not None or superseded is not None:
+            self._watcher.refresh()
         self._evict()
         return job
+
+    def _forget(self, pipe: Pipeline, versions: list[int]) -> None:
+        """Evict kept versions, and what is kept beside them."""
+        pipe.hdel(self._key("models"), *map(str, versions))
+        pipe.hdel(self._key("rollouts"), *map(str, versions))
+        pipe.delete(*map(self._residuals_key, versions))
+        pipe.delete(*(self._key("quality", str(v)) for v in versions))
+        pipe.zrem(self._key("versions"), *map(str, versions))
 
     # -- model versions --------------------------------------------------------------------
 
@@ -406,18 +437,26 @@ class RedisStore(WorkerAPI, Repairs):
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(models_key)
+                    pipe.watch(models_key, self._key("canary"), self._key("canary:sums"))
                     doc = pipe.hget(models_key, str(version))
                     if doc is None:
                         raise jobs.version_not_found(version)
+                    running = self._running(pipe)
+                    promoted = None
+                    if rollouts.check_serve(version, running):
+                        assert running is not None
+                        why = rollouts.PROMOTED_BY_HAND
+                        promoted = self._ended_now(pipe, running, "promoted", why)
                     pipe.multi()
+                    if promoted is not None:
+                        self._end(pipe, promoted, promote=None)
                     pipe.set(served_key, doc)
                     pipe.publish(self._channels + "served", str(version))
                     pipe.execute()
                     break
                 except redis.WatchError:
                     pipe.reset()
-        self._watcher.adopt(doc)
+        self._watcher.refresh() if promoted is not None else self._watcher.adopt(doc)
         served = self._watcher.model
         if served is not None and served.version == version:
             return served

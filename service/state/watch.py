@@ -17,7 +17,8 @@ from typing import Any
 
 import redis
 
-from service.core.schemas import Job, Model
+from service.core.outcomes import Canary
+from service.core.schemas import Job, Model, Rollout
 from service.state.changes import Changes
 from service.state.redis_jobs import check_config
 
@@ -47,6 +48,7 @@ class Watcher:
         self._retention = retention  # this process's keep_jobs, keep_versions
         self._on_end = on_end
         self.model: Model | None = None
+        self.canary: Canary | None = None  # the canary rollout, read with the served model
         self._caught_up = 0  # the highest published version catch_up has read the model for
         self.loaded = False  # the served model has been read once: the replica can be ready
         # Why Redis cannot take work now (unreachable, or refusing writes); None when it can.
@@ -77,9 +79,37 @@ class Watcher:
             log.info("serving model version %d", model.version)
 
     def refresh(self) -> None:
-        """Read the served model now (the thread does this by itself)."""
-        self.adopt(self.redis.get(self._prefix + "served"))
+        """Read the served model and the canary now (the thread does this by itself)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self._prefix + "served")
+        pipe.get(self._prefix + "canary")
+        served, canary = pipe.execute()
+        self.adopt(served)
+        self._adopt_canary(canary)
         self.loaded = True
+
+    def _adopt_canary(self, raw: bytes | None) -> None:
+        """Split predictions as this Rollout JSON says (None: no canary runs)."""
+        if raw is None:
+            self.canary = None
+            return
+        rollout = Rollout.model_validate_json(raw)
+        held = self.canary
+        if held is not None and (held.rollout.version, held.rollout.started_at) == (
+            rollout.version,
+            rollout.started_at,
+        ):
+            return
+        doc = self.redis.hget(self._prefix + "models", str(rollout.version))
+        if doc is None:  # evicted: nothing to send predictions to
+            self.canary = None
+            return
+        model = Model.model_validate_json(doc)
+        residuals = None
+        if model.intervals is not None and model.intervals.conformal is not None:
+            residuals = self.redis.get(f"{self._prefix}residuals:{model.version}")
+        self.canary = Canary(model.holding(residuals), rollout)
+        log.info("rolling out version %d to %d%%", rollout.version, rollout.traffic)
 
     def catch_up(self, shown: list[Job]) -> None:
         """Read your writes: a caller shown a job that published version N gets N (or a later
