@@ -52,10 +52,9 @@ from service.core.schemas import (
     PredictRequest,
 )
 from service.core.settings import Settings
-from service.http import scoring
+from service.http import outcomes, scoring
 from service.http.bodies import FitBody, predict_body
 from service.http.deps import (
-    ADMIN,
     PREDICT,
     READ,
     TRAIN,
@@ -72,6 +71,11 @@ from service.http.turns import give_way
 from service.state.base import HistoryPage, Store
 
 CANCEL_WAIT_SECONDS = 10.0
+MAX_KEY_LENGTH = 200
+KEY = (
+    "the caller's key (or the X-Caller-Key header): while a canary runs, one key always gets "
+    "the same version"
+)
 MAX_LISTED_JOBS = 100
 MAX_LISTED_VERSIONS = 100
 MAX_HISTORY_POINTS = 1_000_000
@@ -185,11 +189,12 @@ def _served(store: Store) -> Model:
     return model
 
 
-async def _model(store: Store, version: int | None) -> Model:
-    """The served model, or a kept version (a read of the store, off the event loop, unless
-    this process holds it)."""
+async def _model(store: Store, version: int | None, key: str | None = None) -> Model:
+    """The served model (or the canary, for its share of predictions: by the caller's `key`),
+    or a kept version (a read of the store, off the event loop, unless this process holds
+    it)."""
     if version is None:
-        return _served(store)
+        return scoring.routed(store, _served(store), key)
     held = store.held(version)
     return held if held is not None else await run_in_threadpool(store.version, version)
 
@@ -208,6 +213,7 @@ def _too_far(name: str, settings: Settings) -> InvalidInput:
 # query a "+" is a space, so `1e+3` is the route's `1e 3`, which it refuses.
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE]-?[0-9]+)?")
 _VERSION = re.compile(VERSION_NUMBER.encode())
+_KEY = re.compile(rb"[A-Za-z0-9._~-]{1,%d}" % MAX_KEY_LENGTH)
 
 
 _METHODS = {m.encode(): m for m in METHODS}
@@ -215,13 +221,15 @@ _METHODS = {m.encode(): m for m in METHODS}
 
 class _OneHours(DirectRoute):
     """GET /predict's query as FastAPI reads it; `hours=<number>` (and `version=<number>`,
-    `coverage=<number>` within its range, `method=<method>`), each once, read at once."""
+    `coverage=<number>` within its range, `method=<method>`, `key=<plain text>`), each once,
+    read at once."""
 
     async def read(self, request: Request, settings: Settings) -> dict[str, Any]:
         query: bytes = request.scope["query_string"]
-        fields = dict(p.partition(b"=")[::2] for p in query.split(b"&", 4))
+        fields = dict(p.partition(b"=")[::2] for p in query.split(b"&", 5))
         hours, version = fields.get(b"hours", b""), fields.pop(b"version", None)
         coverage, method = fields.pop(b"coverage", None), fields.pop(b"method", None)
+        key = fields.pop(b"key", None)
         if (
             fields.keys() == {b"hours"}
             and _NUMBER.fullmatch(hours)
@@ -229,14 +237,34 @@ class _OneHours(DirectRoute):
             and math.isfinite(number := float(hours))  # 1e999 is refused as FastAPI refuses it
             and (coverage is None or _within_range(coverage))
             and (method is None or method in _METHODS)
+            and (key is None or _KEY.fullmatch(key))
         ):
-            return {
+            arguments = {
                 "hours": number,
                 "version": None if version is None else int(version),
                 "coverage": None if coverage is None else float(coverage),
                 "method": None if method is None else _METHODS[method],
+                "key": None if key is None else key.decode(),
             }
-        return query_arguments(self, request)
+        else:
+            arguments = query_arguments(self, request)
+        return _keyed(request, arguments)
+
+
+def _keyed(request: Request, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments, with the caller's X-Caller-Key as `key` (unless the query gave one):
+    read only while a canary runs, when it matters."""
+    if arguments.get("key") is None and request.scope["state"]["store"].canary is not None:
+        key = scoring.caller_key(request.scope)
+        if key is not None and len(key) > MAX_KEY_LENGTH:
+            raise _long_key()
+        arguments["key"] = key
+    return arguments
+
+
+def _long_key() -> InvalidInput:
+    issue = {"field": "X-Caller-Key", "message": "too long", "code": "limit"}
+    return InvalidInput(f"a caller key has at most {MAX_KEY_LENGTH} characters", [issue])
 
 
 def _within_range(coverage: bytes) -> bool:
@@ -262,10 +290,12 @@ async def predict(
         NUMBER,
     ] = None,
     method: Annotated[Method | None, Query(description=METHOD_DESCRIPTION)] = None,
+    key: Annotated[str | None, Query(max_length=MAX_KEY_LENGTH, description=KEY)] = None,
 ) -> Response:
     """The served model's score for one number of hours (or a kept version's, ?version=);
-    with ?coverage=, the interval around it."""
-    model = await _model(store, version)
+    with ?coverage=, the interval around it. The X-Prediction-Id header names the answer (and
+    its version) for POST /outcomes."""
+    model = await _model(store, version, key)
     if abs(hours) > settings.max_abs_value:
         raise _too_far("hours", settings)
     score = finite_or_raise(model.predict(hours), "the score")
@@ -277,7 +307,7 @@ async def predict(
     elif method is not None:
         raise _method_alone()
     # Prediction, as FastAPI's route wrote it (pydantic's JSON: the floats as orjson writes them)
-    return json_answer(orjson.dumps(answer))
+    return json_answer(orjson.dumps(answer), scoring.answered_by(model))
 
 
 def _bounds(score: float, half: float, method: Method) -> tuple[float | None, float | None]:
@@ -310,12 +340,16 @@ class _ManyHours(DirectRoute):
     """POST /predict's body, counted, parsed and validated (service.http.bodies)."""
 
     async def read(self, request: Request, settings: Settings) -> dict[str, Any]:
-        return await predict_body(request, self, settings)
+        return _keyed(request, await predict_body(request, self, settings))
 
 
-async def predict_many(body: PredictRequest, store: StoreDep, settings: SettingsDep) -> Response:
-    """Scores for many hours, all from one model version (the served one, or `version`)."""
-    model = await _model(store, body.version)  # one read: every score from the same version
+async def predict_many(
+    body: PredictRequest, store: StoreDep, settings: SettingsDep, key: str | None = None
+) -> Response:
+    """Scores for many hours, all from one model version (the served one, or `version`); the
+    X-Prediction-Id header names the answer (and its version) for POST /outcomes."""
+    model = await _model(store, body.version, key)  # one read: every score from one version
+    named = scoring.answered_by(model)
     if len(body.hours) > settings.max_predict_batch:
         raise InvalidInput(
             f"at most {settings.max_predict_batch} hours per request; split the request",
@@ -331,12 +365,12 @@ async def predict_many(body: PredictRequest, store: StoreDep, settings: Settings
     if body.coverage is None:
         if body.method is not None:
             raise _method_alone()
-        return json_answer(answer + b"}")
+        return json_answer(answer + b"}", named)
     used, half = await scoring.half_width(model, hours, body.coverage, body.method)
     bounds = scoring.bounds(scores, half, lambda: overflowed("an interval bound"))
     lower, upper = (b"null", b"null") if bounds is None else map(_floats, bounds)
     tail = orjson.dumps({"coverage": body.coverage, "method": used})[1:]
-    return json_answer(b'%b,"lower":%b,"upper":%b,%b' % (answer, lower, upper, tail))
+    return json_answer(b'%b,"lower":%b,"upper":%b,%b' % (answer, lower, upper, tail), named)
 
 
 def _floats(values: scoring.Floats) -> bytes:
@@ -365,11 +399,16 @@ async def list_models(
     store: StoreDep, limit: Annotated[int, Query(ge=1, le=MAX_LISTED_VERSIONS), WHOLE] = 20
 ) -> ModelList:
     """Kept model versions, newest first, and which one is served."""
-    versions = await run_in_threadpool(store.versions, limit)
-    served = store.model
+    return await run_in_threadpool(_model_list, store, limit)
+
+
+def _model_list(store: Store, limit: int) -> ModelList:
+    versions = store.versions(limit)
+    served, canary = store.model, store.canary
     return ModelList(
         served_version=served.version if served else None,
-        versions=[ModelVersion.of(m, served) for m in versions],
+        canary=None if canary is None else store.rollout(canary.model.version),
+        versions=[outcomes.version_view(store, m) for m in versions],
     )
 
 
@@ -377,18 +416,9 @@ async def list_models(
 async def get_model_version(
     version: Annotated[int, Path(ge=1), WHOLE], store: StoreDep
 ) -> ModelVersion:
-    """One kept model version."""
+    """One kept model version: served or not, its live quality and its latest rollout."""
     model = await run_in_threadpool(store.version, version)
-    return ModelVersion.of(model, store.model)
-
-
-@router.post("/models/{version}/serve", dependencies=[ADMIN], responses=problems(401, 404, 422))
-async def serve_version(
-    version: Annotated[int, Path(ge=1), WHOLE], store: StoreDep
-) -> ModelVersion:
-    """Serve this kept version from now on, atomically: a rollback, or a promotion."""
-    model = await run_in_threadpool(store.serve, version)
-    return ModelVersion.of(model, model)
+    return await run_in_threadpool(outcomes.version_view, store, model)
 
 
 @router.get("/history", dependencies=[READ], response_model=History, responses=problems(404, 422))

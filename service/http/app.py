@@ -13,7 +13,7 @@ from service import __version__
 from service.core import intervals
 from service.core.errors import ServiceError
 from service.core.settings import Settings
-from service.http import api, oip, views
+from service.http import api, oip, outcomes, views
 from service.http.access import Access
 from service.http.deps import document_access
 from service.http.direct import DirectRoute, Shortcut
@@ -57,7 +57,12 @@ class State(TypedDict):
 def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
     """The store and the runner: in this process's memory, or shared in Redis."""
     if settings.redis_url is None:
-        store = MemoryStore(keep_jobs=settings.keep_jobs, keep_versions=settings.keep_versions)
+        store = MemoryStore(
+            keep_jobs=settings.keep_jobs,
+            keep_versions=settings.keep_versions,
+            keep_outcomes=settings.keep_outcomes,
+            quality_window=settings.quality_window,
+        )
         return store, JobRunner(store, settings, on_end=metrics.job_ended)
     from service.runner.fleet import QueueRunner  # imports redis only in Redis mode
     from service.state.redis import RedisStore
@@ -125,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return problem_response(error, headers)
 
     app.add_exception_handler(Exception, on_bug)
-    routers = (api.router, views.router, oip.router)
+    routers = (api.router, outcomes.router, views.router, oip.router)
     for router in routers:
         app.include_router(router)
     # the prediction routes, found before FastAPI's layers and its router's scan of every route
@@ -143,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = document_bodies(FastAPI.openapi(app), api.BODIES)
+            spec = document_bodies(FastAPI.openapi(app), api.BODIES + outcomes.BODIES)
             spec = document_limits(spec, settings)
             spec = document_access(spec, [r for router in routers for r in router.routes], access)
             app.openapi_schema = oip.document(spec, settings)

@@ -182,15 +182,34 @@ async def predict_body(request: Request, route: APIRoute, settings: Settings) ->
     """POST /predict's arguments: its body, at most SGD_MAX_PREDICT_BATCH hours counted before it
     is parsed, then parsed as a fit's is (service.http.reading) and validated by FastAPI's own
     function against the route's body model: the answers FastAPI gave, errors included."""
+    most = settings.max_predict_batch
+    refusal = InvalidInput(
+        f"at most {most} hours per request; split the request",
+        [{"field": "hours", "message": "too many values", "code": "limit"}],
+    )
+    return await listed_body(request, route, most + OTHER_VALUES, refusal)
+
+
+async def outcomes_body(request: Request, route: APIRoute, settings: Settings) -> dict[str, Any]:
+    """POST /outcomes' arguments, read as POST /predict's are: hours and score, at most
+    SGD_MAX_PREDICT_BATCH of each."""
+    most = settings.max_predict_batch
+    refusal = InvalidInput(
+        f"at most {most} outcomes per request; split the request",
+        [{"field": "hours", "message": "too many values", "code": "limit"}],
+    )
+    return await listed_body(request, route, 2 * most + OTHER_VALUES, refusal)
+
+
+async def listed_body(
+    request: Request, route: APIRoute, most: int, refusal: InvalidInput
+) -> dict[str, Any]:
+    """A route's body of lists of numbers: refused (`refusal`) past `most` values, counted
+    before it is parsed; parsed and validated as predict_body says."""
     if not _is_json(request, _strict(route)):  # validated as the bytes it is, and refused
         received: Any = await _first(request) or Undefined
     else:
-        most = settings.max_predict_batch
-        refusal = InvalidInput(
-            f"at most {most} hours per request; split the request",
-            [{"field": "hours", "message": "too many values", "code": "limit"}],
-        )
-        body = b"".join(await _counted(request, most + OTHER_VALUES, refusal))
+        body = b"".join(await _counted(request, most, refusal))
         try:
             received = loads_quickly(body) if body else Undefined  # no body: FastAPI's missing
         except NotRead as e:

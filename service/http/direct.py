@@ -92,9 +92,9 @@ async def _rendered(request: Request, exc: Exception) -> Response:
     return response
 
 
-def json_answer(body: bytes) -> Response:
+def json_answer(body: bytes, headers: dict[str, str] | None = None) -> Response:
     """A 200 with this JSON body, written by the endpoint."""
-    return Response(body, media_type="application/json")
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def query_arguments(route: APIRoute, request: Request) -> dict[str, Any]:

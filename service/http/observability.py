@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.errors import ServiceError
-from service.core.schemas import Job, JobStatus
+from service.core.schemas import Job, JobStatus, Model
 from service.runner.base import Runner
 from service.state.base import Store
 
@@ -100,6 +100,41 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "sgd_ready", "1 when the job runner can take fits", value=int(self._runner.ready)
         )
+        yield from self._live(model)
+
+    def _live(self, served: Model | None) -> Iterator[GaugeMetricFamily]:
+        """The live quality of the served version and the canary, labelled by version, and
+        the canary's share of predictions."""
+        canary = self._store.canary
+        traffic = GaugeMetricFamily(
+            "sgd_canary_traffic_percent", "Share of predictions the canary gets", labels=["version"]
+        )
+        if canary is not None:
+            traffic.add_metric([str(canary.model.version)], canary.rollout.traffic)
+        yield traffic
+        families = {
+            name: GaugeMetricFamily(f"sgd_live_{name}", text, labels=["version"])
+            for name, text in (
+                ("outcomes", "Outcomes in the version's quality window"),
+                ("mae", "Mean absolute error over the version's recent outcomes"),
+                ("rmse", "Root mean squared error over the version's recent outcomes"),
+                ("coverage", "Share of recent outcomes inside the version's 90% interval"),
+            )
+        }
+        for model in (served, None if canary is None else canary.model):
+            try:
+                quality = None if model is None else self._store.quality(model.version)
+            except ServiceError:  # a shared store out of reach: leave it out
+                quality = None
+            if model is None or quality is None:
+                continue
+            label = [str(model.version)]
+            families["outcomes"].add_metric(label, quality.outcomes)
+            families["mae"].add_metric(label, quality.mae)
+            families["rmse"].add_metric(label, quality.rmse)
+            if quality.coverage is not None:
+                families["coverage"].add_metric(label, quality.coverage)
+        yield from families.values()
 
 
 class RequestObserver:

@@ -12,9 +12,12 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from service.core.intervals import Method
+from service.core.outcomes import prediction_id, to_canary
 from service.core.schemas import Model
+from service.state.base import Store
 
 Floats = npt.NDArray[np.float64]
 
@@ -64,3 +67,32 @@ def first_over(hours: Floats, limit: float) -> int | None:
         return None
     within = np.abs(hours) <= limit  # False for NaN, and for an infinity past any limit
     return int(np.argmin(within))
+
+
+# -- which version answers, and the id of its answer -----------------------------------------
+
+CALLER_KEY = b"x-caller-key"
+PREDICTION_ID = "x-prediction-id"
+
+
+def routed(store: Store, served: Model, key: str | None) -> Model:
+    """The version that answers this prediction: the canary for its share of them (by the
+    caller's key when it gives one), else the served one. One attribute read when no canary
+    runs."""
+    canary = store.canary
+    if canary is not None and to_canary(canary.rollout.traffic, key):
+        return canary.model
+    return served
+
+
+def caller_key(scope: Scope) -> str | None:
+    """The X-Caller-Key header's value, read only when a canary runs."""
+    for name, value in scope["headers"]:
+        if name == CALLER_KEY:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def answered_by(model: Model) -> dict[str, str]:
+    """The headers of a prediction's answer: its id, which names the version."""
+    return {PREDICTION_ID: prediction_id(model.version)}

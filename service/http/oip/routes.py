@@ -7,7 +7,7 @@ shape [-1]. An inference is /predict's: one read of the served model (or of a ke
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -181,17 +181,32 @@ class _Infer(DirectRoute):
         params = request.path_params
         name = await _model_name(params["name"], settings)
         if "version" not in params:
-            return {"name": name, "request": request}
+            return {"name": name, "request": request, "key": _caller(request)}
         version = await _version_number(name, params["version"])
         return {"name": name, "version": version, "request": request}
 
 
+CALLER = "while a canary runs, one key always gets the same version (a hash of it)"
+
+
+def _caller(request: Request) -> str | None:
+    """The X-Caller-Key header, read only while a canary runs (it picks the version)."""
+    if request.scope["state"]["store"].canary is None:
+        return None
+    return scoring.caller_key(request.scope)
+
+
 async def infer(
-    name: NameDep, request: Request, store: StoreDep, settings: SettingsDep
+    name: NameDep,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    key: Annotated[str | None, Header(alias="X-Caller-Key", description=CALLER)] = None,
 ) -> Response:
-    """Inference with the served model: `hours` in, `score` out."""
+    """Inference with the served model (or the canary, for its share): `hours` in, `score`
+    out. The X-Prediction-Id header names the answer (and its version) for POST /outcomes."""
     asked = await _read(request, name, settings)
-    return await _answer(name, _served(store, name), asked)
+    return await _answer(name, scoring.routed(store, _served(store, name), key), asked)
 
 
 async def infer_version(
@@ -284,6 +299,8 @@ async def _answer(name: str, model: Model, asked: Inference) -> Response:
         await give_way()
         written.append(part)
     body = written[0] if len(written) == 1 else b"".join(written)
+    headers = scoring.answered_by(model)
     if json_length is None:
-        return Response(body, media_type=JSON_TYPE)
-    return Response(body, media_type=BINARY_TYPE, headers={HEADER_LENGTH: str(json_length)})
+        return Response(body, media_type=JSON_TYPE, headers=headers)
+    headers[HEADER_LENGTH] = str(json_length)
+    return Response(body, media_type=BINARY_TYPE, headers=headers)
