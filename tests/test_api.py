@@ -484,6 +484,7 @@ NULLABLE = {
     "batch_size",  # every sample
     "tol",  # no early stopping
     "init_from",  # no warm start
+    "canary",  # not published as a canary
     "val_mse",  # no validation split
     "val_r2",
     "train_r2",  # undefined for constant y

@@ -123,10 +123,12 @@ def test_the_shortcut_answers_as_the_router_does(
     request.getfixturevalue("routed")
     routed = served.request(method, url, json=body)
     assert (quick.status_code, quick.content) == (routed.status_code, routed.content)
-    varying = ("x-request-id",)
+    varying = ("x-request-id", "x-prediction-id")  # random: the id's version is the same
     assert [h for h in quick.headers.items() if h[0] not in varying] == [
         h for h in routed.headers.items() if h[0] not in varying
     ]
+    ids = [r.headers.get("x-prediction-id", "").partition("-")[0] for r in (quick, routed)]
+    assert ids[0] == ids[1]
 
 
 # A "+" in a query is a space: the route reads `1e+3` as `1e 3`, which the fast path once

@@ -83,7 +83,7 @@ def test_fifty_clients_while_fits_start_finish_and_cancel(roomy_server: Server) 
     versions = {j["result"]["model_version"]: j["result"] for j in jobs if j["result"]}
     versions[1] = None  # the tutorial fit's model
     assert not errors, errors[:5]
-    assert len(answers) > 1000
+    assert len(answers) > 5 * CLIENTS  # they kept coming (how fast is the bench's to say)
     assert {j["status"] for j in jobs} <= {"succeeded", "cancelled"}
     assert "cancelled" in {j["status"] for j in jobs}
     for a in answers:
