@@ -98,6 +98,19 @@ def test_the_interval_examples(tmp_path_factory: pytest.TempPathFactory) -> None
         srv.stop()
 
 
+def test_the_outcome_examples(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On a server of its own: the example's fits are versions 1 and 2 there."""
+    srv = start_server(str(tmp_path_factory.mktemp("readme-outcomes")))
+    try:
+        host = srv.url.removeprefix("http://")
+        examples = commands(block("### Learning from what happened", "bash"))
+        assert len(examples) == 10
+        for command, expected in examples:
+            run_until(shlex.split(command.replace(DEFAULT, host), comments=True), expected)
+    finally:
+        srv.stop()
+
+
 def test_the_command_line(server: Server) -> None:
     env = {"PATH": str(Path(sys.executable).parent), "SGD_URL": server.url}
     for command, _ in commands(block("## Command line", "bash")):
