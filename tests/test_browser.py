@@ -349,6 +349,34 @@ def test_serve_a_kept_version_from_the_page(browser: Browser, server: Server) ->
     page.close()
 
 
+def test_roll_a_canary_out_and_back_and_see_the_live_quality(
+    browser: Browser, server: Server
+) -> None:
+    api_fit(server, {**TUTORIAL, "seed": 1})  # w = 2, served
+    api_fit(server, {"x": [1.0, 2.0, 3.0], "y": [3.0, 6.0, 9.0], "seed": 2, "publish": "never"})
+    with server.client() as http:  # what really happened: y = 3x
+        assert http.post("/outcomes", json={"hours": [1, 2], "score": [3, 6]}).status_code == 200
+    page = open_page(browser, server)
+    v1, v2 = (page.locator(f'#versions tr[data-version="{v}"]') for v in (1, 2))
+    expect(v1.locator(".quality")).to_contain_text("MAE 1.5")  # |3 - 2| and |6 - 4|
+    expect(v1.locator(".quality")).to_contain_text("n 2")
+    expect(v2.locator(".quality")).to_have_text("–")  # it was not live
+
+    v2.locator("button.canary").click()
+    expect(v2).to_have_attribute("data-canary", "true")
+    expect(v2.locator(".rollout")).to_have_text("canary 10%")
+    assert text(page, "#versions-status") == "Version 2 gets 10% of predictions now."
+    with server.client() as http:
+        assert http.get("/models").json()["canary"]["traffic"] == 10
+    v2.locator("button.rollback").click()
+    expect(v2).to_have_attribute("data-canary", "false")
+    expect(v2.locator(".rollout")).to_have_attribute("data-state", "rolled_back")
+    with server.client() as http:
+        assert http.get("/models").json()["canary"] is None
+    expect(page.locator("#served")).to_have_attribute("data-version", "1")
+    page.close()
+
+
 def fmt_close(shown: str, value: float) -> bool:
     return float(shown) == pytest.approx(value, rel=1e-5)
 

@@ -521,20 +521,77 @@ function metrics(m) {
     `${names[k]} ${fmt(m[k], 4)}`));
 }
 
+// The version's live quality: how it did on the outcomes recorded while it was live.
+function quality(q) {
+  if (!q) return ["–"];
+  const parts = [`MAE ${fmt(q.mae, 4)}`, `RMSE ${fmt(q.rmse, 4)}`];
+  if (q.coverage !== null && q.coverage !== undefined) parts.push(`in 90%: ${fmt(q.coverage * 100, 3)}%`);
+  parts.push(`n ${q.outcomes}`);
+  return parts.map((t) => el("span", { className: "metric" }, t));
+}
+
+const ROLLOUT_STATES = { running: "canary", promoted: "promoted", rolled_back: "rolled back" };
+
+function rolloutText(r) {
+  if (!r) return null;
+  const figures = r.mae === null ? "" : `: MAE ${fmt(r.mae, 4)} vs ${fmt(r.stable_mae, 4)} on ${r.outcomes}`;
+  const share = r.state === "running" ? ` ${r.traffic}%` : "";
+  return el("span", { className: "rollout", title: r.reason || "", data: { state: r.state } },
+    `${ROLLOUT_STATES[r.state]}${share}${figures}`);
+}
+
+function button(label, className, version, onClick) {
+  const b = el("button", { type: "button", className, data: { version: String(version) } }, label);
+  b.addEventListener("click", () => onClick(b));
+  return b;
+}
+
 function versionRow(v) {
-  const action = v.served
-    ? el("span", { className: "badge" }, "served")
-    : el("button", { type: "button", className: "serve", data: { version: String(v.version) } },
-      "Serve");
-  if (!v.served) action.addEventListener("click", () => serveVersion(v.version, action));
-  return el("tr", { data: { version: String(v.version), served: String(v.served) } },
+  const running = v.rollout && v.rollout.state === "running";
+  const actions = [];
+  if (v.served) actions.push(el("span", { className: "badge" }, "served"));
+  else {
+    actions.push(button(running ? "Promote" : "Serve", "serve", v.version,
+      (b) => serveVersion(v.version, b)));
+    if (running) actions.push(button("Roll back", "rollback", v.version, (b) => rollBack(v.version, b)));
+    else actions.push(button("Canary 10%", "canary", v.version, (b) => startCanary(v.version, b)));
+  }
+  return el("tr", { data: { version: String(v.version), served: String(v.served), canary: String(running) } },
     el("td", {}, String(v.version)),
     el("td", {}, fmt(v.w)),
     el("td", {}, v.params.fit_intercept ? fmt(v.b) : "–"),
     el("td", {}, ...metrics(v.metrics)),
+    el("td", { className: "quality" }, ...quality(v.quality)),
     el("td", {}, shortId(v.job_id)),
     el("td", {}, when(v.trained_at)),
-    el("td", {}, action));
+    el("td", {}, ...actions, rolloutText(v.rollout)));
+}
+
+// A canary: 10% of predictions go to the version; a rule may decide later (the API's body).
+async function startCanary(version, b) {
+  await changeVersions(b, `Rolling version ${version} out to 10%…`, async () => {
+    await request("POST", `/models/${encodeURIComponent(version)}/serve`, { traffic: 10 });
+    return `Version ${version} gets 10% of predictions now.`;
+  });
+}
+
+async function rollBack(version, b) {
+  await changeVersions(b, `Rolling version ${version} back…`, async () => {
+    await request("DELETE", `/models/${encodeURIComponent(version)}/serve`);
+    return `Version ${version}'s canary is rolled back.`;
+  });
+}
+
+async function changeVersions(b, doing, change) {
+  b.disabled = true;
+  $("versions-status").textContent = doing;
+  try {
+    $("versions-status").textContent = await change();
+  } catch (error) {
+    b.disabled = false;
+    $("versions-status").textContent = `Refused: ${error.message}`;
+  }
+  await Promise.all([refreshServed(), refreshVersions()]);
 }
 
 // The warm-start choices follow the kept versions; a choice still kept stays chosen.
@@ -560,7 +617,7 @@ async function refreshVersions() {
     const list = await request("GET", `/models?limit=${VERSIONS_SHOWN}`);
     if (ask !== asked.versions) return;
     const rows = list.versions.map(versionRow);
-    if (rows.length === 0) rows.push(el("tr", {}, el("td", { colSpan: 7 }, "No versions yet.")));
+    if (rows.length === 0) rows.push(el("tr", {}, el("td", { colSpan: 8 }, "No versions yet.")));
     $("versions").tBodies[0].replaceChildren(...rows);
     $("versions").dataset.servedVersion = String(list.served_version ?? "");
     initFromChoices(list.versions);
