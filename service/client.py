@@ -28,6 +28,7 @@ from service.core.schemas import (
     Model,
     ModelList,
     ModelVersion,
+    OutcomesReceipt,
     Prediction,
     Predictions,
     Problem,
@@ -237,14 +238,57 @@ def _cancel_call(job_id: str) -> _Call[Job]:
     return _Call("POST", _job_path(job_id, "cancel"), _model(Job))
 
 
-def _predict_call(hours: float, version: int | None) -> _Call[Prediction]:
-    params = {"hours": hours} | ({} if version is None else {"version": version})
-    return _Call("GET", "/predict", _model(Prediction), params=params)
+PREDICTION_ID_HEADER = "X-Prediction-Id"  # v{version}-{16 hex}: for record_outcomes
 
 
-def _predict_many_call(hours: Sequence[float], version: int | None) -> _Call[Predictions]:
+def _caller_key(key: str | None) -> dict[str, str]:
+    """The X-Caller-Key header: during a canary rollout the same key always gets the same
+    version. An HTTP header carries visible ASCII only, and trims spaces at its ends: such a
+    key could not be sent as it is, so it is refused here, not sent as another key."""
+    if key is None:
+        return {}
+    if not (key and key.isascii() and key.isprintable() and key == key.strip()):
+        raise ValueError(f"a caller key is visible ASCII without spaces at its ends: {key!r}")
+    return {"X-Caller-Key": key}
+
+
+def _predict_params(hours: float, version: int | None) -> dict[str, Any]:
+    return {"hours": hours} | ({} if version is None else {"version": version})
+
+
+def _predict_call(hours: float, version: int | None, key: str | None) -> _Call[Prediction]:
+    params = _predict_params(hours, version)
+    return _Call("GET", "/predict", _model(Prediction), params=params, headers=_caller_key(key))
+
+
+def _with_prediction_id(
+    parse: Callable[[httpx.Response], T],
+) -> Callable[[httpx.Response], tuple[T, str]]:
+    """`parse`, and the answer's X-Prediction-Id: an answer without one (a service that predates
+    outcomes) is refused, as a prediction id made up here would name no answer."""
+
+    def parse_with_id(response: httpx.Response) -> tuple[T, str]:
+        prediction_id = response.headers.get(PREDICTION_ID_HEADER)
+        if not prediction_id:
+            raise UnexpectedResponse(response.status_code, response.text)
+        return parse(response), prediction_id
+
+    return parse_with_id
+
+
+def _predict_with_id_call(
+    hours: float, version: int | None, key: str | None
+) -> _Call[tuple[Prediction, str]]:
+    parse = _with_prediction_id(_model(Prediction))
+    params = _predict_params(hours, version)
+    return _Call("GET", "/predict", parse, params=params, headers=_caller_key(key))
+
+
+def _predict_many_call(
+    hours: Sequence[float], version: int | None, key: str | None
+) -> _Call[Predictions]:
     body = {"hours": list(hours)} | ({} if version is None else {"version": version})
-    return _Call("POST", "/predict", _model(Predictions), body=body)
+    return _Call("POST", "/predict", _model(Predictions), body=body, headers=_caller_key(key))
 
 
 def _interval_options(
@@ -272,19 +316,35 @@ def _with_interval(
 
 
 def _predict_interval_call(
-    hours: float, coverage: float, method: Method | None, version: int | None
+    hours: float, coverage: float, method: Method | None, version: int | None, key: str | None
 ) -> _Call[Prediction]:
     params = {"hours": hours} | _interval_options(coverage, method, version)
     parse = _with_interval(_model(Prediction), lambda p: p.interval is not None)
-    return _Call("GET", "/predict", parse, params=params)
+    return _Call("GET", "/predict", parse, params=params, headers=_caller_key(key))
 
 
 def _predict_many_intervals_call(
-    hours: Sequence[float], coverage: float, method: Method | None, version: int | None
+    hours: Sequence[float],
+    coverage: float,
+    method: Method | None,
+    version: int | None,
+    key: str | None,
 ) -> _Call[Predictions]:
     body = {"hours": list(hours)} | _interval_options(coverage, method, version)
     parse = _with_interval(_model(Predictions), lambda p: p.method is not None)
-    return _Call("POST", "/predict", parse, body=body)
+    return _Call("POST", "/predict", parse, body=body, headers=_caller_key(key))
+
+
+def _outcomes_call(
+    hours: Sequence[float],
+    score: Sequence[float],
+    prediction_id: str | None,
+    model_version: int | None,
+) -> _Call[OutcomesReceipt]:
+    given = {"prediction_id": prediction_id, "model_version": model_version}
+    body: dict[str, Any] = {"hours": list(hours), "score": list(score)}
+    body |= {k: v for k, v in given.items() if v is not None}
+    return _Call("POST", "/outcomes", _model(OutcomesReceipt), body=body)
 
 
 def _model_call() -> _Call[Model]:
@@ -299,8 +359,17 @@ def _version_call(version: int) -> _Call[ModelVersion]:
     return _Call("GET", f"/models/{int(version)}", _model(ModelVersion))
 
 
-def _serve_call(version: int) -> _Call[ModelVersion]:
-    return _Call("POST", f"/models/{int(version)}/serve", _model(ModelVersion))
+def _serve_call(
+    version: int, traffic: int | None, promote_after: int | None, max_worse: float | None
+) -> _Call[ModelVersion]:
+    # No option, no body: serving a version by hand is the request it has always been.
+    given = {"traffic": traffic, "promote_after": promote_after, "max_worse": max_worse}
+    body = {k: v for k, v in given.items() if v is not None} or None
+    return _Call("POST", f"/models/{int(version)}/serve", _model(ModelVersion), body=body)
+
+
+def _rollback_call(version: int) -> _Call[ModelVersion]:
+    return _Call("DELETE", f"/models/{int(version)}/serve", _model(ModelVersion))
 
 
 def _history_call(
@@ -652,13 +721,24 @@ class SGDClient:
         except _TRANSIENT:
             return known
 
-    def predict(self, hours: float, version: int | None = None) -> float:
-        """The served model's score for `hours` (or kept version `version`'s)."""
-        return self._send(_predict_call(hours, version)).score
+    def predict(self, hours: float, version: int | None = None, *, key: str | None = None) -> float:
+        """The served model's score for `hours` (or kept version `version`'s). During a canary
+        rollout the same `key` (a user, a session) always gets the same version; no key: random."""
+        return self._send(_predict_call(hours, version, key)).score
 
-    def predict_many(self, hours: Sequence[float], version: int | None = None) -> list[float]:
-        """Scores for many hours, all from one model version (the served one by default)."""
-        return self._send(_predict_many_call(hours, version)).scores
+    def predict_with_id(
+        self, hours: float, *, key: str | None = None, version: int | None = None
+    ) -> tuple[Prediction, str]:
+        """predict()'s whole answer (`.score`, `.model_version`) and its prediction id
+        (`v3-9f1c…`), for record_outcomes(prediction_id=...) once the true score is known."""
+        return self._send(_predict_with_id_call(hours, version, key))
+
+    def predict_many(
+        self, hours: Sequence[float], version: int | None = None, *, key: str | None = None
+    ) -> list[float]:
+        """Scores for many hours, all from one model version (the served one by default, or the
+        one `key` is sent to during a canary rollout)."""
+        return self._send(_predict_many_call(hours, version, key)).scores
 
     def predict_interval(
         self,
@@ -667,13 +747,14 @@ class SGDClient:
         *,
         method: Method | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> Prediction:
         """The score for `hours` and an interval that holds the true score with probability
         `coverage` (0.5..0.999): `.score`, `.interval.lower` and `.upper` (None: unbounded),
         `.interval.method`. `method` defaults to the version's first (`intervals.methods` of
         GET /models/{v}); one the version cannot answer raises ConflictError
         (interval-unavailable), a coverage out of range InvalidRequestError."""
-        return self._send(_predict_interval_call(hours, coverage, method, version))
+        return self._send(_predict_interval_call(hours, coverage, method, version, key))
 
     def predict_many_intervals(
         self,
@@ -682,10 +763,24 @@ class SGDClient:
         *,
         method: Method | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> Predictions:
         """predict_interval for many hours from one model version: `.scores`, `.lower` and
         `.upper` (None: unbounded), `.coverage`, `.method`."""
-        return self._send(_predict_many_intervals_call(hours, coverage, method, version))
+        return self._send(_predict_many_intervals_call(hours, coverage, method, version, key))
+
+    def record_outcomes(
+        self,
+        hours: Sequence[float],
+        score: Sequence[float],
+        *,
+        prediction_id: str | None = None,
+        model_version: int | None = None,
+    ) -> OutcomesReceipt:
+        """The scores that really happened for these hours; each version's live quality (and a
+        canary's decision) is scored on them. `prediction_id` (from predict_with_id) or
+        `model_version` names the version that predicted them; needs the train scope."""
+        return self._send(_outcomes_call(hours, score, prediction_id, model_version))
 
     def model(self) -> Model:
         """The model being served."""
@@ -699,9 +794,25 @@ class SGDClient:
         """One kept model version."""
         return self._send(_version_call(version))
 
-    def serve(self, version: int) -> ModelVersion:
-        """Serve a kept version from now on (a rollback); needs the token, like fit."""
-        return self._send(_serve_call(version))
+    def serve(
+        self,
+        version: int,
+        *,
+        traffic: int | None = None,
+        promote_after: int | None = None,
+        max_worse: float | None = None,
+    ) -> ModelVersion:
+        """Serve a kept version from now on (a rollback); needs the admin scope. With `traffic`
+        1..99 it is a canary: that percent of predictions go to it, and after `promote_after`
+        outcomes it is promoted if its MAE is at most the stable version's x (1 + `max_worse`),
+        else rolled back (promote_after None: by hand). traffic=100 promotes it, 0 rolls it
+        back. Only the options given are sent."""
+        return self._send(_serve_call(version, traffic, promote_after, max_worse))
+
+    def rollback(self, version: int) -> ModelVersion:
+        """End the canary rollout of `version`: every prediction goes to the stable version
+        again. ConflictError if `version` is no running canary."""
+        return self._send(_rollback_call(version))
 
     def history(
         self,
@@ -890,13 +1001,23 @@ class AsyncSGDClient:
         except _TRANSIENT:
             return known
 
-    async def predict(self, hours: float, version: int | None = None) -> float:
-        """The served model's score for `hours` (or kept version `version`'s)."""
-        return (await self._send(_predict_call(hours, version))).score
+    async def predict(
+        self, hours: float, version: int | None = None, *, key: str | None = None
+    ) -> float:
+        """The served model's score for `hours` (SGDClient.predict)."""
+        return (await self._send(_predict_call(hours, version, key))).score
 
-    async def predict_many(self, hours: Sequence[float], version: int | None = None) -> list[float]:
-        """Scores for many hours, all from one model version (the served one by default)."""
-        return (await self._send(_predict_many_call(hours, version))).scores
+    async def predict_with_id(
+        self, hours: float, *, key: str | None = None, version: int | None = None
+    ) -> tuple[Prediction, str]:
+        """The whole answer and its prediction id (SGDClient.predict_with_id)."""
+        return await self._send(_predict_with_id_call(hours, version, key))
+
+    async def predict_many(
+        self, hours: Sequence[float], version: int | None = None, *, key: str | None = None
+    ) -> list[float]:
+        """Scores for many hours, all from one model version (SGDClient.predict_many)."""
+        return (await self._send(_predict_many_call(hours, version, key))).scores
 
     async def predict_interval(
         self,
@@ -905,9 +1026,10 @@ class AsyncSGDClient:
         *,
         method: Method | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> Prediction:
         """The score for `hours` and its interval at `coverage` (SGDClient.predict_interval)."""
-        return await self._send(_predict_interval_call(hours, coverage, method, version))
+        return await self._send(_predict_interval_call(hours, coverage, method, version, key))
 
     async def predict_many_intervals(
         self,
@@ -916,9 +1038,21 @@ class AsyncSGDClient:
         *,
         method: Method | None = None,
         version: int | None = None,
+        key: str | None = None,
     ) -> Predictions:
         """Scores and intervals for many hours (SGDClient.predict_many_intervals)."""
-        return await self._send(_predict_many_intervals_call(hours, coverage, method, version))
+        return await self._send(_predict_many_intervals_call(hours, coverage, method, version, key))
+
+    async def record_outcomes(
+        self,
+        hours: Sequence[float],
+        score: Sequence[float],
+        *,
+        prediction_id: str | None = None,
+        model_version: int | None = None,
+    ) -> OutcomesReceipt:
+        """The scores that really happened for these hours (SGDClient.record_outcomes)."""
+        return await self._send(_outcomes_call(hours, score, prediction_id, model_version))
 
     async def model(self) -> Model:
         """The model being served."""
@@ -932,9 +1066,20 @@ class AsyncSGDClient:
         """One kept model version."""
         return await self._send(_version_call(version))
 
-    async def serve(self, version: int) -> ModelVersion:
-        """Serve a kept version from now on (a rollback); needs the token, like fit."""
-        return await self._send(_serve_call(version))
+    async def serve(
+        self,
+        version: int,
+        *,
+        traffic: int | None = None,
+        promote_after: int | None = None,
+        max_worse: float | None = None,
+    ) -> ModelVersion:
+        """Serve a kept version, or start its canary rollout with `traffic` (SGDClient.serve)."""
+        return await self._send(_serve_call(version, traffic, promote_after, max_worse))
+
+    async def rollback(self, version: int) -> ModelVersion:
+        """End the canary rollout of `version` (SGDClient.rollback)."""
+        return await self._send(_rollback_call(version))
 
     async def history(
         self,
