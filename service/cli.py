@@ -1,5 +1,6 @@
 """The `sgd-service` command line: its parser, the commands that talk to a running service
-(fit, predict, history, models), `token`, and the settings `serve` and `worker` start with."""
+(fit, predict, outcomes, history, models), `token`, and the settings `serve` and `worker` start
+with."""
 
 import argparse
 import json
@@ -91,7 +92,7 @@ def _plot_path(text: str) -> Path:
 
 
 def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
-    """The fit, wait, predict, models and history subcommands."""
+    """The fit, wait, predict, outcomes, models and history subcommands."""
     common = Parser(add_help=False)
     common.add_argument(
         "--url",
@@ -169,12 +170,67 @@ def add_client_commands(sub: "argparse._SubParsersAction[Parser]") -> None:
         help="with --coverage: how the interval is computed (default: the version's first, "
         "conformal when its fit held rows out)",
     )
+    predict.add_argument(
+        "--key",
+        type=_caller_key,
+        help="who asks (a user, a session): during a canary rollout the same key always gets "
+        "the same version (default: a random one each time)",
+    )
+    outcomes = sub.add_parser(
+        "outcomes",
+        parents=[common],
+        help="record the scores that really happened; prints the receipt as JSON",
+    )
+    outcomes.add_argument("--hours", type=_finite, nargs="+", required=True, help="hours studied")
+    outcomes.add_argument(
+        "--score", type=_finite, nargs="+", required=True, help="the true score of each"
+    )
+    predicted_by = outcomes.add_mutually_exclusive_group()
+    predicted_by.add_argument(
+        "--prediction-id",
+        metavar="ID",
+        help="the X-Prediction-Id of the answer they follow (v3-9f1c…)",
+    )
+    predicted_by.add_argument(
+        "--model-version", type=_version, metavar="VERSION", help="the version that predicted them"
+    )
     models = sub.add_parser(
-        "models", parents=[common], help="print the kept model versions as JSON, or --serve one"
+        "models",
+        parents=[common],
+        help="print the kept model versions as JSON, --serve one (or start its canary), or "
+        "--rollback a canary",
     )
     models.add_argument("--limit", type=int, default=20, help="at most this many (newest first)")
-    models.add_argument(
+    serve_or_rollback = models.add_mutually_exclusive_group()
+    serve_or_rollback.add_argument(
         "--serve", type=_version, metavar="VERSION", help="serve this kept version (a rollback)"
+    )
+    serve_or_rollback.add_argument(
+        "--rollback",
+        type=_version,
+        metavar="VERSION",
+        help="end this version's canary rollout: the stable version answers everyone again",
+    )
+    models.add_argument(
+        "--traffic",
+        type=_traffic,
+        metavar="PERCENT",
+        help="with --serve: a canary; this percent of predictions go to it (100: promote it, "
+        "0: roll it back)",
+    )
+    models.add_argument(
+        "--promote-after",
+        type=_count,
+        metavar="OUTCOMES",
+        help="with --serve: decide by itself once the canary has this many outcomes "
+        "(default: by hand)",
+    )
+    models.add_argument(
+        "--max-worse",
+        type=_share,
+        metavar="SHARE",
+        help="with --promote-after: promote if its MAE is at most the stable version's "
+        "x (1 + SHARE), e.g. 0.05",
     )
     history = sub.add_parser(
         "history", parents=[common], help="print a job's history as JSON (one line), or --plot it"
@@ -237,6 +293,10 @@ def run_client_command(args: argparse.Namespace) -> int:
         if args.command == "predict" and args.coverage is None and args.method is not None:
             raise UsageError(
                 "--method chooses how a --coverage interval is computed; add --coverage"
+            )
+        if args.command == "models" and args.serve is None and _canary_options(args):
+            raise UsageError(
+                "--traffic, --promote-after and --max-worse start a canary; add --serve"
             )
         headers = _headers()
     except UsageError as exc:
@@ -394,14 +454,23 @@ def _coverage(text: str) -> float:
     return value
 
 
+def _caller_key(text: str) -> str:
+    """A --key an HTTP header can carry as it is (X-Caller-Key)."""
+    if not (text and text.isascii() and text.isprintable() and text == text.strip()):
+        raise argparse.ArgumentTypeError(
+            f"a key is visible ASCII without spaces at its ends (an HTTP header), not {text!r}"
+        )
+    return text
+
+
 def _predict(sgd: SGDClient, args: argparse.Namespace) -> int:
     hours: list[float] = args.hours
     if args.coverage is not None:
         return _predict_intervals(sgd, args)
     if len(hours) == 1:
-        scores = [sgd.predict(hours[0], args.version)]
+        scores = [sgd.predict(hours[0], args.version, key=args.key)]
     else:
-        scores = sgd.predict_many(hours, args.version)
+        scores = sgd.predict_many(hours, args.version, key=args.key)
     for score in scores:
         print(score)
     return 0
@@ -411,7 +480,7 @@ def _predict_intervals(sgd: SGDClient, args: argparse.Namespace) -> int:
     """One line per hours value: `8.01 [7.5, 8.5] (90% conformal)`, the score first as without
     --coverage; `[unbounded]` when the version's held-out rows are too few for that coverage."""
     hours: list[float] = args.hours
-    options = {"method": args.method, "version": args.version}
+    options = {"method": args.method, "version": args.version, "key": args.key}
     rows: list[tuple[float, float | None, float | None]]
     if len(hours) == 1:
         one = sgd.predict_interval(hours[0], args.coverage, **options)
@@ -437,11 +506,55 @@ def _version(text: str) -> int:
     return int(text)
 
 
+def _traffic(text: str) -> int:
+    if not text.isdigit() or int(text) > 100:
+        raise argparse.ArgumentTypeError(f"a percent of predictions, 0..100, not {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of outcomes (1, 2, ...), not {text!r}")
+    return int(text)
+
+
+def _share(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a share >= 0 (0.05 for 5%), not {text!r}")
+    return value
+
+
+def _canary_options(args: argparse.Namespace) -> bool:
+    """Whether `models` was given --traffic, --promote-after or --max-worse."""
+    return any(v is not None for v in (args.traffic, args.promote_after, args.max_worse))
+
+
 def _models(sgd: SGDClient, args: argparse.Namespace) -> int:
     if args.serve is not None:
-        print(sgd.serve(args.serve).model_dump_json())
+        # the client sends only the canary options given: none, and it serves as it always has
+        served = sgd.serve(
+            args.serve,
+            traffic=args.traffic,
+            promote_after=args.promote_after,
+            max_worse=args.max_worse,
+        )
+        print(served.model_dump_json())
+    elif args.rollback is not None:
+        print(sgd.rollback(args.rollback).model_dump_json())
     else:
         print(sgd.models(args.limit).model_dump_json())
+    return 0
+
+
+def _outcomes(sgd: SGDClient, args: argparse.Namespace) -> int:
+    receipt = sgd.record_outcomes(
+        args.hours,
+        args.score,
+        prediction_id=args.prediction_id,
+        model_version=args.model_version,
+    )
+    print(receipt.model_dump_json())
     return 0
 
 
@@ -487,6 +600,7 @@ COMMANDS = {
     "fit": _fit,
     "wait": _wait,
     "predict": _predict,
+    "outcomes": _outcomes,
     "history": _history,
     "models": _models,
 }
