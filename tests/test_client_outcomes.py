@@ -48,11 +48,16 @@ def live_server(
 
 @pytest.fixture
 def sent(live_server: Server) -> Iterator[tuple[SGDClient, list[httpx.Request]]]:
-    """A client of the live server, and every request it sends."""
+    """A client of the live server, and every request it sends. A canary that a failed test
+    left running is rolled back, so that it fails alone."""
     requests: list[httpx.Request] = []
     hooks = {"request": [requests.append]}
     with httpx.Client(base_url=live_server.url, timeout=TIMEOUT, event_hooks=hooks) as http:
-        yield SGDClient(http), requests
+        sgd = SGDClient(http)
+        yield sgd, requests
+        canary = sgd.models().canary
+        if canary is not None:
+            sgd.rollback(canary.version)
 
 
 @pytest.fixture
