@@ -360,7 +360,7 @@ def test_roll_a_canary_out_and_back_and_see_the_live_quality(
     v1, v2 = (page.locator(f'#versions tr[data-version="{v}"]') for v in (1, 2))
     expect(v1.locator(".quality")).to_contain_text("MAE 1.5")  # |3 - 2| and |6 - 4|
     expect(v1.locator(".quality")).to_contain_text("n 2")
-    expect(v2.locator(".quality")).to_have_text("–")  # it was not live
+    expect(v2.locator(".quality")).to_have_text("\N{EN DASH}")  # it was not live
 
     v2.locator("button.canary").click()
     expect(v2).to_have_attribute("data-canary", "true")

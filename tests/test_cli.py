@@ -104,6 +104,7 @@ def test_fit_options_are_passed_on(live_server: Server, capsys: pytest.CaptureFi
         "publish": "always",
         "init_from": None,
         "init_b": 0.0,
+        "canary": None,
     }
     code, out, _ = run(
         ["fit", "--url", live_server.url, *TUTORIAL_ARGS, "--batch-size", "2"], capsys

@@ -101,6 +101,7 @@ def test_fit_sends_only_the_options_given(sgd: SGDClient) -> None:
         "publish": "always",
         "init_from": None,
         "init_b": 0.0,
+        "canary": None,
     }
     assert sgd.wait(job.id).status is JobStatus.succeeded
 
