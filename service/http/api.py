@@ -344,7 +344,10 @@ class _ManyHours(DirectRoute):
 
 
 async def predict_many(
-    body: PredictRequest, store: StoreDep, settings: SettingsDep, key: str | None = None
+    body: PredictRequest,
+    store: StoreDep,
+    settings: SettingsDep,
+    key: Annotated[str | None, Header(alias="X-Caller-Key", description=KEY)] = None,
 ) -> Response:
     """Scores for many hours, all from one model version (the served one, or `version`); the
     X-Prediction-Id header names the answer (and its version) for POST /outcomes."""

@@ -2,6 +2,7 @@
 /models/{v}/serve) and continuous training. The numbers and the rule are service.core.outcomes';
 what they change, atomically, the store's."""
 
+import logging
 import secrets
 from typing import Annotated, Any
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidInput, ServiceError
 from service.core.numbers import MAX_SEED, WHOLE
 from service.core.schemas import (
     CanaryRule,
@@ -33,6 +34,7 @@ from service.runner.base import Runner
 from service.state.base import Store
 
 router = APIRouter()
+log = logging.getLogger("sgd_service.outcomes")
 MAX_SERVE_BODY = 1024  # bytes: three small numbers
 
 
@@ -110,7 +112,12 @@ def _retrain(
     params = _retrain_params(served, settings)
     key = f"sgd-retrain-{receipt.total // every}"
     x, y = hours.astype(np.float64).tobytes(), scores.astype(np.float64).tobytes()
-    job, _ = runner.submit(params, len(hours), (x,), (y,), (key, "retrain"))
+    try:
+        job, _ = runner.submit(params, len(hours), (x,), (y,), (key, "retrain"))
+    except ServiceError as refused:  # a full queue, a drain: the outcomes are recorded anyway
+        log.warning("continuous training could not start a fit: %s", refused.detail)
+        return None
+    log.info("continuous training: job %s on the last %d outcomes", job.id, len(hours))
     return job.id
 
 
