@@ -85,26 +85,19 @@ def test_the_tutorial_over_http(server: Server) -> None:
     assert job_id
 
 
-def test_the_interval_examples(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """On a server of its own: the example's fit is the first version there."""
-    srv = start_server(str(tmp_path_factory.mktemp("readme-intervals")))
+@pytest.mark.parametrize(
+    ("heading", "count"),
+    [("### Predictions that say how sure they are", 4), ("### Learning from what happened", 10)],
+)
+def test_the_examples_of_a_section(
+    tmp_path_factory: pytest.TempPathFactory, heading: str, count: int
+) -> None:
+    """On a server of its own: the example's fits are the first versions there."""
+    srv = start_server(str(tmp_path_factory.mktemp("readme-section")))
     try:
         host = srv.url.removeprefix("http://")
-        examples = commands(block("### Predictions that say how sure they are", "bash"))
-        assert len(examples) == 4
-        for command, expected in examples:
-            run_until(shlex.split(command.replace(DEFAULT, host), comments=True), expected)
-    finally:
-        srv.stop()
-
-
-def test_the_outcome_examples(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """On a server of its own: the example's fits are versions 1 and 2 there."""
-    srv = start_server(str(tmp_path_factory.mktemp("readme-outcomes")))
-    try:
-        host = srv.url.removeprefix("http://")
-        examples = commands(block("### Learning from what happened", "bash"))
-        assert len(examples) == 10
+        examples = commands(block(heading, "bash"))
+        assert len(examples) == count
         for command, expected in examples:
             run_until(shlex.split(command.replace(DEFAULT, host), comments=True), expected)
     finally:

@@ -190,6 +190,21 @@ class RedisJobs:
                 except redis.WatchError:
                     pipe.reset()
 
+    def _transact(self, keys: Sequence[str], fn: Callable[[Pipeline], T]) -> T:
+        """WATCH `keys`, let fn read and queue its writes (after pipe.multi()), run them in one
+        MULTI/EXEC; all again if anyone changed a watched key meanwhile, or the connection was
+        cut. fn's result."""
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(*keys)
+                    out = fn(pipe)
+                    if pipe.explicit_transaction:  # fn may have nothing to write
+                        pipe.execute()
+                    return out
+                except redis.WatchError:
+                    pipe.reset()
+
     def _put(self, pipe: Pipeline, job: Job) -> Job:
         """Write the job's next snapshot (in the transaction being built) and announce it."""
         if not pipe.explicit_transaction:

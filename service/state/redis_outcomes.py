@@ -25,7 +25,6 @@ import uuid
 from typing import Any
 
 import numpy as np
-import redis
 
 from service.core import outcomes
 from service.core.outcomes import Canary
@@ -54,38 +53,28 @@ class Outcomes(RedisJobs):
 
     @available
     def start_canary(self, version: int, rule: CanaryRule) -> Rollout:
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(self._key("served"), self._key("canary"), self._key("models"))
-                    model, served, canary = self._live(pipe, version)
-                    rollout = rollouts.started(model, served, canary, rule, jobs.now())
-                    pipe.multi()
-                    self._begin(pipe, rollout)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    pipe.reset()
+        def start(pipe: Pipeline) -> Rollout:
+            model, served, canary = self._live(pipe, version)
+            rollout = rollouts.started(model, served, canary, rule, jobs.now())
+            pipe.multi()
+            self._begin(pipe, rollout)
+            return rollout
+
+        rollout = self._transact(self._keys("served", "canary", "models"), start)
         self._watcher.refresh()  # type: ignore[attr-defined]
         return rollout
 
     @available
     def rollback(self, version: int) -> Rollout:
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(self._key("canary"), self._key("canary:sums"))
-                    canary = self._running(pipe)
-                    canary = rollouts.check_rollback(version, canary)
-                    ended = self._ended_now(
-                        pipe, canary, "rolled_back", rollouts.ROLLED_BACK_BY_HAND
-                    )
-                    pipe.multi()
-                    self._end(pipe, ended, promote=None)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    pipe.reset()
+        def roll_back(pipe: Pipeline) -> Rollout:
+            canary = rollouts.check_rollback(version, self._running(pipe))
+            why = rollouts.ROLLED_BACK_BY_HAND
+            ended = self._ended_now(pipe, canary, "rolled_back", why)
+            pipe.multi()
+            self._end(pipe, ended, promote=None)
+            return ended
+
+        ended = self._transact(self._keys("canary", "canary:sums"), roll_back)
         self._watcher.refresh()  # type: ignore[attr-defined]
         return ended
 
@@ -119,43 +108,43 @@ class Outcomes(RedisJobs):
         batch_key = self._key("outcomes", "batch", token)
         packed = np.column_stack((hours, scores)).astype(np.float64)
         rows = [packed[i].tobytes() for i in range(len(packed))]
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(self._key("served"), self._key("canary"), batch_key)
-                    if pipe.exists(batch_key):  # landed before a cut connection: once only
-                        return self._receipt(pipe, len(rows), [], None)
-                    live = self._live_now(pipe, named)
-                    canary = self._running(pipe)
-                    scored = {v: outcomes.score(m, hours, scores) for v, m in live.items()}
-                    pipe.multi()
-                    pipe.set(batch_key, b"1", ex=BATCH_SECONDS)
-                    pipe.rpush(self._key("outcomes"), *rows)
-                    pipe.ltrim(self._key("outcomes"), -self._keep_outcomes, -1)
-                    pipe.incrby(self._key("outcomes:total"), len(rows))
-                    for v, s in scored.items():
-                        key = self._key("quality", str(v))
-                        hit = np.full(len(s.errors), np.nan) if s.hits is None else s.hits
-                        pairs = np.column_stack((s.errors, hit)).astype(np.float64)
-                        pipe.lpush(key, *(pairs[i].tobytes() for i in range(len(pairs))))
-                        pipe.ltrim(key, 0, self._quality_window - 1)
-                    if canary is not None:
-                        sums = self._key("canary:sums")
-                        pipe.hincrby(sums, "n", len(rows))
-                        mine = float(np.sum(scored[canary.version].errors))
-                        pipe.hincrbyfloat(sums, "mine", min(mine, 1e300))
-                        theirs = float(np.sum(scored[canary.stable_version].errors))
-                        pipe.hincrbyfloat(sums, "theirs", min(theirs, 1e300))
-                    replies = pipe.execute()
-                    break
-                except redis.WatchError:
-                    pipe.reset()
+
+        def record(pipe: Pipeline) -> tuple[Rollout | None, list[int], list[Any]] | None:
+            if pipe.exists(batch_key):  # landed before a cut connection: once only
+                return None
+            live = self._live_now(pipe, named)
+            canary = self._running(pipe)
+            scored = {v: outcomes.score(m, hours, scores) for v, m in live.items()}
+            pipe.multi()
+            pipe.set(batch_key, b"1", ex=BATCH_SECONDS)
+            pipe.rpush(self._key("outcomes"), *rows)
+            pipe.ltrim(self._key("outcomes"), -self._keep_outcomes, -1)
+            pipe.incrby(self._key("outcomes:total"), len(rows))
+            for v, s in scored.items():
+                key = self._key("quality", str(v))
+                hit = np.full(len(s.errors), np.nan) if s.hits is None else s.hits
+                pairs = np.column_stack((s.errors, hit)).astype(np.float64)
+                pipe.lpush(key, *(pairs[i].tobytes() for i in range(len(pairs))))
+                pipe.ltrim(key, 0, self._quality_window - 1)
+            if canary is not None:
+                sums = self._key("canary:sums")
+                pipe.hincrby(sums, "n", len(rows))
+                mine = float(np.sum(scored[canary.version].errors))
+                pipe.hincrbyfloat(sums, "mine", min(mine, 1e300))
+                theirs = float(np.sum(scored[canary.stable_version].errors))
+                pipe.hincrbyfloat(sums, "theirs", min(theirs, 1e300))
+            return canary, sorted(scored), pipe.execute()
+
+        recorded = self._transact([*self._keys("served", "canary"), batch_key], record)
+        if recorded is None:
+            return self._receipt(len(rows), [], None)
+        canary, versions, replies = recorded
         decision = None
         if canary is not None:
             n, mine_sum, theirs_sum = replies[-3:]
             judged = outcomes.with_figures(canary, int(n), float(mine_sum), float(theirs_sum))
             decision = self._judge(judged)
-        return self._receipt(self.redis, len(rows), sorted(scored), decision)
+        return self._receipt(len(rows), versions, decision)
 
     @available
     def recent_outcomes(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,9 +155,12 @@ class Outcomes(RedisJobs):
     # -- the pieces ------------------------------------------------------------------------
 
     def _receipt(
-        self, client: Any, recorded: int, versions: list[int], decision: Rollout | None
+        self, recorded: int, versions: list[int], decision: Rollout | None
     ) -> OutcomesReceipt:
-        kept, total = client.llen(self._key("outcomes")), client.get(self._key("outcomes:total"))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.llen(self._key("outcomes"))
+        pipe.get(self._key("outcomes:total"))
+        kept, total = pipe.execute()
         return OutcomesReceipt(
             recorded=recorded,
             kept=int(kept),
@@ -183,25 +175,27 @@ class Outcomes(RedisJobs):
         if decided is None:
             return None
         state, reason = decided
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(self._key("canary"), self._key("served"))
-                    canary = self._running(pipe)
-                    if canary is None or canary.started_at != judged.started_at:
-                        return None  # another replica decided first
-                    ended = outcomes.ended(judged, state, reason, jobs.now())
-                    promote = None
-                    if state == "promoted":
-                        promote = pipe.hget(self._key("models"), str(judged.version))
-                    pipe.multi()
-                    self._end(pipe, ended, promote)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    pipe.reset()
+
+        def decide(pipe: Pipeline) -> Rollout | None:
+            canary = self._running(pipe)
+            if canary is None or canary.started_at != judged.started_at:
+                return None  # another replica decided first
+            ended = outcomes.ended(judged, state, reason, jobs.now())
+            promote = None
+            if state == "promoted":
+                promote = pipe.hget(self._key("models"), str(judged.version))
+            pipe.multi()
+            self._end(pipe, ended, promote)
+            return ended
+
+        ended = self._transact(self._keys("canary", "served"), decide)
+        if ended is None:
+            return None
         self._watcher.refresh()  # type: ignore[attr-defined]
         return ended
+
+    def _keys(self, *names: str) -> list[str]:
+        return [self._key(name) for name in names]
 
     def _live(self, pipe: Pipeline, version: int) -> tuple[Model, Model | None, Rollout | None]:
         """A kept version, the served model and the running canary, read under WATCH."""
