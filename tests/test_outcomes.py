@@ -255,6 +255,9 @@ def test_the_rule_rolls_back_a_worse_canary_and_promotes_a_better_one(
         assert {version_of(http.get("/predict", params={"hours": 1})) for _ in range(20)} == {
             better
         }
+    log = srv.log()
+    assert f"canary of version {worse} rolled back: MAE" in log
+    assert f"canary of version {better} promoted: MAE" in log
 
 
 def test_continuous_training_follows_a_drift(make: Callable[..., Server]) -> None:

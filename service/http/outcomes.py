@@ -76,6 +76,15 @@ async def record_outcomes(
             store.version, body.named_version
         )
     receipt = await run_in_threadpool(store.record_outcomes, hours, scores, named)
+    decided = receipt.decision
+    if decided is not None:
+        log.info(
+            "canary of version %d %s: %s",
+            decided.version,
+            decided.state.replace("_", " "),
+            decided.reason,
+            extra={"fields": decided.model_dump(mode="json")},
+        )
     job = await run_in_threadpool(_retrain, store, runner, settings, receipt)
     if job is not None:
         receipt = receipt.model_copy(update={"retrain_job": job})
