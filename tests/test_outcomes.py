@@ -310,6 +310,25 @@ def test_continuous_training_follows_a_drift(make: Callable[..., Server]) -> Non
         assert answered <= live
 
 
+def test_continuous_training_on_the_served_versions_rows_too(make: Callable[..., Server]) -> None:
+    srv = make(
+        SGD_RETRAIN_AFTER="10",
+        SGD_RETRAIN_ROWS="10",
+        SGD_RETRAIN_EPOCHS="50",
+        SGD_RETRAIN_FIT_ROWS="true",
+    )
+    with srv.client() as http:
+        v1 = fit(http)  # on 20 rows
+        receipt = http.post("/outcomes", json={"hours": X[:10], "score": X[:10]}).json()
+        job = wait_job(http, receipt["retrain_job"])
+        assert job["status"] == "succeeded", job
+        assert job["n_samples"] == 20 + 10  # the fit's rows, then the outcomes
+        assert job["params"]["init_from"] == v1
+        canary = http.get("/models").json()["canary"]
+        assert canary["version"] == job["result"]["model_version"]
+        assert canary["stable_version"] == v1
+
+
 def test_two_replicas_split_every_key_the_same_way(fleet: Fleet) -> None:
     a, b = fleet.replica(workers=1), fleet.replica()
     with a.client() as http, b.client() as other:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.core.errors import RolloutConflict, VersionNotFound
-from service.core.schemas import CanaryRule, FitReport, JobParams
+from service.core.schemas import CanaryRule, FitReport, JobParams, JobStatus
 from service.state.base import Store
 from service.state.memory import MemoryStore
 from service.state.redis import RedisStore
@@ -35,7 +35,10 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
     prefix = redis_server.prefix()
 
     def make(
-        keep_versions: int = 100, keep_outcomes: int = 100_000, quality_window: int = 1000
+        keep_versions: int = 100,
+        keep_outcomes: int = 100_000,
+        quality_window: int = 1000,
+        keep_fit_rows: bool = False,
     ) -> Store:
         store = RedisStore(
             redis_server.url,
@@ -45,6 +48,7 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
             watch=False,
             keep_outcomes=keep_outcomes,
             quality_window=quality_window,
+            keep_fit_rows=keep_fit_rows,
         )
         made.append(store)
         return store
@@ -54,9 +58,11 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[MakeStore]:
         store.close()
 
 
-def publish(store: Store, w: float, params: JobParams = PARAMS) -> int:
-    """A fit of y = w x, published as `params` says; its version."""
-    job, _ = store.create_job(params, 3)
+def publish(
+    store: Store, w: float, params: JobParams = PARAMS, rows: tuple[bytes, bytes] | None = None
+) -> int:
+    """A fit of y = w x (on `rows`), published as `params` says; its version."""
+    job, _ = store.create_job(params, 3, samples=rows)
     assert store.start_job(job.id) is not None
     ended = store.succeed_job(job.id, FitReport.plain(w, 0.0, 0.5, 0.25))
     assert ended.result is not None
@@ -255,3 +261,29 @@ def test_replicas_recording_at_once_decide_once(redis_server: RedisServer) -> No
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_version_keeps_its_fit_rows_when_asked(make_store: MakeStore) -> None:
+    x, y = np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.5])
+    rows = (x.tobytes(), y.tobytes())
+    plain = make_store()
+    assert plain.fit_rows(publish(plain, 2.0, rows=rows)) is None  # not asked: not kept
+    store = make_store(keep_versions=2, keep_fit_rows=True)
+    v1 = publish(store, 2.0, rows=rows)
+    kept = store.fit_rows(v1)
+    assert kept is not None
+    assert kept[0].tolist() == x.tolist()
+    assert kept[1].tolist() == y.tolist()
+    never = PARAMS.model_copy(update={"publish": "never"})
+    v2 = publish(store, 2.0, never)
+    assert store.fit_rows(v2) is None  # a fit given no rows keeps none
+    job, _ = store.create_job(PARAMS, 3, samples=rows)  # a job that fails keeps nothing
+    assert store.start_job(job.id) is not None
+    store.end_job(job.id, JobStatus.failed, None)
+    v3 = publish(store, 2.0, never, rows)
+    assert store.fit_rows(v3) is not None
+    publish(store, 2.0, never, rows)  # keep_versions=2: version 1 (served) stays, 2 and 3 go
+    assert store.fit_rows(v1) is not None
+    assert store.fit_rows(v3) is None  # evicted with its version
+    with pytest.raises(VersionNotFound):
+        store.version(v3)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     retrain_traffic: int = Field(default=10, ge=1, le=99)
     retrain_promote_after: int = Field(default=100, ge=1)
     retrain_max_worse: float = Field(default=0.05, ge=0, le=100)
+    # ... and the rows of the served version's fit too: every kept version keeps its fit's rows
+    # (16 bytes a row) while this is on.
+    retrain_fit_rows: bool = False
     # A job whose training worker died (OOM killer, kill -9) runs again on a new worker, up to
     # this many runs in all: at-least-once.
     job_attempts: int = Field(default=2, ge=1, le=10)

@@ -62,6 +62,7 @@ def _state(settings: Settings, metrics: Metrics) -> tuple[Store, Runner]:
             keep_versions=settings.keep_versions,
             keep_outcomes=settings.keep_outcomes,
             quality_window=settings.quality_window,
+            keep_fit_rows=settings.retrain_fit_rows,
         )
         return store, JobRunner(store, settings, on_end=metrics.job_ended)
     from service.runner.fleet import QueueRunner  # imports redis only in Redis mode

@@ -116,6 +116,8 @@ def _retrain(
     if served is None or store.canary is not None:
         return None
     hours, scores = store.recent_outcomes(settings.retrain_rows)
+    if settings.retrain_fit_rows:
+        hours, scores = _with_fit_rows(store.fit_rows(served.version), hours, scores, settings)
     if len(hours) < 2:
         return None
     params = _retrain_params(served, settings)
@@ -128,6 +130,21 @@ def _retrain(
         return None
     log.info("continuous training: job %s on the last %d outcomes", job.id, len(hours))
     return job.id
+
+
+def _with_fit_rows(
+    rows: tuple[np.ndarray, np.ndarray] | None,
+    hours: np.ndarray,
+    scores: np.ndarray,
+    settings: Settings,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The served version's fit rows, then the outcomes: at most SGD_MAX_SAMPLES, the newest
+    kept (the outcomes, then the fit's last rows)."""
+    if rows is None:
+        return hours, scores
+    room = max(0, settings.max_samples - len(hours))
+    start = max(0, len(rows[0]) - room)
+    return np.concatenate((rows[0][start:], hours)), np.concatenate((rows[1][start:], scores))
 
 
 def _retrain_params(served: Model, settings: Settings) -> JobParams:

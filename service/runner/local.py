@@ -226,7 +226,8 @@ class JobRunner:
             if self._draining:
                 raise shutting_down()
             limit = self._settings.max_queued_jobs
-            job, created = self._store.create_job(params, n_samples, idempotency, limit)
+            rows = (b"".join(x), b"".join(y)) if self._settings.retrain_fit_rows else None
+            job, created = self._store.create_job(params, n_samples, idempotency, limit, rows)
             if created:
                 self._queue.append(_Pending(job.id, x, y))
         if created:

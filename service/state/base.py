@@ -63,10 +63,13 @@ class Store(Protocol):
         n_samples: int,
         idempotency: tuple[str, str] | None = None,
         max_queued: int | None = None,
+        samples: tuple[bytes, bytes] | None = None,
     ) -> tuple[Job, bool]:
         """A new queued job and True, or for a (key, body fingerprint) seen before the original
         job and False; raises IdempotencyKeyReused for a known key with another fingerprint,
-        and QueueFull, having created nothing, when max_queued jobs are queued already."""
+        and QueueFull, having created nothing, when max_queued jobs are queued already. The
+        job's `samples` (x and y, float64 bytes) are kept with it when given: the version its
+        fit makes keeps them as its rows (fit_rows) when the store keeps fit rows."""
 
     def get_job(self, job_id: str) -> Job:
         """The job as it is now; raises JobNotFound (never created, or evicted)."""
@@ -163,6 +166,10 @@ class Store(Protocol):
 
     def recent_outcomes(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
         """The last `limit` kept outcomes as float64 arrays (hours, scores), oldest first."""
+
+    def fit_rows(self, version: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The rows a kept version was fitted on (x, y), when the store keeps them
+        (SGD_RETRAIN_FIT_ROWS) and the fit was given them; else None."""
 
 
 class WorkerStore(Protocol):

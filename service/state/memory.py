@@ -120,6 +120,7 @@ class MemoryStore:
         keep_versions: int = 100,
         keep_outcomes: int = 100_000,
         quality_window: int = 1000,
+        keep_fit_rows: bool = False,
     ) -> None:
         self._keep_jobs = keep_jobs
         self._keep_versions = keep_versions
@@ -131,6 +132,9 @@ class MemoryStore:
         self._outcome_hours: deque[float] = deque(maxlen=keep_outcomes)
         self._outcome_scores: deque[float] = deque(maxlen=keep_outcomes)
         self._outcomes_total = 0
+        self._keep_fit_rows = keep_fit_rows
+        self._samples: dict[str, tuple[bytes, bytes]] = {}  # open jobs' rows, to keep
+        self._rows: dict[int, tuple[bytes, bytes]] = {}  # kept versions' fit rows
         self._versions: dict[int, Model] = {}  # kept versions, oldest first
         self._last_version = 0
         self._lock = threading.Lock()
@@ -160,6 +164,7 @@ class MemoryStore:
         n_samples: int,
         idempotency: tuple[str, str] | None = None,
         max_queued: int | None = None,
+        samples: tuple[bytes, bytes] | None = None,
     ) -> tuple[Job, bool]:
         """A new queued job, or (for a repeated Idempotency-Key and body) the original one."""
         with self._lock:
@@ -176,6 +181,8 @@ class MemoryStore:
                     raise jobs.queue_full(queued, max_queued)
             job = jobs.new_job(params, n_samples, jobs.now())
             self._jobs[job.id] = job
+            if samples is not None and self._keep_fit_rows:
+                self._samples[job.id] = samples
             if idempotency is not None:
                 self._idempotency[idempotency[0]] = (idempotency[1], job.id)
             return job, True
@@ -243,6 +250,9 @@ class MemoryStore:
             model = jobs.model_of(job, self._last_version, report, ended)
             served, why_not = jobs.publication(job, report, self._model)
             self._versions[model.version] = model
+            rows = self._samples.pop(job_id, None)
+            if rows is not None:
+                self._rows[model.version] = rows
             if job.params.publish == "canary":
                 rollout, why_not = rollouts.as_fit_says(model, self._model, self._rolling, ended)
                 if rollout is not None:
@@ -341,6 +351,12 @@ class MemoryStore:
             scores = list(self._outcome_scores)[len(self._outcome_scores) - n :]
         return np.array(hours, dtype=np.float64), np.array(scores, dtype=np.float64)
 
+    def fit_rows(self, version: int) -> tuple[np.ndarray, np.ndarray] | None:
+        rows = self._rows.get(version)
+        if rows is None:
+            return None
+        return np.frombuffer(rows[0], dtype=np.float64), np.frombuffer(rows[1], dtype=np.float64)
+
     def _judge(self, canary: Canary, scored: dict[int, outcomes.Scored]) -> Rollout | None:
         """Add a batch's errors to the canary's sums; end it if its rule decides now."""
         rollout = canary.rollout
@@ -382,6 +398,7 @@ class MemoryStore:
         """End a job as failed or cancelled; nothing it produced is served."""
         with self._lock:
             job = self._put(jobs.ended(self._running(job_id), status, error, jobs.now()))
+            self._samples.pop(job_id, None)
             self._ended[job_id] = None
             self._evict()
             return job
@@ -447,6 +464,7 @@ class MemoryStore:
             del self._versions[v]
             self._rollouts.pop(v, None)
             self._windows.pop(v, None)
+            self._rows.pop(v, None)
 
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import redis
 
 from service.core.errors import Fenced, JobNotFound
@@ -62,10 +63,12 @@ class RedisStore(WorkerAPI, Repairs, Outcomes):
         on_end: Callable[[Job], None] | None = None,
         keep_outcomes: int = 100_000,
         quality_window: int = 1000,
+        keep_fit_rows: bool = False,
     ) -> None:
         super().__init__(url, prefix, keep_jobs, keep_versions, lease_seconds)
         self._keep_outcomes = keep_outcomes
         self._quality_window = quality_window
+        self._keep_fit_rows = keep_fit_rows
         retention = (keep_jobs, keep_versions)
         self._watcher = Watcher(self.redis, prefix, self._channels, retention, on_end)
         self.changes = self._watcher.changes
@@ -88,6 +91,7 @@ class RedisStore(WorkerAPI, Repairs, Outcomes):
             on_end=on_end,
             keep_outcomes=settings.keep_outcomes,
             quality_window=settings.quality_window,
+            keep_fit_rows=settings.retrain_fit_rows,
         )
 
     def close(self) -> None:
@@ -374,6 +378,8 @@ class RedisStore(WorkerAPI, Repairs, Outcomes):
                         kept, served, self._retention()[1], canary.version if canary else None
                     )
                     pipe.multi()
+                    if self._keep_fit_rows:  # before _finish drops the job's data
+                        pipe.copy(self._key("data", job_id), self._rows_key(model.version))
                     job = self._finish(pipe, jobs.succeeded(job, result, ended))
                     pipe.set(counter_key, model.version)
                     pipe.hset(self._key("models"), str(model.version), model_doc)
@@ -406,6 +412,7 @@ class RedisStore(WorkerAPI, Repairs, Outcomes):
         pipe.hdel(self._key("rollouts"), *map(str, versions))
         pipe.delete(*map(self._residuals_key, versions))
         pipe.delete(*(self._key("quality", str(v)) for v in versions))
+        pipe.delete(*map(self._rows_key, versions))
         pipe.zrem(self._key("versions"), *map(str, versions))
 
     # -- model versions --------------------------------------------------------------------
@@ -425,6 +432,16 @@ class RedisStore(WorkerAPI, Repairs, Outcomes):
             raise jobs.version_not_found(version)
         model = Model.model_validate_json(doc)
         return model.holding(StoredResiduals(self.redis, self._residuals_key(version), version))
+
+    @available
+    def fit_rows(self, version: int) -> tuple[np.ndarray, np.ndarray] | None:
+        x, y = self.redis.hmget(self._rows_key(version), ["x", "y"])
+        if x is None or y is None:
+            return None
+        return np.frombuffer(x, dtype=np.float64), np.frombuffer(y, dtype=np.float64)
+
+    def _rows_key(self, version: int) -> str:
+        return self._key("rows", str(version))
 
     def _residuals_key(self, version: int) -> str:
         return self._key("residuals", str(version))

@@ -8,6 +8,8 @@ What lives where (every key under SGD_REDIS_PREFIX, `sgd:` by default):
                       claim's token); cancel ("1" once asked), cancelled_by (the request's
                       token), idem (its Idempotency-Key), msg (its current message), deaths
     data:{id}         hash: x, y (float64 bytes) until the job ends
+    rows:{version}    hash: x, y: a kept version's fit rows (SGD_RETRAIN_FIT_ROWS), copied
+                      from its job's data as the fit publishes it, dropped with the version
     hist:{id}:{col}   string: the w, loss (and b) columns as raw float64, appended per chunk
     beat:{id}:{n}     a counter the owner of attempt n bumps every lease/5 s: its liveness
     jobs / ended      sorted sets: ids by creation / by end (list, eviction)
