@@ -11,9 +11,10 @@ bench/wire.py) about 10 more with the three peer servers (about 7 without them; 
 peers, bench/peers.py, takes minutes more the first time). The wire section's 100,000-value rows
 run in every other round only (4 of the default 7). The memory soak (`--only soak`,
 bench/soak.py: 10 minutes of mixed load on every prediction route, SGD_BENCH_SOAK_SECONDS to
-change it) runs only when asked for.
+change it) runs only when asked for. The canary and outcome rows (`--only learning`,
+bench/learning.py) take about 3 minutes more.
 
-    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile|wire|soak]
+    .venv/bin/python bench/run.py [--only engine|serving|redis|heavy|hostile|wire|learning|soak]
         [--seconds 6]
         [--rounds 7]
         [--service-pythonpath DIR]   # serve the service from a modified copy (experiments)
@@ -39,6 +40,7 @@ sys.path.insert(0, str(BENCH))
 import engine  # noqa: E402
 import heavy  # noqa: E402
 import hostile  # noqa: E402
+import learning  # noqa: E402
 import load  # noqa: E402
 import scaleout  # noqa: E402
 import serving  # noqa: E402
@@ -877,6 +879,116 @@ def wire_rows(w: dict[str, Any]) -> list[Row]:
     ]
 
 
+def learning_rows(g: dict[str, Any]) -> list[Row]:
+    """Canaries and outcomes (issue 30, bench/learning.py): GET /predict while a 10% canary runs
+    against no canary, and its p99 while a client posts 1,000-outcome bodies against without. A
+    ratio is met when both the median of the per-round ratios and the best-of-runs ratio are
+    within its goal, and no request of its runs failed."""
+    figs, ratios, goals = g["figures"], g["ratios"], g["goals"]
+    client, split = g["outcomes_client"], g["check_split"]
+
+    def mb(figure: dict[str, float], unit: str = "") -> str:
+        return f"{fmt(figure['median'], unit)} (best {fmt(figure['best'], unit)})"
+
+    def failed(*names: str) -> str:
+        n = sum(figs[name]["failed"] for name in names)
+        return f" [{n} failed of {sum(figs[x]['requests'] for x in names):,}]" if n else ""
+
+    def ratio_cells(key: str, mark: float, higher: bool, *names: str) -> tuple[str, str, bool]:
+        r = ratios[key]
+        met = (
+            r["median"] >= mark and r["of_best"] >= mark
+            if higher
+            else r["median"] <= mark and r["of_best"] <= mark
+        )
+        ok = not any(figs[name]["failed"] for name in names)
+        cells = ratio_spread(r, r["of_best"]), f"{'>=' if higher else '<='} {mark:g}x"
+        return (*cells, met and ok)
+
+    rps_mark, p99_mark = goals["canary_rps_ratio"], goals["outcomes_p99_ratio"]
+    plain = f"no canary {mb(figs['plain']['rps'])}"
+    errors = f", {client['errors']} errors {client['error_statuses']}" if client["errors"] else ""
+    share = split["random"]["canary_share"]
+    return [
+        (
+            f"GET /predict?hours=4 requests/s while version 2 runs as a {g['traffic']}% canary",
+            mb(figs["canary"]["rps"]) + failed("canary"),
+            plain,
+            *ratio_cells("canary_rps", rps_mark, True, "canary", "plain"),
+        ),
+        (
+            "  same, p99",
+            mb(figs["canary"]["p99_ms"], " ms"),
+            f"no canary {mb(figs['plain']['p99_ms'], ' ms')}",
+            ratio_spread(ratios["canary_p99"], ratios["canary_p99"]["of_best"]),
+            "reported",
+            None,
+        ),
+        (
+            f"  same, with a caller key (&key={g['key']}) requests/s",
+            mb(figs["canary_key"]["rps"]) + failed("canary_key"),
+            plain,
+            *ratio_cells("canary_key_rps", rps_mark, True, "canary_key", "plain"),
+        ),
+        (
+            "  same, p99",
+            mb(figs["canary_key"]["p99_ms"], " ms"),
+            f"no canary {mb(figs['plain']['p99_ms'], ' ms')}",
+            ratio_spread(ratios["canary_key_p99"], ratios["canary_key_p99"]["of_best"]),
+            "reported",
+            None,
+        ),
+        (
+            "  the split, 400 requests each (check)",
+            f"{share:.1%} to the canary at random; key: versions {split['key']['versions']}",
+            f"X-Prediction-Id missing: {split['random']['without_prediction_id']}",
+            "",
+            "~10%; one version",
+            bool(split["ok"]),
+        ),
+        (
+            f"GET /predict p99 (10% canary) while one client posts "
+            f"{g['outcomes_per_request']:,}-outcome bodies back to back",
+            mb(figs["outcomes"]["p99_ms"], " ms") + failed("outcomes"),
+            f"idle {mb(figs['canary']['p99_ms'], ' ms')}",
+            *ratio_cells("outcomes_p99", p99_mark, False, "outcomes", "canary"),
+        ),
+        (
+            "  same, GET /predict requests/s",
+            mb(figs["outcomes"]["rps"]),
+            f"idle {mb(figs['canary']['rps'])}",
+            ratio_spread(ratios["outcomes_rps"], ratios["outcomes_rps"]["of_best"]),
+            "reported",
+            None,
+        ),
+        (
+            "  that client: outcomes recorded/s (each scored against 2 versions)",
+            mb(client["outcomes_per_s"]) + errors,
+            f"{client['requests']:,} requests, {fmt(client['request_ms']['median'], ' ms')} "
+            f"each (p99 {fmt(client['request_ms']['p99'], ' ms')})",
+            "",
+            "0 errors",
+            client["errors"] == 0,
+        ),
+        (
+            "  failed requests (all learning runs)",
+            str(g["failed_requests"]),
+            "",
+            "",
+            "0",
+            g["failed_requests"] == 0,
+        ),
+        (
+            "  machine CPU used by other processes in load runs",
+            f"{g['others_cpu_fraction']['median']:.0%}",
+            f"max {g['others_cpu_fraction']['max']:.0%}",
+            "",
+            "~0% for trusted ratios",
+            None,
+        ),
+    ]
+
+
 def spread(ratios: list[float]) -> str:
     """The median of per-round ratios, and their range: how much the machine moved."""
     return f"{statistics_median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
@@ -944,7 +1056,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--only", choices=["engine", "serving", "redis", "heavy", "hostile", "wire", "soak"]
+        "--only",
+        choices=["engine", "serving", "redis", "heavy", "hostile", "wire", "learning", "soak"],
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=7, help="back-to-back rounds of load runs")
@@ -973,6 +1086,7 @@ def main() -> int:
         ("heavy", heavy.run_all, heavy_rows, True),
         ("hostile", hostile.run_all, hostile_rows, True),
         ("wire", functools.partial(wire.run_all, with_peers=not args.no_peers), wire_rows, True),
+        ("learning", learning.run_all, learning_rows, True),
         ("soak", soak.run_all, soak_rows, False),  # 10 minutes: only when asked for
     ]
     for name, run, section_rows, in_full_run in sections:
