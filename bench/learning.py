@@ -13,11 +13,13 @@ outcomes against). Each round measures, back to back, with wrk at 32 connections
   bodies to POST /outcomes back to back: each outcome is scored against both live versions.
 
 The order alternates: key, plain, canary, outcomes in the first round, outcomes, canary,
-plain, key in the next, so that each ratio's two runs are next to each other in every other
-round and neither always comes first. The ratios are canary / plain and canary_key / plain
+plain, key in the next, so that each ratio's two runs are next to each other in every round
+and neither always comes first. The ratios are canary / plain and canary_key / plain
 (requests/s) and outcomes / canary (p99), each the median of the per-round ratios, with the
 best-of-runs ratio (the best run over the best baseline run) beside it: a goal is met when
-both are. About 4 runs of `seconds` a round: under 3 minutes at the defaults.
+both are. Before the rounds, the outcomes client runs once alone (`seconds`, canary on): what
+the server records with no other load, for reference. About 4 runs of `seconds` a round: about 3
+minutes at the defaults.
 """
 
 import os
@@ -142,6 +144,23 @@ def poster(url: str, body: bytes) -> heavy.Loop:
     return heavy.Loop("outcomes-poster", url, send)
 
 
+def post_alone(url: str, body: bytes, seconds: float) -> dict[str, Any]:
+    """The outcomes client alone for `seconds`, with no other load: what the server can record."""
+    loop = poster(url, body)
+    began = time.monotonic()
+    loop.start()
+    time.sleep(seconds)
+    record = loop.stop()
+    elapsed = time.monotonic() - began
+    times = sorted(x["seconds"] for x in loop.requests)
+    record["outcomes_per_s"] = record["requests"] * OUTCOMES_PER_REQUEST / elapsed
+    record["request_ms"] = {
+        "median": statistics.median(times) * 1e3,
+        "p99": times[int(0.99 * (len(times) - 1))] * 1e3,
+    }
+    return record
+
+
 def load_rounds(
     log: Callable[[str], None],
     wrk: str | None,
@@ -220,6 +239,8 @@ def run_all(
             set_canary(client, True)
             results["check_split"] = check_split(srv.url)
             results["check_outcomes"] = check_outcomes(client, outcomes_body())
+            log("learning: the outcomes client alone, with the canary on ...")
+            results["outcomes_alone"] = post_alone(srv.url, outcomes_body(), seconds)
             set_canary(client, False)
             rounds_runs = load_rounds(log, wrk, srv, client, seconds, rounds)
             version_2 = client.get("/models/2").json()

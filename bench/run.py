@@ -909,6 +909,10 @@ def learning_rows(g: dict[str, Any]) -> list[Row]:
     plain = f"no canary {mb(figs['plain']['rps'])}"
     errors = f", {client['errors']} errors {client['error_statuses']}" if client["errors"] else ""
     share = split["random"]["canary_share"]
+    alone = g["outcomes_alone"]
+    alone_errors = ""
+    if alone["errors"]:
+        alone_errors = f", {alone['errors']} errors {alone['error_statuses']}"
     return [
         (
             f"GET /predict?hours=4 requests/s while version 2 runs as a {g['traffic']}% canary",
@@ -969,6 +973,15 @@ def learning_rows(g: dict[str, Any]) -> list[Row]:
             "",
             "0 errors",
             client["errors"] == 0,
+        ),
+        (
+            "  the same client alone, no other load",
+            f"{fmt(alone['outcomes_per_s'])} outcomes/s" + alone_errors,
+            f"{alone['requests']:,} requests, {fmt(alone['request_ms']['median'], ' ms')} each "
+            f"(p99 {fmt(alone['request_ms']['p99'], ' ms')})",
+            "",
+            "reported",
+            None,
         ),
         (
             "  failed requests (all learning runs)",
